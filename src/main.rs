@@ -1,0 +1,519 @@
+//! `mamba-lm`: generate, score, init, info and bench for Mamba-1/Mamba-2 language models.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mamba_lm::generate::{generate, Control, GenerateOptions, Start};
+use mamba_lm::sampling::Sampling;
+use mamba_lm::tensor::DType;
+use mamba_lm::{loader, tokenizer, Config, Model, Snapshot};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "mamba-lm", version, about = "Mamba-1 / Mamba-2 state-space language models: generate, score, init, info, bench.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Mean next-token NLL and perplexity of text or token ids.
+    Score(ScoreArgs),
+    /// Write a randomly initialised checkpoint (official initialisation, transformers format).
+    Init(InitArgs),
+    /// Describe a model: architecture, sizes, parameters, state size, stored dtype.
+    Info(InfoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model: a local directory (config.json + weights) or a Hugging Face repo id such as
+    /// state-spaces/mamba-130m (resolved through the HF cache; set HF_HUB_OFFLINE=1 to never download).
+    #[arg(long, short = 'm')]
+    model: String,
+    /// Storage type of the large weight matrices; compute and state are always f32.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// tokenizer.json to use instead of the model's own or the bundled GPT-NeoX-20B one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt text.
+    #[arg(long, group = "input")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 510,2852,273.
+    #[arg(long, group = "input", value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// File with one prompt per line, run together as a batch.
+    #[arg(long, group = "input")]
+    prompt_file: Option<PathBuf>,
+    /// Tokens to generate per prompt (fewer if EOS or a stop string comes first).
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Softmax temperature; 0 means greedy.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens; 1 is greedy (the mamba_ssm default), 0 disables.
+    #[arg(long, default_value_t = 1)]
+    top_k: usize,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    top_p: f32,
+    /// With --top-k 0: drop tokens less likely than min_p × the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens already seen (CTRL rule); 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop a sequence when its text contains this string (repeatable); the string is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating after the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object per prompt instead of streaming text.
+    #[arg(long)]
+    json: bool,
+    /// Save the session (state after every token) to this file when done.
+    #[arg(long)]
+    save_state: Option<PathBuf>,
+    /// Continue a session saved with --save-state; the prompt, if any, is appended to it.
+    #[arg(long)]
+    load_state: Option<PathBuf>,
+    /// Allow --save-state to replace an existing file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// A text file, scored as one sequence.
+    #[arg(long, group = "input", required = true)]
+    text_file: Option<PathBuf>,
+    /// A JSON file holding a list of token-id lists, one sequence each.
+    #[arg(long, group = "input")]
+    ids_file: Option<PathBuf>,
+    /// Tokens per forward pass; the state carries across chunks (1 = pure recurrence).
+    #[arg(long, default_value_t = 1024)]
+    chunk: usize,
+    /// Write float32 logits [batch, length, padded_vocab] as tensor `logits` to this safetensors file.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Allow --logits-out to replace an existing file.
+    #[arg(long)]
+    force: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// One of the published shapes (mamba-130m … mamba-2.8b, mamba2-130m … mamba2-2.7b) or tiny, tiny-mamba2.
+    #[arg(long, group = "shape", required = true)]
+    preset: Option<String>,
+    /// A config.json (either dialect) giving the shape.
+    #[arg(long, group = "shape")]
+    config: Option<PathBuf>,
+    /// Output directory (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Storage type of the written weights (A_log, D and dt biases stay f32).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Model directory or Hugging Face repo id.
+    #[arg(long, short = 'm')]
+    model: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// CPU prefill and decode speed at batch 1 on random weights of a preset.
+    Cpu(BenchCpuArgs),
+}
+
+#[derive(Args)]
+struct BenchCpuArgs {
+    /// Presets to measure (repeatable).
+    #[arg(long, default_values_t = ["mamba-130m".to_string(), "mamba2-130m".to_string()])]
+    preset: Vec<String>,
+    /// Weight storage types to measure (repeatable).
+    #[arg(long, default_values_t = [DType::F32, DType::BF16], value_parser = parse_dtype)]
+    dtype: Vec<DType>,
+    /// Prompt length for the prefill figure.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens decoded for the decode figure.
+    #[arg(long, default_value_t = 128)]
+    gen: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object per figure instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    s.parse()
+}
+
+fn set_threads(n: Option<usize>) -> Result<()> {
+    if let Some(n) = n {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow!("cannot start threads: {e}"))?;
+    }
+    Ok(())
+}
+
+fn load_model(m: &ModelArgs) -> Result<(Model, PathBuf)> {
+    set_threads(m.threads)?;
+    let dir = loader::hub::resolve(&m.model)?;
+    let model = Model::load_dir(&dir, m.dtype)?;
+    Ok((model, dir))
+}
+
+/// End-of-sequence id: the config's, then generation_config.json's, then the tokenizer's.
+fn eos_id(model: &Model, dir: &Path, tok: &tokenizer::Tokenizer) -> Option<u32> {
+    model.cfg.eos_token_id.or_else(|| {
+        let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v.get("eos_token_id")?.as_u64().map(|x| x as u32)
+    })
+    .or_else(|| tok.token_to_id("<|endoftext|>"))
+}
+
+/// Prints generated text as it comes, holding back what could still become a stop string or
+/// an incomplete UTF-8 character.
+struct TextStream {
+    ids: Vec<u32>,
+    shown: usize,
+    stops: Vec<String>,
+    text: String,
+}
+
+impl TextStream {
+    /// Adds a token; returns the text now safe to show and whether a stop string was hit.
+    fn push(&mut self, tok: &tokenizer::Tokenizer, id: u32) -> Result<(String, bool)> {
+        self.ids.push(id);
+        let text = tokenizer::decode(tok, &self.ids)?;
+        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+            let out = text.get(self.shown..at).unwrap_or("").to_string();
+            self.text = text[..at].to_string();
+            self.shown = at;
+            return Ok((out, true));
+        }
+        let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
+        let mut safe = text.trim_end_matches('\u{FFFD}').len().saturating_sub(hold);
+        while !text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let out = if safe > self.shown { text[self.shown..safe].to_string() } else { String::new() };
+        self.shown = self.shown.max(safe);
+        self.text = text;
+        Ok((out, false))
+    }
+    fn rest(&self) -> &str {
+        self.text.get(self.shown..).unwrap_or("")
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let sampling = Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
+    };
+    sampling.validate().map_err(anyhow::Error::msg)?;
+    if let Some(p) = &a.save_state {
+        if p.exists() && !a.force {
+            bail!("{} already exists; refusing to overwrite it (pass --force to replace it)", p.display());
+        }
+    }
+    let (model, dir) = load_model(&a.m)?;
+    let tok = tokenizer::load(a.m.tokenizer.as_deref(), Some(&dir))?;
+    let prompts: Vec<Vec<u32>> = if let Some(text) = &a.prompt {
+        vec![tokenizer::encode(&tok, text)?]
+    } else if let Some(ids) = &a.prompt_ids {
+        vec![ids.clone()]
+    } else if let Some(f) = &a.prompt_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read prompt file {}", f.display()))?;
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.is_empty() {
+            bail!("prompt file {} has no prompts", f.display());
+        }
+        lines.iter().map(|l| tokenizer::encode(&tok, l)).collect::<Result<_>>()?
+    } else if a.load_state.is_some() {
+        vec![vec![]]
+    } else {
+        bail!("give a prompt: --prompt, --prompt-ids or --prompt-file (or --load-state to continue a session)");
+    };
+    if prompts.len() > 1 && (a.save_state.is_some() || a.load_state.is_some()) {
+        bail!("--save-state and --load-state work with a single prompt");
+    }
+    let resume = match &a.load_state {
+        Some(p) => Some(Snapshot::load(&model.cfg, p)?),
+        None => None,
+    };
+    let tok_vocab = tok.get_vocab_size(true);
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        sampling,
+        seed: a.seed,
+        eos: if a.ignore_eos { None } else { eos_id(&model, &dir, &tok) },
+        vocab_limit: model.cfg.vocab_size.min(tok_vocab),
+    };
+    let stream = prompts.len() == 1 && !a.json;
+    let mut streams: Vec<TextStream> = prompts
+        .iter()
+        .map(|_| TextStream { ids: vec![], shown: 0, stops: a.stop.clone(), text: String::new() })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if stream && !prompts[0].is_empty() {
+        write!(out, "{}", tokenizer::decode(&tok, &prompts[0])?)?;
+        out.flush()?;
+    }
+    let starts: Vec<Start> = match resume {
+        Some(snap) => vec![Start { prompt: prompts[0].clone(), resume: Some(snap) }],
+        None => prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect(),
+    };
+    let mut err = None;
+    let outs = generate(&model, starts, &opts, |i, id| match streams[i].push(&tok, id) {
+        Ok((text, stop)) => {
+            if stream {
+                let _ = write!(out, "{text}").and_then(|_| out.flush());
+            }
+            if stop { Control::Stop } else { Control::Continue }
+        }
+        Err(e) => {
+            err = Some(e);
+            Control::Stop
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    for (i, o) in outs.iter().enumerate() {
+        let s = &streams[i];
+        if a.json {
+            let v = json!({
+                "prompt_ids": o.prompt_ids, "new_ids": o.new_ids, "text": s.text,
+                "prefill_ms": o.prefill_ms, "decode_ms_per_token": o.decode_ms_per_token,
+            });
+            writeln!(out, "{v}")?;
+        } else if stream {
+            writeln!(out, "{}", s.rest())?;
+        } else {
+            writeln!(out, "{}{}\n", tokenizer::decode(&tok, &o.prompt_ids)?, s.text)?;
+        }
+    }
+    if let Some(p) = &a.save_state {
+        outs[0].snapshot.save(&model.cfg, p, a.force)?;
+        eprintln!("saved session ({} tokens) to {}", outs[0].snapshot.tokens.len(), p.display());
+    }
+    Ok(())
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<()> {
+    if let Some(p) = &a.logits_out {
+        if p.exists() && !a.force {
+            bail!("{} already exists; refusing to overwrite it (pass --force to replace it)", p.display());
+        }
+    }
+    if a.chunk == 0 {
+        bail!("--chunk must be at least 1");
+    }
+    let (model, dir) = load_model(&a.m)?;
+    let seqs: Vec<Vec<u32>> = if let Some(f) = &a.text_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let tok = tokenizer::load(a.m.tokenizer.as_deref(), Some(&dir))?;
+        vec![tokenizer::encode(&tok, &text)?]
+    } else {
+        let f = a.ids_file.as_ref().expect("clap requires one input");
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?
+    };
+    if seqs.is_empty() {
+        bail!("nothing to score");
+    }
+    if a.logits_out.is_some() && seqs.iter().any(|s| s.len() != seqs[0].len()) {
+        bail!("--logits-out needs sequences of equal length (it writes one [batch, length, vocab] tensor)");
+    }
+    let mut all_logits: Vec<f32> = Vec::new();
+    let mut results = Vec::new();
+    let bar = indicatif::ProgressBar::new(seqs.iter().map(|s| s.len() as u64).sum());
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"));
+    for (i, s) in seqs.iter().enumerate() {
+        let r = mamba_lm::score::score(&model, s, a.chunk, |l| {
+            bar.inc((l.len() / model.cfg.vocab_padded) as u64);
+            if a.logits_out.is_some() {
+                all_logits.extend_from_slice(l);
+            }
+            Ok(())
+        })
+        .with_context(|| format!("sequence {i}"))?;
+        results.push(r);
+    }
+    bar.finish_and_clear();
+    if let Some(p) = &a.logits_out {
+        let bytes: Vec<u8> = all_logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let shape = vec![seqs.len(), seqs[0].len(), model.cfg.vocab_padded];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
+        let data = safetensors::serialize([("logits".to_string(), view)], None)?;
+        mamba_lm::io::write_file(p, &data, a.force)?;
+    }
+    let total = results.iter().fold(mamba_lm::score::Score::default(), |acc, r| mamba_lm::score::Score {
+        nll_sum: acc.nll_sum + r.nll_sum,
+        predicted: acc.predicted + r.predicted,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let per: Vec<_> = results
+            .iter()
+            .zip(&seqs)
+            .map(|(r, s)| json!({"tokens": s.len(), "nll_per_token": r.nll_per_token(), "perplexity": r.perplexity()}))
+            .collect();
+        let v = json!({"sequences": per, "nll_per_token": total.nll_per_token(), "perplexity": total.perplexity()});
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{:>4} {:>8} {:>14} {:>12}", "seq", "tokens", "nll/token", "perplexity")?;
+        for (i, (r, s)) in results.iter().zip(&seqs).enumerate() {
+            writeln!(out, "{i:>4} {:>8} {:>14.6} {:>12.4}", s.len(), r.nll_per_token(), r.perplexity())?;
+        }
+        if results.len() > 1 {
+            writeln!(out, " all {:>8} {:>14.6} {:>12.4}", total.predicted, total.nll_per_token(), total.perplexity())?;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_init(a: InitArgs) -> Result<()> {
+    let cfg = match (&a.preset, &a.config) {
+        (Some(p), _) => Config::preset(p)?,
+        (_, Some(f)) => Config::from_file(f)?,
+        _ => bail!("give --preset or --config"),
+    };
+    mamba_lm::init::write_checkpoint(&cfg, a.seed, a.dtype, &a.out)?;
+    eprintln!("wrote {} ({:?}, {} layers, d_model {}) to {}", a.preset.as_deref().unwrap_or("model"), cfg.arch, cfg.n_layer, cfg.d_model, a.out.display());
+    Ok(())
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let dir = loader::hub::resolve(&a.model)?;
+    let cfg = Config::from_file(&dir.join("config.json"))?;
+    let ck = loader::Checkpoint::open_dir(&dir)?;
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for n in ck.names() {
+        *counts.entry(ck.dtype_of(n).map_or("?", |d| d.name())).or_default() += 1;
+    }
+    let stored: Vec<String> = counts.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
+    let model = Model::from_checkpoint(cfg.clone(), &ck, DType::F32)?;
+    let state_bytes = cfg.state_floats() * 4;
+    let files: Vec<String> = ck.files.iter().map(|f| f.display().to_string()).collect();
+    let v = json!({
+        "architecture": format!("{:?}", cfg.arch), "format": format!("{:?}", cfg.format),
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "d_inner": cfg.d_inner, "d_state": cfg.d_state,
+        "d_conv": cfg.d_conv, "heads": if cfg.arch == mamba_lm::config::Arch::Mamba2 { cfg.nheads() } else { 0 },
+        "headdim": cfg.headdim, "ngroups": cfg.ngroups, "dt_rank": cfg.dt_rank,
+        "vocab_size": cfg.vocab_size, "vocab_padded": cfg.vocab_padded, "tied_embeddings": cfg.tie_embeddings,
+        "parameters": model.num_params(), "state_bytes_per_sequence": state_bytes,
+        "stored_dtype": stored.join(", "), "files": files,
+    });
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{v}")?;
+    } else {
+        for (k, val) in v.as_object().expect("object") {
+            let s = match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            writeln!(out, "{k:>26}: {s}")?;
+        }
+    }
+    Ok(())
+}
+
+fn cmd_bench(b: BenchCmd) -> Result<()> {
+    let BenchCmd::Cpu(a) = b;
+    set_threads(a.threads)?;
+    let mut out = std::io::stdout().lock();
+    let isa = mamba_lm::ops::simd::isa();
+    if !a.json {
+        writeln!(out, "# CPU: {}, kernels: {}, threads: {}", cpu_model(), isa.name(), rayon::current_num_threads())?;
+        writeln!(out, "{:<14} {:<6} {:<20} {:>8} {:>12}", "model", "dtype", "figure", "length", "value")?;
+    }
+    for p in &a.preset {
+        for &d in &a.dtype {
+            for f in mamba_lm::bench::cpu(p, d, a.prompt_len, a.gen, a.reps)? {
+                if a.json {
+                    writeln!(out, "{}", serde_json::to_string(&f)?)?;
+                } else {
+                    writeln!(out, "{:<14} {:<6} {:<20} {:>8} {:>8.2} {}", f.model, f.dtype, f.figure, f.length, f.value, f.unit)?;
+                }
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Score(a) => cmd_score(a),
+        Cmd::Init(a) => cmd_init(a),
+        Cmd::Info(a) => cmd_info(a),
+        Cmd::Bench(b) => cmd_bench(b),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

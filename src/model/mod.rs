@@ -1,0 +1,259 @@
+//! The language model: embedding → n × (x + Mixer(Norm(x))) → final norm → LM head, with the
+//! residual stream in f32. One `forward` serves prefill (many rows per sequence) and the
+//! recurrent step (one row per sequence); both read and advance a constant-size [`State`].
+
+pub mod mamba1;
+pub mod mamba2;
+
+use crate::config::{Arch, Config};
+use crate::loader::Checkpoint;
+use crate::ops::matmul::{add_bias, matmul_t};
+use crate::ops::rms_norm::{layer_norm, rms_norm};
+use crate::state::{LayerState, State};
+use crate::tensor::{DType, Matrix};
+use anyhow::{bail, Result};
+use mamba1::Mamba1;
+use mamba2::Mamba2;
+use std::collections::BTreeSet;
+
+/// A linear layer `y = x·Wᵀ (+ b)`.
+pub struct Linear {
+    pub w: Matrix,
+    pub b: Option<Vec<f32>>,
+}
+
+impl Linear {
+    fn load(ck: &Checkpoint, name: &str, out: usize, inp: usize, bias: bool, dtype: DType) -> Result<Linear> {
+        Ok(Linear {
+            w: ck.matrix(&format!("{name}.weight"), out, inp, dtype)?,
+            b: if bias { Some(ck.f32(&format!("{name}.bias"), &[out])?) } else { None },
+        })
+    }
+
+    /// `rows` contiguous input rows of `w.cols` → `rows` contiguous output rows of `w.rows`.
+    pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.forward_strided(x, rows, self.w.cols, y, self.w.rows)
+    }
+
+    pub fn forward_strided(&self, x: &[f32], rows: usize, x_rs: usize, y: &mut [f32], y_rs: usize) {
+        matmul_t(x, rows, x_rs, &self.w, y, y_rs);
+        if let Some(b) = &self.b {
+            add_bias(y, rows, y_rs, b);
+        }
+    }
+}
+
+/// RMSNorm, or LayerNorm when a bias is present.
+pub struct Norm {
+    w: Vec<f32>,
+    b: Option<Vec<f32>>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load(ck: &Checkpoint, name: &str, cfg: &Config) -> Result<Norm> {
+        let d = cfg.d_model;
+        Ok(Norm {
+            w: ck.f32(&format!("{name}.weight"), &[d])?,
+            b: if cfg.rms_norm { None } else { Some(ck.f32(&format!("{name}.bias"), &[d])?) },
+            eps: cfg.norm_eps,
+        })
+    }
+
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        match &self.b {
+            None => rms_norm(x, &self.w, self.eps, out),
+            Some(b) => layer_norm(x, &self.w, b, self.eps, out),
+        }
+    }
+}
+
+enum Mixer {
+    M1(Mamba1),
+    M2(Mamba2),
+}
+
+struct Layer {
+    norm: Norm,
+    mixer: Mixer,
+}
+
+/// A loaded model, ready to run on the CPU.
+pub struct Model {
+    pub cfg: Config,
+    /// Storage type of the large matrices.
+    pub dtype: DType,
+    embedding: Matrix,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Matrix>,
+    norm_f: Norm,
+    layers: Vec<Layer>,
+}
+
+/// Loads a causal conv's weight `(C, 1, W)` as tap-major `(W, C)` and its optional bias.
+fn load_conv(ck: &Checkpoint, p: &str, cfg: &Config, c: usize) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let w = cfg.d_conv;
+    let raw = ck.f32(&format!("{p}conv1d.weight"), &[c, 1, w])?;
+    let mut t = vec![0.0; w * c];
+    for ch in 0..c {
+        for k in 0..w {
+            t[k * c + ch] = raw[ch * w + k];
+        }
+    }
+    let b = if cfg.conv_bias { Some(ck.f32(&format!("{p}conv1d.bias"), &[c])?) } else { None };
+    Ok((t, b))
+}
+
+impl Model {
+    /// Builds the model from a checkpoint's tensors, validating every name and shape against
+    /// the config. Large matrices are stored in `dtype`; everything else in f32.
+    pub fn from_checkpoint(cfg: Config, ck: &Checkpoint, dtype: DType) -> Result<Model> {
+        let emb_name = if ck.contains("backbone.embeddings.weight") { "backbone.embeddings.weight" } else { "backbone.embedding.weight" };
+        let mut expected: BTreeSet<String> = [emb_name, "backbone.norm_f.weight"].iter().map(|s| s.to_string()).collect();
+        let embedding = ck.matrix(emb_name, cfg.vocab_padded, cfg.d_model, dtype)?;
+        let lm_head = if cfg.tie_embeddings {
+            None
+        } else {
+            expected.insert("lm_head.weight".into());
+            Some(ck.matrix("lm_head.weight", cfg.vocab_padded, cfg.d_model, dtype)?)
+        };
+        // A tied checkpoint may still store lm_head (mamba_ssm does); it must then match.
+        if cfg.tie_embeddings && ck.contains("lm_head.weight") {
+            expected.insert("lm_head.weight".into());
+            ck.f32("lm_head.weight", &[cfg.vocab_padded, cfg.d_model])?;
+        }
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("backbone.layers.{i}.mixer.");
+            expected.insert(format!("backbone.layers.{i}.norm.weight"));
+            if !cfg.rms_norm {
+                expected.insert(format!("backbone.layers.{i}.norm.bias"));
+            }
+            let mixer = match cfg.arch {
+                Arch::Mamba1 => {
+                    expected.extend(Mamba1::tensor_names(&p, &cfg));
+                    Mixer::M1(Mamba1::load(ck, &p, &cfg, dtype)?)
+                }
+                Arch::Mamba2 => {
+                    expected.extend(Mamba2::tensor_names(&p, &cfg));
+                    Mixer::M2(Mamba2::load(ck, &p, &cfg, dtype)?)
+                }
+            };
+            layers.push(Layer { norm: Norm::load(ck, &format!("backbone.layers.{i}.norm"), &cfg)?, mixer });
+        }
+        let norm_f = Norm::load(ck, "backbone.norm_f", &cfg)?;
+        if !cfg.rms_norm {
+            expected.insert("backbone.norm_f.bias".into());
+        }
+        if let Some(extra) = ck.names().find(|n| !expected.contains(*n)) {
+            let files: Vec<String> = ck.files.iter().map(|f| f.display().to_string()).collect();
+            bail!("unexpected tensor {extra} in {} (does config.json match the weights?)", files.join(", "));
+        }
+        Ok(Model { cfg, dtype, embedding, lm_head, norm_f, layers })
+    }
+
+    /// Loads `config.json` and the weights from a directory.
+    pub fn load_dir(dir: &std::path::Path, dtype: DType) -> Result<Model> {
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let ck = Checkpoint::open_dir(dir)?;
+        Model::from_checkpoint(cfg, &ck, dtype)
+    }
+
+    /// A fresh, zeroed recurrent state for one sequence.
+    pub fn new_state(&self) -> State {
+        State::new(&self.cfg)
+    }
+
+    /// Bytes of weights read per decoded token.
+    pub fn weight_bytes(&self) -> usize {
+        let mixers: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::M1(m) => m.weight_bytes(),
+                Mixer::M2(m) => m.weight_bytes(),
+            })
+            .sum();
+        mixers + self.lm_head.as_ref().unwrap_or(&self.embedding).bytes()
+    }
+
+    /// Parameter count (tied weights once).
+    pub fn num_params(&self) -> usize {
+        let c = &self.cfg;
+        let per_layer = match c.arch {
+            Arch::Mamba1 => {
+                let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
+                2 * e * c.d_model + e * c.d_conv + e * (r + 2 * n) + e * r + e + e * n + e + c.d_model * e
+                    + if c.conv_bias { e } else { 0 }
+            }
+            Arch::Mamba2 => {
+                let h = c.nheads();
+                c.d_in_proj() * c.d_model
+                    + c.conv_dim() * c.d_conv
+                    + if c.conv_bias { c.conv_dim() } else { 0 }
+                    + 2 * h
+                    + if c.d_has_hdim { c.d_ssm } else { h }
+                    + c.d_ssm
+                    + c.d_model * c.d_inner
+            }
+        } + c.d_model
+            + if c.bias { c.d_in_proj() + c.d_model } else { 0 }
+            + if c.rms_norm { 0 } else { c.d_model };
+        c.n_layer * per_layer + c.vocab_padded * c.d_model * if c.tie_embeddings { 1 } else { 2 } + c.d_model
+    }
+
+    /// Runs `states.len()` sequences of `l` tokens each (`tokens` row-major, `states.len() × l`),
+    /// starting from and advancing their states. Returns the logits of the last `n_logits`
+    /// positions of each sequence: `states.len() × n_logits × vocab_padded`.
+    /// `l == 1` is the recurrent step; larger `l` is a parallel prefill.
+    pub fn forward(&self, tokens: &[u32], l: usize, states: &mut [&mut State], n_logits: usize) -> Result<Vec<f32>> {
+        let b = states.len();
+        let d = self.cfg.d_model;
+        if tokens.len() != b * l {
+            bail!("forward: {} tokens for {b} sequences of {l}", tokens.len());
+        }
+        if n_logits > l {
+            bail!("forward: {n_logits} logits asked from {l} positions");
+        }
+        let v = self.cfg.vocab_padded;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+        }
+        for s in states.iter() {
+            s.check(&self.cfg)?;
+        }
+        let rows = b * l;
+        let mut resid = vec![0.0f32; rows * d];
+        for (r, &t) in tokens.iter().enumerate() {
+            self.embedding.row_f32(t as usize, &mut resid[r * d..(r + 1) * d]);
+        }
+        let mut h = vec![0.0f32; rows * d];
+        let mut out = vec![0.0f32; rows * d];
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.norm.forward(&resid, &mut h);
+            let mut ls: Vec<&mut LayerState> = states.iter_mut().map(|s| &mut s.layers[i]).collect();
+            match &layer.mixer {
+                Mixer::M1(m) => m.forward(&h, l, &mut ls, &mut out),
+                Mixer::M2(m) => m.forward(&h, l, &mut ls, &mut out),
+            }
+            resid.iter_mut().zip(&out).for_each(|(r, o)| *r += o);
+        }
+        for s in states.iter_mut() {
+            s.pos += l as u64;
+        }
+        if n_logits == 0 {
+            return Ok(vec![]);
+        }
+        // Only the asked-for positions go through the final norm and the LM head.
+        let mut last = Vec::with_capacity(b * n_logits * d);
+        for s in 0..b {
+            last.extend_from_slice(&resid[(s * l + l - n_logits) * d..(s * l + l) * d]);
+        }
+        let mut normed = vec![0.0f32; last.len()];
+        self.norm_f.forward(&last, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
+        let mut logits = vec![0.0f32; b * n_logits * v];
+        matmul_t(&normed, b * n_logits, d, head, &mut logits, v);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,107 @@
+//! Causal depthwise 1-D convolution + SiLU over time-major activations, with a carried state.
+//!
+//! `out[t, c] = silu(bias[c] + Σ_k w[k, c] · x[t − (W−1) + k, c])`, where times before the
+//! first row come from `state` (the previous W−1 raw inputs, oldest first). Vectorised over
+//! channels, parallel over blocks of time; reads L·C inputs once and writes L·C outputs.
+
+use super::matmul::SendPtr;
+use super::simd::{silu, Simd};
+use crate::dispatch;
+use rayon::prelude::*;
+
+const TIME_BLOCK: usize = 32;
+
+/// Convolves `l` rows of `c` channels (`x[t·x_rs + ch]`) into `out` (`l × c`, contiguous) and
+/// advances `state` (`(width−1) × c`) to the last `width−1` inputs.
+/// `w` is tap-major: `w[k·c + ch]`, tap `width−1` multiplies the current input.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_conv1d_silu(
+    x: &[f32],
+    l: usize,
+    x_rs: usize,
+    c: usize,
+    w: &[f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let hist = width - 1;
+    assert_eq!(w.len(), width * c);
+    assert_eq!(state.len(), hist * c);
+    assert!(out.len() >= l * c && (l == 0 || x.len() >= (l - 1) * x_rs + c));
+    if let Some(b) = bias {
+        assert_eq!(b.len(), c);
+    }
+    let op = SendPtr(out.as_mut_ptr());
+    let run = |t0: usize| {
+        let t1 = (t0 + TIME_BLOCK).min(l);
+        let op = op;
+        dispatch!(conv_rows(x, x_rs, c, w, width, bias, state, op.0, t0, t1));
+    };
+    if l <= TIME_BLOCK {
+        run(0);
+    } else {
+        (0..l).into_par_iter().step_by(TIME_BLOCK).for_each(run);
+    }
+    // New history: the last `hist` rows of [state; x].
+    let mut next = vec![0.0f32; hist * c];
+    for j in 0..hist {
+        let src = l + j; // index into the concatenation of the old history and x
+        let row = if src < hist {
+            &state[src * c..(src + 1) * c]
+        } else {
+            let t = src - hist;
+            &x[t * x_rs..t * x_rs + c]
+        };
+        next[j * c..(j + 1) * c].copy_from_slice(row);
+    }
+    state.copy_from_slice(&next);
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn conv_rows<S: Simd>(
+    x: &[f32],
+    x_rs: usize,
+    c: usize,
+    w: &[f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    state: &[f32],
+    out: *mut f32,
+    t0: usize,
+    t1: usize,
+) {
+    let hist = width - 1;
+    let input = |t: usize, k: usize| -> *const f32 {
+        // time t − hist + k in the concatenation [state; x]
+        let s = t + k;
+        if s < hist {
+            state.as_ptr().add(s * c)
+        } else {
+            x.as_ptr().add((s - hist) * x_rs)
+        }
+    };
+    for t in t0..t1 {
+        let mut ch = 0;
+        while ch + S::LANES <= c {
+            let mut acc = match bias {
+                Some(b) => S::load(b.as_ptr().add(ch)),
+                None => S::splat(0.0),
+            };
+            for k in 0..width {
+                acc = S::fma(S::load(w.as_ptr().add(k * c + ch)), S::load(input(t, k).add(ch)), acc);
+            }
+            S::store(out.add(t * c + ch), silu::<S>(acc));
+            ch += S::LANES;
+        }
+        for ch in ch..c {
+            let mut acc = bias.map_or(0.0, |b| b[ch]);
+            for k in 0..width {
+                acc += w[k * c + ch] * *input(t, k).add(ch);
+            }
+            *out.add(t * c + ch) = super::simd::silu_f32(acc);
+        }
+    }
+}

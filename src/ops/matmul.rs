@@ -1,0 +1,152 @@
+//! `y = x · Wᵀ` for a batch of activation rows against a stored weight matrix.
+//!
+//! Few rows (decode): a streaming matrix-vector kernel that reads every weight exactly once,
+//! widening bf16/f16 on the fly, rows split across threads — bound by memory bandwidth
+//! (`rows × cols × sizeof(weight)` bytes per call). Many rows (prefill): the `gemm` crate's
+//! blocked f32 kernel, compute bound (`2 · n · rows · cols` FLOPs); half-precision weights are
+//! widened once per call into a scratch matrix first.
+
+use super::simd::{Elem, Simd};
+use crate::dispatch;
+use crate::tensor::{Matrix, Store};
+use rayon::prelude::*;
+
+/// Up to this many activation rows use the streaming kernel.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// A raw pointer that may cross into rayon tasks writing disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr<T>(pub *mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// `y[i·y_rs + j] = Σ_k x[i·x_rs + k] · w[j, k]` for `i < n`, `j < w.rows`.
+pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize) {
+    if n == 0 {
+        return;
+    }
+    let (m, k) = (w.rows, w.cols);
+    assert!(x_rs >= k && x.len() >= (n - 1) * x_rs + k, "matmul: x too short");
+    assert!(y_rs >= m && y.len() >= (n - 1) * y_rs + m, "matmul: y too short");
+    if n <= GEMV_MAX_ROWS {
+        gemv(x, n, x_rs, w, y, y_rs);
+        return;
+    }
+    let widened;
+    let wf: &[f32] = match &w.data {
+        Store::F32(v) => v,
+        other => {
+            widened = widen_parallel(other);
+            &widened
+        }
+    };
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            1,
+            y_rs as isize,
+            false,
+            x.as_ptr(),
+            1,
+            x_rs as isize,
+            wf.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// Adds `bias` to each of the `n` rows of `y`.
+pub fn add_bias(y: &mut [f32], n: usize, y_rs: usize, bias: &[f32]) {
+    for i in 0..n {
+        y[i * y_rs..i * y_rs + bias.len()]
+            .iter_mut()
+            .zip(bias)
+            .for_each(|(a, b)| *a += b);
+    }
+}
+
+fn widen_parallel(s: &Store) -> Vec<f32> {
+    let mut out = vec![0.0f32; s.len()];
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(i, c)| s.read_f32(i << 16, c));
+    out
+}
+
+fn gemv(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize) {
+    let (m, k) = (w.rows, w.cols);
+    let tasks = rayon::current_num_threads() * 4;
+    let block = m.div_ceil(tasks).max(16);
+    let yp = SendPtr(y.as_mut_ptr());
+    let xp = x.as_ptr() as usize;
+    (0..m.div_ceil(block)).into_par_iter().for_each(move |b| {
+        let (r0, r1) = (b * block, ((b + 1) * block).min(m));
+        let xp = xp as *const f32;
+        let yp = yp;
+        match &w.data {
+            Store::F32(v) => dispatch!(gemv_rows::<f32>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs)),
+            Store::BF16(v) => {
+                dispatch!(gemv_rows::<half::bf16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs))
+            }
+            Store::F16(v) => {
+                dispatch!(gemv_rows::<half::f16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs))
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn gemv_rows<S: Simd, T: Elem>(
+    w: *const T,
+    k: usize,
+    r0: usize,
+    r1: usize,
+    x: *const f32,
+    n: usize,
+    x_rs: usize,
+    y: *mut f32,
+    y_rs: usize,
+) {
+    for r in r0..r1 {
+        let wr = w.add(r * k);
+        for i in 0..n {
+            *y.add(i * y_rs + r) = dot::<S, T>(wr, x.add(i * x_rs), k);
+        }
+    }
+}
+
+/// `Σ_i w[i]·x[i]` with four independent accumulators to hide FMA latency.
+#[inline(always)]
+pub(crate) unsafe fn dot<S: Simd, T: Elem>(w: *const T, x: *const f32, k: usize) -> f32 {
+    let l = S::LANES;
+    let (mut a0, mut a1, mut a2, mut a3) = (S::splat(0.0), S::splat(0.0), S::splat(0.0), S::splat(0.0));
+    let mut i = 0;
+    while i + 4 * l <= k {
+        a0 = S::fma(T::load::<S>(w.add(i)), S::load(x.add(i)), a0);
+        a1 = S::fma(T::load::<S>(w.add(i + l)), S::load(x.add(i + l)), a1);
+        a2 = S::fma(T::load::<S>(w.add(i + 2 * l)), S::load(x.add(i + 2 * l)), a2);
+        a3 = S::fma(T::load::<S>(w.add(i + 3 * l)), S::load(x.add(i + 3 * l)), a3);
+        i += 4 * l;
+    }
+    while i + l <= k {
+        a0 = S::fma(T::load::<S>(w.add(i)), S::load(x.add(i)), a0);
+        i += l;
+    }
+    let mut s = S::reduce_add(S::add(S::add(a0, a1), S::add(a2, a3)));
+    while i < k {
+        s += (*w.add(i)).to_f32() * *x.add(i);
+        i += 1;
+    }
+    s
+}

@@ -1,0 +1,56 @@
+//! Shared helpers for the integration tests: fixture paths and reference tensors.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+pub const FIXTURES: &[&str] = &["mamba1-ssm", "mamba1-hf", "mamba2-hf", "mamba2-ssm"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A tensor from a safetensors file as f64 values plus its shape (f32 or i64 data).
+pub fn read_tensor(path: &std::path::Path, name: &str) -> (Vec<f64>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    let v = match t.dtype() {
+        safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        safetensors::Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        d => panic!("unexpected dtype {d:?}"),
+    };
+    (v, t.shape().to_vec())
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_l2(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+pub struct Expected {
+    pub ids: Vec<Vec<u32>>,
+    pub logits: Vec<f64>,
+    pub vocab: usize,
+    pub nll: Vec<f64>,
+    pub greedy_prompt: Vec<u32>,
+    pub greedy_new: Vec<u32>,
+}
+
+pub fn expected(name: &str) -> Expected {
+    let dir = fixture(name);
+    let (ids, shape) = read_tensor(&dir.join("expected.safetensors"), "input_ids");
+    let (logits, lshape) = read_tensor(&dir.join("expected.safetensors"), "logits");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let list = |k: &str| -> Vec<u32> { j[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    Expected {
+        ids: ids.chunks(shape[1]).map(|r| r.iter().map(|&x| x as u32).collect()).collect(),
+        logits,
+        vocab: lshape[2],
+        nll: j["nll_per_token"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+        greedy_prompt: list("greedy_prompt"),
+        greedy_new: list("greedy_new_tokens"),
+    }
+}
