@@ -147,7 +147,7 @@ impl Config {
         if self.vocab_padded < self.vocab_size {
             bail!("padded vocabulary {} is smaller than vocab_size {}", self.vocab_padded, self.vocab_size);
         }
-        if !(self.norm_eps > 0.0) {
+        if self.norm_eps.is_nan() || self.norm_eps <= 0.0 {
             bail!("norm epsilon must be positive");
         }
         match self.arch {
@@ -159,13 +159,13 @@ impl Config {
                 if self.d_ssm == 0 || self.d_ssm > self.d_inner {
                     bail!("d_ssm {} must be in 1..={} (expand·d_model)", self.d_ssm, self.d_inner);
                 }
-                if self.d_ssm % self.headdim != 0 {
+                if !self.d_ssm.is_multiple_of(self.headdim) {
                     bail!("d_ssm {} is not a multiple of headdim {}", self.d_ssm, self.headdim);
                 }
-                if self.nheads() % self.ngroups != 0 {
+                if !self.nheads().is_multiple_of(self.ngroups) {
                     bail!("{} heads cannot be split into ngroups {}", self.nheads(), self.ngroups);
                 }
-                if (self.d_inner - self.d_ssm) % 2 != 0 && self.d_inner != self.d_ssm {
+                if !(self.d_inner - self.d_ssm).is_multiple_of(2) && self.d_inner != self.d_ssm {
                     bail!("expand·d_model − d_ssm must be even");
                 }
                 if self.dt_limit.0.is_nan() || self.dt_limit.1.is_nan() || self.dt_limit.0 > self.dt_limit.1 {
@@ -219,7 +219,8 @@ impl Config {
                 m.insert("n_groups".into(), json!(self.ngroups));
                 m.insert("chunk_size".into(), json!(self.chunk_size));
                 m.insert("rms_norm".into(), json!(true));
-                let hi = if self.dt_limit.1.is_finite() { json!(self.dt_limit.1) } else { json!({"__float__": "Infinity"}) };
+                let hi =
+                    if self.dt_limit.1.is_finite() { json!(self.dt_limit.1) } else { json!({"__float__": "Infinity"}) };
                 m.insert("time_step_limit".into(), json!([self.dt_limit.0, hi]));
             }
         }
@@ -295,13 +296,41 @@ const MAMBA_SSM_KEYS: &[&str] = &[
     "tie_embeddings",
 ];
 const MAMBA1_SSM_CFG_KEYS: &[&str] = &[
-    "layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
-    "dt_init_floor", "conv_bias", "bias", "use_fast_path",
+    "layer",
+    "d_state",
+    "d_conv",
+    "expand",
+    "dt_rank",
+    "dt_min",
+    "dt_max",
+    "dt_init",
+    "dt_scale",
+    "dt_init_floor",
+    "conv_bias",
+    "bias",
+    "use_fast_path",
 ];
 const MAMBA2_SSM_CFG_KEYS: &[&str] = &[
-    "layer", "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
-    "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
-    "conv_bias", "chunk_size", "use_mem_eff_path",
+    "layer",
+    "d_state",
+    "d_conv",
+    "conv_init",
+    "expand",
+    "headdim",
+    "d_ssm",
+    "ngroups",
+    "A_init_range",
+    "D_has_hdim",
+    "rmsnorm",
+    "norm_before_gate",
+    "dt_min",
+    "dt_max",
+    "dt_init_floor",
+    "dt_limit",
+    "bias",
+    "conv_bias",
+    "chunk_size",
+    "use_mem_eff_path",
 ];
 
 /// Typed access to a JSON object's fields with defaults and clear errors.
@@ -352,10 +381,9 @@ impl Fields<'_> {
         match self.get("eos_token_id") {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(a.first().and_then(Value::as_u64).map(|x| x as u32)),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as u32))
-                .ok_or_else(|| anyhow!("eos_token_id must be an integer, got {v}")),
+            Some(v) => {
+                v.as_u64().map(|x| Some(x as u32)).ok_or_else(|| anyhow!("eos_token_id must be an integer, got {v}"))
+            }
         }
     }
 }
@@ -441,11 +469,7 @@ fn from_mamba_ssm(obj: &Map<String, Value>) -> Result<Config> {
         "Mamba3" => bail!("ssm_cfg.layer \"Mamba3\" is not supported yet (Mamba-1 and Mamba-2 are)"),
         other => bail!("unknown ssm_cfg.layer \"{other}\" (expected Mamba1 or Mamba2)"),
     };
-    check_keys(
-        ssm,
-        if arch == Arch::Mamba1 { MAMBA1_SSM_CFG_KEYS } else { MAMBA2_SSM_CFG_KEYS },
-        "ssm_cfg",
-    )?;
+    check_keys(ssm, if arch == Arch::Mamba1 { MAMBA1_SSM_CFG_KEYS } else { MAMBA2_SSM_CFG_KEYS }, "ssm_cfg")?;
     if let Some(Value::Array(a)) = f.get("attn_layer_idx") {
         if !a.is_empty() {
             bail!("hybrid attention layers (attn_layer_idx {a:?}) are not supported yet");

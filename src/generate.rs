@@ -98,9 +98,8 @@ pub fn generate(
             new_ids[i].push(tok);
             history[i].push(tok);
             pending[i] = tok;
-            let done = Some(tok) == opts.eos
-                || new_ids[i].len() >= opts.max_new_tokens
-                || on_token(i, tok) == Control::Stop;
+            let done =
+                Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop;
             // Feed even the last token so the saved state has consumed everything.
             still.push((i, done));
         }

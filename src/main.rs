@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "mamba-lm", version, about = "Mamba-1 / Mamba-2 state-space language models: generate, score, init, info, bench.")]
+#[command(
+    name = "mamba-lm",
+    version,
+    about = "Mamba-1 / Mamba-2 state-space language models: generate, score, init, info, bench."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -194,7 +198,10 @@ fn set_threads(n: Option<usize>) -> Result<()> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| anyhow!("cannot start threads: {e}"))?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow!("cannot start threads: {e}"))?;
     }
     Ok(())
 }
@@ -208,12 +215,15 @@ fn load_model(m: &ModelArgs) -> Result<(Model, PathBuf)> {
 
 /// End-of-sequence id: the config's, then generation_config.json's, then the tokenizer's.
 fn eos_id(model: &Model, dir: &Path, tok: &tokenizer::Tokenizer) -> Option<u32> {
-    model.cfg.eos_token_id.or_else(|| {
-        let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v.get("eos_token_id")?.as_u64().map(|x| x as u32)
-    })
-    .or_else(|| tok.token_to_id("<|endoftext|>"))
+    model
+        .cfg
+        .eos_token_id
+        .or_else(|| {
+            let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v.get("eos_token_id")?.as_u64().map(|x| x as u32)
+        })
+        .or_else(|| tok.token_to_id("<|endoftext|>"))
 }
 
 /// Prints generated text as it comes, holding back what could still become a stop string or
@@ -318,7 +328,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             if stream {
                 let _ = write!(out, "{text}").and_then(|_| out.flush());
             }
-            if stop { Control::Stop } else { Control::Continue }
+            if stop {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
         }
         Err(e) => {
             err = Some(e);
@@ -366,7 +380,8 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     } else {
         let f = a.ids_file.as_ref().expect("clap requires one input");
         let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: expected a JSON list of lists of token ids", f.display()))?
     };
     if seqs.is_empty() {
         bail!("nothing to score");
@@ -377,7 +392,9 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     let mut all_logits: Vec<f32> = Vec::new();
     let mut results = Vec::new();
     let bar = indicatif::ProgressBar::new(seqs.iter().map(|s| s.len() as u64).sum());
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"),
+    );
     for (i, s) in seqs.iter().enumerate() {
         let r = mamba_lm::score::score(&model, s, a.chunk, |l| {
             bar.inc((l.len() / model.cfg.vocab_padded) as u64);
@@ -429,7 +446,14 @@ fn cmd_init(a: InitArgs) -> Result<()> {
         _ => bail!("give --preset or --config"),
     };
     mamba_lm::init::write_checkpoint(&cfg, a.seed, a.dtype, &a.out)?;
-    eprintln!("wrote {} ({:?}, {} layers, d_model {}) to {}", a.preset.as_deref().unwrap_or("model"), cfg.arch, cfg.n_layer, cfg.d_model, a.out.display());
+    eprintln!(
+        "wrote {} ({:?}, {} layers, d_model {}) to {}",
+        a.preset.as_deref().unwrap_or("model"),
+        cfg.arch,
+        cfg.n_layer,
+        cfg.d_model,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -484,7 +508,11 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
                 if a.json {
                     writeln!(out, "{}", serde_json::to_string(&f)?)?;
                 } else {
-                    writeln!(out, "{:<14} {:<6} {:<20} {:>8} {:>8.2} {}", f.model, f.dtype, f.figure, f.length, f.value, f.unit)?;
+                    writeln!(
+                        out,
+                        "{:<14} {:<6} {:<20} {:>8} {:>8.2} {}",
+                        f.model, f.dtype, f.figure, f.length, f.value, f.unit
+                    )?;
                 }
                 out.flush()?;
             }
@@ -496,7 +524,12 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 

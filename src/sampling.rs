@@ -27,7 +27,7 @@ impl Sampling {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!("--temperature must be ≥ 0, got {}", self.temperature));
         }
         if !(0.0..=1.0).contains(&self.top_p) {
@@ -36,7 +36,7 @@ impl Sampling {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(format!("--min-p must be in [0, 1], got {}", self.min_p));
         }
-        if !(self.repetition_penalty > 0.0) || !self.repetition_penalty.is_finite() {
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return Err(format!("--repetition-penalty must be > 0, got {}", self.repetition_penalty));
         }
         Ok(())

@@ -28,7 +28,12 @@ pub fn log_sum_exp(v: &[f32]) -> f64 {
 
 /// Scores `ids` in chunks of `chunk` tokens (`chunk == 1` is the pure recurrence). Each chunk's
 /// logits (`len × vocab_padded`) are passed to `on_logits` as they are produced.
-pub fn score(model: &Model, ids: &[u32], chunk: usize, mut on_logits: impl FnMut(&[f32]) -> Result<()>) -> Result<Score> {
+pub fn score(
+    model: &Model,
+    ids: &[u32],
+    chunk: usize,
+    mut on_logits: impl FnMut(&[f32]) -> Result<()>,
+) -> Result<Score> {
     if chunk == 0 {
         bail!("--chunk must be at least 1");
     }

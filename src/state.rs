@@ -44,7 +44,11 @@ impl State {
     pub fn check(&self, cfg: &Config) -> Result<()> {
         let fresh = State::new(cfg);
         let ok = self.layers.len() == fresh.layers.len()
-            && self.layers.iter().zip(&fresh.layers).all(|(a, b)| a.conv.len() == b.conv.len() && a.ssm.len() == b.ssm.len());
+            && self
+                .layers
+                .iter()
+                .zip(&fresh.layers)
+                .all(|(a, b)| a.conv.len() == b.conv.len() && a.ssm.len() == b.ssm.len());
         if !ok {
             bail!("state does not match the model's shape");
         }
@@ -84,7 +88,11 @@ fn fingerprint(cfg: &Config) -> String {
 
 impl Config {
     fn nheads_or_zero(&self) -> usize {
-        if self.arch == Arch::Mamba2 { self.nheads() } else { 0 }
+        if self.arch == Arch::Mamba2 {
+            self.nheads()
+        } else {
+            0
+        }
     }
 }
 
@@ -133,7 +141,12 @@ impl Snapshot {
         let (hist, conv_dim, rows, n) = dims(cfg);
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (i, l) in self.state.layers.iter().enumerate() {
-            owned.push((format!("layers.{i}.conv_state"), Dtype::F32, vec![conv_dim, hist], f32_bytes(&transpose(&l.conv, hist, conv_dim))));
+            owned.push((
+                format!("layers.{i}.conv_state"),
+                Dtype::F32,
+                vec![conv_dim, hist],
+                f32_bytes(&transpose(&l.conv, hist, conv_dim)),
+            ));
             let shape = match cfg.arch {
                 Arch::Mamba1 => vec![rows, n],
                 Arch::Mamba2 => vec![rows, cfg.headdim, n],
@@ -167,7 +180,8 @@ impl Snapshot {
     }
 
     pub fn from_bytes(cfg: &Config, bytes: &[u8]) -> Result<Snapshot> {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("not a safetensors file: {e}"))?;
         let m = meta.metadata().clone().unwrap_or_default();
         if m.get("format").map(String::as_str) != Some("mamba-lm-state") {
             bail!("not a mamba-lm state file (missing format metadata)");
@@ -178,7 +192,10 @@ impl Snapshot {
         let want = fingerprint(cfg);
         match m.get("model") {
             Some(f) if *f == want => {}
-            other => bail!("saved for a different model ({}), this model is ({want})", other.map_or("unknown", |s| s.as_str())),
+            other => bail!(
+                "saved for a different model ({}), this model is ({want})",
+                other.map_or("unknown", |s| s.as_str())
+            ),
         }
         let pos: u64 = m.get("pos").and_then(|p| p.parse().ok()).ok_or_else(|| anyhow!("bad pos metadata"))?;
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("corrupt safetensors data: {e}"))?;
@@ -189,7 +206,8 @@ impl Snapshot {
             }
             Ok(t.data().to_vec())
         };
-        let floats = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+        let floats =
+            |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
         let (hist, conv_dim, rows, n) = dims(cfg);
         let mut state = State::new(cfg);
         state.pos = pos;
@@ -203,8 +221,12 @@ impl Snapshot {
             l.ssm = ssm_from_file(cfg, &floats(get(&format!("layers.{i}.ssm_state"), Dtype::F32, &shape)?));
         }
         let next_logits = floats(get("next_logits", Dtype::F32, &[cfg.vocab_padded])?);
-        let nt = st.tensor("tokens").map_err(|_| anyhow!("tensor tokens missing"))?.shape().first().copied().unwrap_or(0);
-        let tokens = get("tokens", Dtype::U32, &[nt])?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+        let nt =
+            st.tensor("tokens").map_err(|_| anyhow!("tensor tokens missing"))?.shape().first().copied().unwrap_or(0);
+        let tokens = get("tokens", Dtype::U32, &[nt])?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         if state.layers.iter().any(|l| l.conv.iter().chain(&l.ssm).any(|x| !x.is_finite())) {
             bail!("state contains non-finite values");
         }

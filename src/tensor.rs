@@ -51,13 +51,35 @@ pub enum Store {
     F16(Vec<f16>),
 }
 
+/// Collects `it` into a vector whose memory the kernel is asked to back with transparent huge
+/// pages before it is first touched. Decode streams every weight once per token; with 4 KiB
+/// pages that is a TLB miss every 4 KiB, which measurably lowers the bandwidth reached.
+pub fn weight_vec<T: Copy>(len: usize, it: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = len * std::mem::size_of::<T>();
+        let start = v.as_ptr() as usize;
+        let first = start.next_multiple_of(HUGE);
+        let last = (start + bytes) / HUGE * HUGE;
+        if last > first {
+            // Advisory only: failure (no THP support) leaves ordinary pages.
+            unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_HUGEPAGE) };
+        }
+    }
+    v.extend(it.take(len));
+    v
+}
+
 impl Store {
     /// Rounds f32 values into storage of type `dtype` (round to nearest even).
     pub fn from_f32(v: Vec<f32>, dtype: DType) -> Store {
+        let n = v.len();
         match dtype {
-            DType::F32 => Store::F32(v),
-            DType::BF16 => Store::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::F16 => Store::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::F32 => Store::F32(weight_vec(n, v.into_iter())),
+            DType::BF16 => Store::BF16(weight_vec(n, v.iter().map(|&x| bf16::from_f32(x)))),
+            DType::F16 => Store::F16(weight_vec(n, v.iter().map(|&x| f16::from_f32(x)))),
         }
     }
 

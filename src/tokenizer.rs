@@ -14,7 +14,8 @@ pub fn neox() -> Tokenizer {
 
 /// `explicit` if given, else `model_dir/tokenizer.json` if present, else GPT-NeoX-20B.
 pub fn load(explicit: Option<&Path>, model_dir: Option<&Path>) -> Result<Tokenizer> {
-    let path = explicit.map(Path::to_path_buf).or_else(|| model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()));
+    let path =
+        explicit.map(Path::to_path_buf).or_else(|| model_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()));
     match path {
         Some(p) => {
             let bytes = std::fs::read(&p).with_context(|| format!("cannot read tokenizer {}", p.display()))?;

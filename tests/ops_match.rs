@@ -105,7 +105,8 @@ fn ssd_matches_reference_for_any_block() {
                 let ones = vec![1.0f32; l * h];
                 let bb = &b[bi * l * h * n..(bi + 1) * l * h * n];
                 let cb = &c[bi * l * h * n..(bi + 1) * l * h * n];
-                let inp = SsdInputs { x: xb, x_rs: h * p, dt: &ones, da: ab, dt_rs: h, b: bb, c: cb, bc_rs: h * n, d: None };
+                let inp =
+                    SsdInputs { x: xb, x_rs: h * p, dt: &ones, da: ab, dt_rs: h, b: bb, c: cb, bc_rs: h * n, d: None };
                 let dims = SsdDims { heads: h, headdim: p, groups: h, d_state: n, block };
                 let mut state = vec![0.0; h * n * p];
                 let mut y = vec![0.0; l * h * p];

@@ -18,7 +18,7 @@ fn is_repo_id(s: &str) -> bool {
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_ascii_lowercase() != "false")
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 /// Turns `--model` into a directory holding `config.json` and the weights.
@@ -52,7 +52,9 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
             looked.display()
         );
     }
-    download(spec).with_context(|| format!("model {spec} is not cached (looked in {}) and could not be downloaded", looked.display()))
+    download(spec).with_context(|| {
+        format!("model {spec} is not cached (looked in {}) and could not be downloaded", looked.display())
+    })
 }
 
 fn snapshot_dir(file: &Path) -> Result<PathBuf> {

@@ -5,7 +5,7 @@
 pub mod hub;
 pub mod pickle;
 
-use crate::tensor::{DType, Matrix, Store};
+use crate::tensor::{weight_vec, DType, Matrix, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -142,7 +142,10 @@ impl Checkpoint {
                 other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
             };
             let offset = view.data().as_ptr() as usize - base;
-            new.push((name, Entry { dtype, shape: view.shape().to_vec(), stride: None, blob, offset, file: path.into() }));
+            new.push((
+                name,
+                Entry { dtype, shape: view.shape().to_vec(), stride: None, blob, offset, file: path.into() },
+            ));
         }
         drop(st);
         let len = map.len();
@@ -167,7 +170,9 @@ impl Checkpoint {
             .filter(|n| n.ends_with("data.pkl"))
             .min_by_key(|n| n.len())
             .map(str::to_owned)
-            .ok_or_else(|| anyhow!("{}: no data.pkl inside (legacy, non-zip torch.save files are not supported)", path.display()))?;
+            .ok_or_else(|| {
+                anyhow!("{}: no data.pkl inside (legacy, non-zip torch.save files are not supported)", path.display())
+            })?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_owned();
         if let Ok(mut f) = zip.by_name(&format!("{prefix}byteorder")) {
             let mut s = String::new();
@@ -185,12 +190,17 @@ impl Checkpoint {
                 None => {
                     let entry = format!("{prefix}data/{}", t.key);
                     let b = {
-                        let f = zip.by_name(&entry).with_context(|| format!("{}: storage {entry} missing", path.display()))?;
+                        let f = zip
+                            .by_name(&entry)
+                            .with_context(|| format!("{}: storage {entry} missing", path.display()))?;
                         if f.compression() == zip::CompressionMethod::Stored {
                             let start = f.data_start() as usize;
                             let len = f.size() as usize;
                             if start.checked_add(len).is_none_or(|e| e > map.len()) {
-                                bail!("{}: storage {entry} extends past the end of the file (truncated?)", path.display());
+                                bail!(
+                                    "{}: storage {entry} extends past the end of the file (truncated?)",
+                                    path.display()
+                                );
                             }
                             Some(Blob::Mapped(map.clone(), start, len))
                         } else {
@@ -225,7 +235,14 @@ impl Checkpoint {
     pub fn insert_f32(&mut self, name: &str, shape: Vec<usize>, data: &[f32]) {
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.blobs.push(Blob::Owned(bytes));
-        let e = Entry { dtype: SrcDType::F32, shape, stride: None, blob: self.blobs.len() - 1, offset: 0, file: "<memory>".into() };
+        let e = Entry {
+            dtype: SrcDType::F32,
+            shape,
+            stride: None,
+            blob: self.blobs.len() - 1,
+            offset: 0,
+            file: "<memory>".into(),
+        };
         self.entries.insert(name.to_owned(), e);
     }
 
@@ -235,6 +252,11 @@ impl Checkpoint {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// The stored shape of a tensor, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
     /// The stored dtype of a tensor, if present.
@@ -258,7 +280,8 @@ impl Checkpoint {
         let bytes = self.blobs[e.blob].bytes();
         let sz = e.dtype.size();
         let numel: usize = e.shape.iter().product();
-        let oob = || anyhow!("{}: tensor {name} data lies outside its storage (truncated or corrupt file)", e.file.display());
+        let oob =
+            || anyhow!("{}: tensor {name} data lies outside its storage (truncated or corrupt file)", e.file.display());
         match &e.stride {
             None => {
                 let end = numel.checked_mul(sz).and_then(|n| n.checked_add(e.offset)).ok_or_else(oob)?;
@@ -314,9 +337,10 @@ impl Checkpoint {
         let store = if same {
             let raw = self.raw(name, e)?;
             let bits = raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+            let n = raw.len() / 2;
             let store = match dtype {
-                DType::BF16 => Store::BF16(bits.map(bf16::from_bits).collect()),
-                _ => Store::F16(bits.map(f16::from_bits).collect()),
+                DType::BF16 => Store::BF16(weight_vec(n, bits.map(bf16::from_bits))),
+                _ => Store::F16(weight_vec(n, bits.map(f16::from_bits))),
             };
             if store.to_f32_vec().iter().any(|x| !x.is_finite()) {
                 bail!("{}: tensor {name} contains a non-finite value", e.file.display());

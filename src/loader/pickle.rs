@@ -191,7 +191,7 @@ pub fn parse_state_dict(data: &[u8]) -> Result<Vec<TensorRef>> {
             b'G' => {
                 r.take(8)?;
                 stack.push(Val::Float)
-            },
+            }
             b'X' => {
                 let n = r.u32()? as usize;
                 stack.push(Val::Str(r.utf8(n)?))
@@ -316,7 +316,9 @@ pub fn parse_state_dict(data: &[u8]) -> Result<Vec<TensorRef>> {
             b'R' => {
                 let args = pop(&mut stack)?;
                 let f = pop(&mut stack)?;
-                let (Val::Global(g), Val::Tuple(args)) = (f, args) else { bail!("REDUCE needs a known global and a tuple") };
+                let (Val::Global(g), Val::Tuple(args)) = (f, args) else {
+                    bail!("REDUCE needs a known global and a tuple")
+                };
                 stack.push(call(g, args)?);
             }
             _ => bail!("unsupported pickle opcode 0x{op:02x} at byte {}", r.pos - 1),

@@ -2,11 +2,11 @@
 //! dt_proj; selective scan with D skip and SiLU(z) gate; out_proj.
 
 use super::Linear;
-use crate::state::LayerState;
 use crate::config::Config;
 use crate::loader::Checkpoint;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
+use crate::state::LayerState;
 use crate::tensor::DType;
 use anyhow::Result;
 
@@ -58,10 +58,19 @@ impl Mamba1 {
 
     /// Tensor names this mixer reads (for rejecting unexpected tensors).
     pub fn tensor_names(p: &str, cfg: &Config) -> Vec<String> {
-        let mut v: Vec<String> = ["A_log", "D", "in_proj.weight", "conv1d.weight", "x_proj.weight", "dt_proj.weight", "dt_proj.bias", "out_proj.weight"]
-            .iter()
-            .map(|s| format!("{p}{s}"))
-            .collect();
+        let mut v: Vec<String> = [
+            "A_log",
+            "D",
+            "in_proj.weight",
+            "conv1d.weight",
+            "x_proj.weight",
+            "dt_proj.weight",
+            "dt_proj.bias",
+            "out_proj.weight",
+        ]
+        .iter()
+        .map(|s| format!("{p}{s}"))
+        .collect();
         if cfg.conv_bias {
             v.push(format!("{p}conv1d.bias"));
         }
@@ -90,7 +99,17 @@ impl Mamba1 {
         let mut y = vec![0.0f32; rows * e];
         for (s, st) in states.iter_mut().enumerate() {
             let (x0, c0) = (s * l * 2 * e, s * l * e);
-            causal_conv1d_silu(&xz[x0..], l, 2 * e, e, &self.conv_w, self.w, self.conv_b.as_deref(), &mut st.conv, &mut xc[c0..]);
+            causal_conv1d_silu(
+                &xz[x0..],
+                l,
+                2 * e,
+                e,
+                &self.conv_w,
+                self.w,
+                self.conv_b.as_deref(),
+                &mut st.conv,
+                &mut xc[c0..],
+            );
         }
         self.x_proj.forward(&xc, rows, &mut xdbl);
         self.dt_proj.forward_strided(&xdbl, rows, xdw, &mut dt, e);

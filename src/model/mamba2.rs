@@ -3,13 +3,13 @@
 //! optional SiLU-gated MLP branch; out_proj.
 
 use super::Linear;
-use crate::state::LayerState;
 use crate::config::Config;
 use crate::loader::Checkpoint;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::rms_norm::{gate, gated_rms_norm};
 use crate::ops::simd::softplus_f32;
 use crate::ops::ssd::{ssd, SsdDims, SsdInputs, DEFAULT_BLOCK};
+use crate::state::LayerState;
 use crate::tensor::DType;
 use anyhow::Result;
 
@@ -63,10 +63,11 @@ impl Mamba2 {
     }
 
     pub fn tensor_names(p: &str, cfg: &Config) -> Vec<String> {
-        let mut v: Vec<String> = ["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight", "norm.weight", "out_proj.weight"]
-            .iter()
-            .map(|s| format!("{p}{s}"))
-            .collect();
+        let mut v: Vec<String> =
+            ["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight", "norm.weight", "out_proj.weight"]
+                .iter()
+                .map(|s| format!("{p}{s}"))
+                .collect();
         if cfg.conv_bias {
             v.push(format!("{p}conv1d.bias"));
         }
@@ -105,7 +106,17 @@ impl Mamba2 {
         let mut y = vec![0.0f32; rows * d_ssm];
         for (s, st) in states.iter_mut().enumerate() {
             let (r0, c0) = (s * l, s * l * conv_dim);
-            causal_conv1d_silu(&zx[r0 * w_in + xbc_at..], l, w_in, conv_dim, &self.conv_w, self.w, self.conv_b.as_deref(), &mut st.conv, &mut xbc[c0..]);
+            causal_conv1d_silu(
+                &zx[r0 * w_in + xbc_at..],
+                l,
+                w_in,
+                conv_dim,
+                &self.conv_w,
+                self.w,
+                self.conv_b.as_deref(),
+                &mut st.conv,
+                &mut xbc[c0..],
+            );
             let inp = SsdInputs {
                 x: &xbc[c0..],
                 x_rs: conv_dim,

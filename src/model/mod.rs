@@ -108,8 +108,13 @@ impl Model {
     /// Builds the model from a checkpoint's tensors, validating every name and shape against
     /// the config. Large matrices are stored in `dtype`; everything else in f32.
     pub fn from_checkpoint(cfg: Config, ck: &Checkpoint, dtype: DType) -> Result<Model> {
-        let emb_name = if ck.contains("backbone.embeddings.weight") { "backbone.embeddings.weight" } else { "backbone.embedding.weight" };
-        let mut expected: BTreeSet<String> = [emb_name, "backbone.norm_f.weight"].iter().map(|s| s.to_string()).collect();
+        let emb_name = if ck.contains("backbone.embeddings.weight") {
+            "backbone.embeddings.weight"
+        } else {
+            "backbone.embedding.weight"
+        };
+        let mut expected: BTreeSet<String> =
+            [emb_name, "backbone.norm_f.weight"].iter().map(|s| s.to_string()).collect();
         let embedding = ck.matrix(emb_name, cfg.vocab_padded, cfg.d_model, dtype)?;
         let lm_head = if cfg.tie_embeddings {
             None
@@ -117,10 +122,14 @@ impl Model {
             expected.insert("lm_head.weight".into());
             Some(ck.matrix("lm_head.weight", cfg.vocab_padded, cfg.d_model, dtype)?)
         };
-        // A tied checkpoint may still store lm_head (mamba_ssm does); it must then match.
+        // A tied checkpoint may still store lm_head (mamba_ssm does); it must then be the
+        // embedding itself.
         if cfg.tie_embeddings && ck.contains("lm_head.weight") {
             expected.insert("lm_head.weight".into());
-            ck.f32("lm_head.weight", &[cfg.vocab_padded, cfg.d_model])?;
+            let shape = [cfg.vocab_padded, cfg.d_model];
+            if ck.f32("lm_head.weight", &shape)? != ck.f32(emb_name, &shape)? {
+                bail!("lm_head.weight differs from {emb_name} but the config ties them (tie_embeddings / tie_word_embeddings)");
+            }
         }
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -183,7 +192,14 @@ impl Model {
         let per_layer = match c.arch {
             Arch::Mamba1 => {
                 let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
-                2 * e * c.d_model + e * c.d_conv + e * (r + 2 * n) + e * r + e + e * n + e + c.d_model * e
+                2 * e * c.d_model
+                    + e * c.d_conv
+                    + e * (r + 2 * n)
+                    + e * r
+                    + e
+                    + e * n
+                    + e
+                    + c.d_model * e
                     + if c.conv_bias { e } else { 0 }
             }
             Arch::Mamba2 => {

@@ -36,8 +36,7 @@ pub fn causal_conv1d_silu(
     let op = SendPtr(out.as_mut_ptr());
     let run = |t0: usize| {
         let t1 = (t0 + TIME_BLOCK).min(l);
-        let op = op;
-        dispatch!(conv_rows(x, x_rs, c, w, width, bias, state, op.0, t0, t1));
+        dispatch!(conv_rows(x, x_rs, c, w, width, bias, state, op.get(), t0, t1));
     };
     if l <= TIME_BLOCK {
         run(0);

@@ -20,6 +20,13 @@ pub(crate) struct SendPtr<T>(pub *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 
+impl<T> SendPtr<T> {
+    /// The pointer (a method call, so closures capture the whole `Send` wrapper).
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// `y[i·y_rs + j] = Σ_k x[i·x_rs + k] · w[j, k]` for `i < n`, `j < w.rows`.
 pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize) {
     if n == 0 {
@@ -68,18 +75,13 @@ pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_r
 /// Adds `bias` to each of the `n` rows of `y`.
 pub fn add_bias(y: &mut [f32], n: usize, y_rs: usize, bias: &[f32]) {
     for i in 0..n {
-        y[i * y_rs..i * y_rs + bias.len()]
-            .iter_mut()
-            .zip(bias)
-            .for_each(|(a, b)| *a += b);
+        y[i * y_rs..i * y_rs + bias.len()].iter_mut().zip(bias).for_each(|(a, b)| *a += b);
     }
 }
 
 fn widen_parallel(s: &Store) -> Vec<f32> {
     let mut out = vec![0.0f32; s.len()];
-    out.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(i, c)| s.read_f32(i << 16, c));
+    out.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| s.read_f32(i << 16, c));
     out
 }
 
@@ -89,17 +91,16 @@ fn gemv(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize
     let block = m.div_ceil(tasks).max(16);
     let yp = SendPtr(y.as_mut_ptr());
     let xp = x.as_ptr() as usize;
-    (0..m.div_ceil(block)).into_par_iter().for_each(move |b| {
+    super::pool::parallel_for(m.div_ceil(block), &move |b| {
         let (r0, r1) = (b * block, ((b + 1) * block).min(m));
         let xp = xp as *const f32;
-        let yp = yp;
         match &w.data {
-            Store::F32(v) => dispatch!(gemv_rows::<f32>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs)),
+            Store::F32(v) => dispatch!(gemv_rows::<f32>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.get(), y_rs)),
             Store::BF16(v) => {
-                dispatch!(gemv_rows::<half::bf16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs))
+                dispatch!(gemv_rows::<half::bf16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.get(), y_rs))
             }
             Store::F16(v) => {
-                dispatch!(gemv_rows::<half::f16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.0, y_rs))
+                dispatch!(gemv_rows::<half::f16>(v.as_ptr(), k, r0, r1, xp, n, x_rs, yp.get(), y_rs))
             }
         }
     });

@@ -3,6 +3,7 @@
 
 pub mod causal_conv1d;
 pub mod matmul;
+pub mod pool;
 pub mod rms_norm;
 pub mod selective_scan;
 pub mod simd;

@@ -43,7 +43,7 @@ fn rows(x: &[f32], out: &mut [f32], d: usize, f: impl Fn(&[f32], &mut [f32]) + S
 /// `z` rows are `z_rs` apart.
 pub fn gated_rms_norm(y: &mut [f32], z: &[f32], z_rs: usize, w: &[f32], group: usize, eps: f32) {
     let d = w.len();
-    assert!(group > 0 && d % group == 0);
+    assert!(group > 0 && d.is_multiple_of(group));
     let n = y.len() / d;
     assert!(n == 0 || z.len() >= (n - 1) * z_rs + d);
     let body = |(i, yr): (usize, &mut [f32])| {

@@ -12,7 +12,7 @@
 use super::matmul::SendPtr;
 use super::simd::{exp, silu, softplus, Scalar, Simd};
 use crate::dispatch;
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Largest supported state size (the official CUDA kernel's limit).
 pub const MAX_D_STATE: usize = 256;
@@ -51,35 +51,31 @@ pub fn selective_scan(inp: &ScanInputs, l: usize, e: usize, n: usize, state: &mu
     let yp = SendPtr(y.as_mut_ptr());
     let lanes = crate::ops::simd::isa().lanes();
     let blocks = e.div_ceil(lanes);
-    let min_len = if l == 1 { blocks.div_ceil(2 * rayon::current_num_threads()) } else { 1 };
-    (0..blocks).into_par_iter().with_min_len(min_len).for_each(|blk| {
-        let (sp, yp) = (sp, yp);
-        let c0 = blk * lanes;
-        if c0 + lanes <= e {
-            dispatch!(scan_block(inp, l, e, n, c0, sp.0, yp.0));
-        } else {
-            for c in c0..e {
-                unsafe { scan_block::<Scalar>(inp, l, e, n, c, sp.0, yp.0) };
+    // One task per channel block for long inputs; a few coarse tasks for a decode step.
+    let per_task = if l == 1 { blocks.div_ceil(2 * rayon::current_num_threads()) } else { 1 };
+    super::pool::parallel_for(blocks.div_ceil(per_task), &|task| {
+        for blk in task * per_task..((task + 1) * per_task).min(blocks) {
+            let c0 = blk * lanes;
+            if c0 + lanes <= e {
+                dispatch!(scan_block(inp, l, e, n, c0, sp.get(), yp.get()));
+            } else {
+                for c in c0..e {
+                    unsafe { scan_block::<Scalar>(inp, l, e, n, c, sp.get(), yp.get()) };
+                }
             }
         }
     });
 }
 
 #[inline(always)]
-unsafe fn scan_block<S: Simd>(
-    inp: &ScanInputs,
-    l: usize,
-    e: usize,
-    n: usize,
-    c0: usize,
-    state: *mut f32,
-    y: *mut f32,
-) {
-    let mut h = [S::splat(0.0); MAX_D_STATE];
-    let mut a = [S::splat(0.0); MAX_D_STATE];
+unsafe fn scan_block<S: Simd>(inp: &ScanInputs, l: usize, e: usize, n: usize, c0: usize, state: *mut f32, y: *mut f32) {
+    // Only the first n entries are used; leaving the rest uninitialised spares a 2·16 KiB
+    // memset per call, which a decode step (l = 1) would otherwise pay for every block.
+    let mut h: [MaybeUninit<S::V>; MAX_D_STATE] = [const { MaybeUninit::uninit() }; MAX_D_STATE];
+    let mut a: [MaybeUninit<S::V>; MAX_D_STATE] = [const { MaybeUninit::uninit() }; MAX_D_STATE];
     for k in 0..n {
-        h[k] = S::load(state.add(k * e + c0));
-        a[k] = S::load(inp.a.as_ptr().add(k * e + c0));
+        h[k].write(S::load(state.add(k * e + c0)));
+        a[k].write(S::load(inp.a.as_ptr().add(k * e + c0)));
     }
     let bias = S::load(inp.dt_bias.as_ptr().add(c0));
     let d = S::load(inp.d.as_ptr().add(c0));
@@ -91,9 +87,10 @@ unsafe fn scan_block<S: Simd>(
         let ct = inp.c.as_ptr().add(t * inp.bc_rs);
         let mut acc = S::mul(d, u);
         for k in 0..n {
-            let da = exp::<S>(S::mul(delta, a[k]));
-            h[k] = S::fma(da, h[k], S::mul(du, S::splat(*bt.add(k))));
-            acc = S::fma(h[k], S::splat(*ct.add(k)), acc);
+            let da = exp::<S>(S::mul(delta, a[k].assume_init()));
+            let hk = S::fma(da, h[k].assume_init(), S::mul(du, S::splat(*bt.add(k))));
+            h[k].write(hk);
+            acc = S::fma(hk, S::splat(*ct.add(k)), acc);
         }
         if let Some((z, z_rs)) = inp.z {
             acc = S::mul(acc, silu::<S>(S::load(z.as_ptr().add(t * z_rs + c0))));
@@ -101,6 +98,6 @@ unsafe fn scan_block<S: Simd>(
         S::store(y.add(t * e + c0), acc);
     }
     for (k, hk) in h.iter().enumerate().take(n) {
-        S::store(state.add(k * e + c0), *hk);
+        S::store(state.add(k * e + c0), hk.assume_init());
     }
 }

@@ -38,10 +38,7 @@ impl Isa {
             if is_x86_feature_detected!("avx512f") {
                 return Isa::Avx512;
             }
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 return Isa::Avx2;
             }
         }
@@ -85,6 +82,7 @@ pub fn set_isa(want: Isa) -> Isa {
 /// # Safety
 /// Methods are only sound when the CPU supports the implementing instruction set, which
 /// [`dispatch!`] guarantees; pointer arguments must be valid for `LANES` elements.
+#[allow(clippy::missing_safety_doc)] // the trait-level section covers every method
 pub trait Simd: Copy {
     const LANES: usize;
     type V: Copy;
@@ -335,6 +333,9 @@ mod x86 {
 
 /// `e^x` to about 2 ulp over the f32 range (Cephes-style range reduction + degree-6 polynomial);
 /// inputs below -87.3 flush to ~1e-38, above 88.7 saturate.
+///
+/// # Safety
+/// As [`Simd`]: the instruction set must be present.
 #[inline(always)]
 pub unsafe fn exp<S: Simd>(x: S::V) -> S::V {
     let x = S::min(S::max(x, S::splat(-87.33)), S::splat(88.72));
@@ -352,6 +353,9 @@ pub unsafe fn exp<S: Simd>(x: S::V) -> S::V {
 }
 
 /// `x · sigmoid(x)`.
+///
+/// # Safety
+/// As [`Simd`]: the instruction set must be present.
 #[inline(always)]
 pub unsafe fn silu<S: Simd>(x: S::V) -> S::V {
     let e = exp::<S>(S::sub(S::splat(0.0), x));
@@ -427,6 +431,9 @@ macro_rules! dispatch {
 /// `softplus(x) = ln(1 + e^x)` in the form every official kernel uses (identity above 20),
 /// computed as `max(x, 0) + log1p(e^{-|x|})` with `log1p(y) = 2·atanh(y / (2 + y))`, a series
 /// that converges to 1e-9 relative for y ∈ [0, 1].
+///
+/// # Safety
+/// As [`Simd`]: the instruction set must be present.
 #[inline(always)]
 pub unsafe fn softplus<S: Simd>(x: S::V) -> S::V {
     let neg_abs = S::min(x, S::sub(S::splat(0.0), x));

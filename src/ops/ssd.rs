@@ -7,16 +7,16 @@
 //!   S_out = exp(Λ_end)·S_in + Σ_j B_j ⊗ exp(Λ_end − Λ_j)·dt_j·x_j
 //! (the block size changes rounding only). Heads run in parallel, blocks sequentially. Per
 //! token and head: Q·N/2 + Q·P/2 MACs for the intra-block "attention" and 2·N·P for the state
-//! in and out; bytes: x, y (P each), B, C (N each). Blocks of 64 keep the scratch in L1.
+//! in and out; bytes: x, y (P each), B, C (N each). On the CPU the in/out terms dominate and
+//! short blocks (16, measured fastest against 32/64/128) keep the intra-block work small.
 //! State layout is `(H, N, P)` so that every inner loop runs over contiguous P or Q.
 
 use super::matmul::SendPtr;
 use super::simd::{exp, Scalar, Simd};
 use crate::dispatch;
-use rayon::prelude::*;
 
 /// Block length used when the caller has no preference.
-pub const DEFAULT_BLOCK: usize = 64;
+pub const DEFAULT_BLOCK: usize = 16;
 
 /// Inputs of one SSD pass over `l` time steps; every `*_rs` is a row stride.
 pub struct SsdInputs<'a> {
@@ -59,11 +59,16 @@ pub fn ssd(inp: &SsdInputs, l: usize, dims: SsdDims, state: &mut [f32], y: &mut 
     assert!(y.len() >= (l - 1) * y_rs + heads * p);
     let sp = SendPtr(state.as_mut_ptr());
     let yp = SendPtr(y.as_mut_ptr());
-    let min_len = if l == 1 { heads.div_ceil(2 * rayon::current_num_threads()) } else { 1 };
-    (0..heads).into_par_iter().with_min_len(min_len).for_each(|h| {
-        let (sp, yp) = (sp, yp);
-        let st = unsafe { sp.0.add(h * n * p) };
-        dispatch!(ssd_head(inp, l, dims, h, st, yp.0, y_rs));
+    let per_task = if l == 1 { heads.div_ceil(2 * rayon::current_num_threads()) } else { 1 };
+    super::pool::parallel_for(heads.div_ceil(per_task), &|task| {
+        for h in task * per_task..((task + 1) * per_task).min(heads) {
+            let st = unsafe { sp.get().add(h * n * p) };
+            if l == 1 {
+                dispatch!(ssd_step_head(inp, dims, h, st, yp.get()));
+            } else {
+                dispatch!(ssd_head(inp, l, dims, h, st, yp.get(), y_rs));
+            }
+        }
     });
 }
 
@@ -85,6 +90,7 @@ unsafe fn ssd_head<S: Simd>(
     let mut dtc = vec![0.0f32; q_max];
     let mut wrow = vec![0.0f32; q_max];
     let mut yrow = vec![0.0f32; p];
+    let mut coef = vec![0.0f32; q_max];
     let d_of = |pp: usize| match inp.d {
         Some(d) if d.len() == heads => d[h],
         Some(d) => d[h * p + pp],
@@ -104,29 +110,24 @@ unsafe fn ssd_head<S: Simd>(
                 bt[k * q + i] = *bj.add(k);
             }
         }
+        let x0 = xp(t0);
         for i in 0..q {
             let ci = inp.c.as_ptr().add((t0 + i) * inp.bc_rs + g * n);
             // wrow[j] = (C_i·B_j)·exp(Λ_i − Λ_j)·dt_j for j ≤ i
             let w = wrow.as_mut_ptr();
             w.write_bytes(0, i + 1);
-            for k in 0..n {
-                axpy::<S>(w, *ci.add(k), bt.as_ptr().add(k * q), i + 1);
-            }
+            acc_rows::<S>(w, i + 1, ci, bt.as_ptr(), q, n);
             decay_weights::<S>(w, cum.as_ptr(), dtc.as_ptr(), cum[i], i + 1);
-            // off-diagonal: exp(Λ_i)·Sᵀ C_i
+            // off-diagonal exp(Λ_i)·Sᵀ C_i, then the intra-block terms
             let yr = yrow.as_mut_ptr();
             yr.write_bytes(0, p);
-            for k in 0..n {
-                axpy::<S>(yr, *ci.add(k), st.add(k * p), p);
-            }
+            acc_rows::<S>(yr, p, ci, st, p, n);
             scale::<S>(yr, cum[i].exp(), p);
-            for j in 0..=i {
-                axpy::<S>(yr, wrow[j], xp(t0 + j), p);
-            }
+            acc_rows::<S>(yr, p, w, x0, inp.x_rs, i + 1);
             let xi = xp(t0 + i);
             let out = y.add((t0 + i) * y_rs + h * p);
             for pp in 0..p {
-                *out.add(pp) = yrow[pp] + d_of(pp) * *xi.add(pp);
+                *out.add(pp) = *yr.add(pp) + d_of(pp) * *xi.add(pp);
             }
         }
         // S_out = exp(Λ_end)·S_in + Σ_j B_j ⊗ exp(Λ_end − Λ_j)·dt_j·x_j
@@ -135,13 +136,60 @@ unsafe fn ssd_head<S: Simd>(
         decay_weights::<S>(wrow.as_mut_ptr(), cum.as_ptr(), dtc.as_ptr(), end, q);
         let dend = end.exp();
         for k in 0..n {
+            for j in 0..q {
+                coef[j] = bt[k * q + j] * wrow[j];
+            }
             let sk = st.add(k * p);
             scale::<S>(sk, dend, p);
-            for j in 0..q {
-                axpy::<S>(sk, bt[k * q + j] * wrow[j], xp(t0 + j), p);
-            }
+            acc_rows::<S>(sk, p, coef.as_ptr(), x0, inp.x_rs, q);
         }
         t0 += q;
+    }
+}
+
+/// The recurrent form for one token, in a single pass over the state:
+/// `S[k,:] ← exp(da)·S[k,:] + dt·B[k]·x`, `y += C[k]·S[k,:]` (bytes: the N×P state, read and
+/// written once).
+#[inline(always)]
+unsafe fn ssd_step_head<S: Simd>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *mut f32, y: *mut f32) {
+    let SsdDims { heads, headdim: p, groups, d_state: n, .. } = dims;
+    let g = h / (heads / groups);
+    let decay = inp.da[h].exp();
+    let dt = inp.dt[h];
+    let x = inp.x.as_ptr().add(h * p);
+    let b = inp.b.as_ptr().add(g * n);
+    let c = inp.c.as_ptr().add(g * n);
+    let out = y.add(h * p);
+    let d_of = |pp: usize| match inp.d {
+        Some(d) if d.len() == heads => d[h],
+        Some(d) => d[h * p + pp],
+        None => 0.0,
+    };
+    let dv = S::splat(decay);
+    let mut pp = 0;
+    while pp + S::LANES <= p {
+        let xv = S::load(x.add(pp));
+        let mut acc = S::splat(0.0);
+        for k in 0..n {
+            let sk = st.add(k * p + pp);
+            let s = S::fma(dv, S::load(sk), S::mul(S::splat(dt * *b.add(k)), xv));
+            S::store(sk, s);
+            acc = S::fma(S::splat(*c.add(k)), s, acc);
+        }
+        S::store(out.add(pp), acc);
+        pp += S::LANES;
+    }
+    for pp in pp..p {
+        let mut acc = 0.0f32;
+        for k in 0..n {
+            let sk = st.add(k * p + pp);
+            *sk = decay.mul_add(*sk, dt * *b.add(k) * *x.add(pp));
+            acc = (*c.add(k)).mul_add(*sk, acc);
+        }
+        *out.add(pp) = acc;
+    }
+    for pp in 0..p {
+        *out.add(pp) += d_of(pp) * *x.add(pp);
     }
 }
 
@@ -165,18 +213,56 @@ unsafe fn decay_weights<S: Simd>(w: *mut f32, cum: *const f32, dt: *const f32, l
     }
 }
 
-/// `y[i] += a·x[i]` for i < len.
+/// `acc[c] += Σ_{j<count} coef[j]·base[j·stride + c]` for c < len, keeping a strip of `acc` in
+/// registers while the rows stream by (a small matrix-vector product, register-blocked).
 #[inline(always)]
-pub(crate) unsafe fn axpy<S: Simd>(y: *mut f32, a: f32, x: *const f32, len: usize) {
-    let av = S::splat(a);
-    let mut i = 0;
-    while i + S::LANES <= len {
-        S::store(y.add(i), S::fma(av, S::load(x.add(i)), S::load(y.add(i))));
-        i += S::LANES;
+unsafe fn acc_rows<S: Simd>(
+    acc: *mut f32,
+    len: usize,
+    coef: *const f32,
+    base: *const f32,
+    stride: usize,
+    count: usize,
+) {
+    let l = S::LANES;
+    let mut c = 0;
+    if l > 1 {
+        while c + 4 * l <= len {
+            let (mut a0, mut a1, mut a2, mut a3) = (
+                S::load(acc.add(c)),
+                S::load(acc.add(c + l)),
+                S::load(acc.add(c + 2 * l)),
+                S::load(acc.add(c + 3 * l)),
+            );
+            for j in 0..count {
+                let k = S::splat(*coef.add(j));
+                let r = base.add(j * stride + c);
+                a0 = S::fma(k, S::load(r), a0);
+                a1 = S::fma(k, S::load(r.add(l)), a1);
+                a2 = S::fma(k, S::load(r.add(2 * l)), a2);
+                a3 = S::fma(k, S::load(r.add(3 * l)), a3);
+            }
+            S::store(acc.add(c), a0);
+            S::store(acc.add(c + l), a1);
+            S::store(acc.add(c + 2 * l), a2);
+            S::store(acc.add(c + 3 * l), a3);
+            c += 4 * l;
+        }
+        while c + l <= len {
+            let mut a = S::load(acc.add(c));
+            for j in 0..count {
+                a = S::fma(S::splat(*coef.add(j)), S::load(base.add(j * stride + c)), a);
+            }
+            S::store(acc.add(c), a);
+            c += l;
+        }
     }
-    while i < len {
-        *y.add(i) = a.mul_add(*x.add(i), *y.add(i));
-        i += 1;
+    for c in c..len {
+        let mut a = *acc.add(c);
+        for j in 0..count {
+            a = (*coef.add(j)).mul_add(*base.add(j * stride + c), a);
+        }
+        *acc.add(c) = a;
     }
 }
 

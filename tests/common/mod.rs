@@ -15,8 +15,12 @@ pub fn read_tensor(path: &std::path::Path, name: &str) -> (Vec<f64>, Vec<usize>)
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();
     let v = match t.dtype() {
-        safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        safetensors::Dtype::I64 => t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        safetensors::Dtype::F32 => {
+            t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
+        safetensors::Dtype::I64 => {
+            t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
         d => panic!("unexpected dtype {d:?}"),
     };
     (v, t.shape().to_vec())
@@ -43,7 +47,8 @@ pub fn expected(name: &str) -> Expected {
     let dir = fixture(name);
     let (ids, shape) = read_tensor(&dir.join("expected.safetensors"), "input_ids");
     let (logits, lshape) = read_tensor(&dir.join("expected.safetensors"), "logits");
-    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let list = |k: &str| -> Vec<u32> { j[k].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
     Expected {
         ids: ids.chunks(shape[1]).map(|r| r.iter().map(|&x| x as u32).collect()).collect(),

@@ -1,0 +1,154 @@
+//! Checkpoint variants (sharded safetensors, half-precision storage, the HF cache layout, JSON
+//! infinity spellings), the restricted unpickler's refusals, and saved sessions that continue
+//! exactly where they stopped.
+
+mod common;
+use common::*;
+use mamba_lm::config::Config;
+use mamba_lm::generate::{generate, Control, GenerateOptions, Start};
+use mamba_lm::sampling::Sampling;
+use mamba_lm::tensor::DType;
+use mamba_lm::{Model, Snapshot};
+use std::collections::HashMap;
+
+fn prefill_logits(m: &Model, ids: &[Vec<u32>]) -> Vec<f32> {
+    ids.iter()
+        .flat_map(|row| {
+            let mut st = m.new_state();
+            m.forward(row, row.len(), &mut [&mut st], row.len()).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn sharded_safetensors_load_like_the_single_file() {
+    let src = fixture("mamba2-hf");
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(src.join("config.json"), t.path().join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    let mut map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", k + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        std::fs::write(t.path().join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+        for n in part {
+            map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(t.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let e = expected("mamba2-hf");
+    let m = Model::load_dir(t.path(), DType::F32).unwrap();
+    assert!(rel_l2(&prefill_logits(&m, &e.ids), &e.logits) <= 1e-4);
+}
+
+#[test]
+fn half_precision_storage_matches_f32_compute() {
+    // A checkpoint written in f16 and run with f16 weights computes exactly what the same
+    // values widened to f32 compute.
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("tiny");
+    mamba_lm::init::write_checkpoint(&Config::preset("tiny-mamba2").unwrap(), 3, DType::F16, &dir).unwrap();
+    let ids = vec![vec![11u32, 500, 7, 42, 9, 1000, 3, 5]];
+    let a = prefill_logits(&Model::load_dir(&dir, DType::F16).unwrap(), &ids);
+    let b = prefill_logits(&Model::load_dir(&dir, DType::F32).unwrap(), &ids);
+    let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+    assert!(rel_l2(&a, &b64) <= 1e-5);
+    // bf16 storage of f16 values rounds them: close, not equal.
+    let c = prefill_logits(&Model::load_dir(&dir, DType::BF16).unwrap(), &ids);
+    let err = rel_l2(&c, &b64);
+    assert!(err > 0.0 && err <= 2e-2, "bf16 err {err}");
+}
+
+#[test]
+fn init_follows_the_official_initialisation() {
+    let cfg = Config::preset("tiny").unwrap();
+    let w: HashMap<String, (Vec<usize>, Vec<f32>)> =
+        mamba_lm::init::random_weights(&cfg, 1).into_iter().map(|t| (t.name, (t.shape, t.data))).collect();
+    let (_, a_log) = &w["backbone.layers.0.mixer.A_log"];
+    assert_eq!(a_log[..3], [0.0, 2f32.ln(), 3f32.ln()]);
+    // softplus(dt bias) lies in [dt_min, dt_max].
+    for b in &w["backbone.layers.1.mixer.dt_proj.bias"].1 {
+        let dt = (*b as f64).exp().ln_1p();
+        assert!((0.001 - 1e-6..=0.1 + 1e-6).contains(&dt), "dt {dt}");
+    }
+    // out_proj is U(±1/√fan_in)/√n_layer; in_proj U(±1/√fan_in).
+    let bound = 1.0 / (cfg.d_inner as f32).sqrt() / (cfg.n_layer as f32).sqrt();
+    assert!(w["backbone.layers.0.mixer.out_proj.weight"].1.iter().all(|x| x.abs() <= bound));
+    let emb = &w["backbone.embeddings.weight"].1;
+    let std = (emb.iter().map(|x| x * x).sum::<f32>() / emb.len() as f32).sqrt();
+    assert!((std - 0.02).abs() < 0.001, "embedding std {std}");
+}
+
+#[test]
+fn hf_cache_layout_resolves_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let snap = home.path().join("hub/models--acme--tiny-mamba/snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("mamba1-hf").join(f), snap.join(f)).unwrap();
+    }
+    std::fs::create_dir_all(home.path().join("hub/models--acme--tiny-mamba/refs")).unwrap();
+    std::fs::write(home.path().join("hub/models--acme--tiny-mamba/refs/main"), "0123abcd").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mamba-lm"))
+        .args(["info", "--model", "acme/tiny-mamba", "--json"])
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["n_layer"], 3);
+    assert_eq!(v["architecture"], "Mamba1");
+}
+
+#[test]
+fn json_infinity_spellings() {
+    let base = std::fs::read_to_string(fixture("mamba2-hf").join("config.json")).unwrap();
+    let a = Config::from_json(&base).unwrap();
+    assert_eq!(a.dt_limit, (0.0, f32::INFINITY));
+    let literal = base.replace("{\n      \"__float__\": \"Infinity\"\n    }", "Infinity");
+    assert_ne!(literal, base);
+    assert_eq!(Config::from_json(&literal).unwrap(), a);
+    // A string value that merely contains the word is left alone.
+    let named = literal.replace("\"mamba2\",", "\"mamba2\", \"note\": \"Infinity and NaN\",");
+    assert_eq!(Config::from_json(&named).unwrap(), a);
+}
+
+#[test]
+fn unpickler_refuses_foreign_globals() {
+    // protocol 2: GLOBAL os.system, a string arg, REDUCE, STOP
+    let evil = b"\x80\x02cos\nsystem\nq\x00X\x02\x00\x00\x00lsq\x01\x85q\x02Rq\x03.";
+    let e = mamba_lm::loader::pickle::parse_state_dict(evil).unwrap_err().to_string();
+    assert!(e.contains("os.system") && e.contains("refusing"), "{e}");
+    let e = mamba_lm::loader::pickle::parse_state_dict(b"\x80\x02}q\x00(X\x05\x00").unwrap_err().to_string();
+    assert!(e.contains("truncated"), "{e}");
+}
+
+#[test]
+fn saved_session_continues_exactly() {
+    for name in FIXTURES {
+        let m = Model::load_dir(&fixture(name), DType::F32).unwrap();
+        let opts = |n| GenerateOptions {
+            max_new_tokens: n,
+            sampling: Sampling::default(),
+            seed: 0,
+            eos: None,
+            vocab_limit: m.cfg.vocab_padded,
+        };
+        let prompt = vec![5u32, 17, 99, 3, 42];
+        let run = |start: Start, n| generate(&m, vec![start], &opts(n), |_, _| Control::Continue).unwrap().remove(0);
+        let whole = run(Start { prompt: prompt.clone(), resume: None }, 10);
+        let first = run(Start { prompt: prompt.clone(), resume: None }, 4);
+        let bytes = first.snapshot.to_bytes(&m.cfg).unwrap();
+        let snap = Snapshot::from_bytes(&m.cfg, &bytes).unwrap();
+        assert_eq!(snap.state, first.snapshot.state, "{name}: state round trip");
+        assert_eq!(snap.tokens.len(), 9);
+        let rest = run(Start { prompt: vec![], resume: Some(snap) }, 6);
+        let joined: Vec<u32> = first.new_ids.iter().chain(&rest.new_ids).copied().collect();
+        assert_eq!(joined, whole.new_ids, "{name}: resumed generation differs");
+    }
+}
