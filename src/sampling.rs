@@ -72,42 +72,106 @@ pub fn sample(logits: &mut [f32], history: &[u32], s: &Sampling, rng: &mut impl 
     if s.is_greedy() {
         return argmax(logits) as u32;
     }
-    // Candidates as (token, logit), best first.
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-    let k = if s.top_k > 0 { s.top_k.min(cand.len()) } else { cand.len() };
-    if k < cand.len() {
-        cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-        cand.truncate(k);
+    if s.top_k > 0 && s.top_k < cand.len() {
+        cand.select_nth_unstable_by(s.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+        cand.truncate(s.top_k);
     }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let inv_t = 1.0 / s.temperature;
-    let max = cand[0].1 * inv_t;
-    let mut probs: Vec<f64> = cand.iter().map(|c| ((c.1 * inv_t - max) as f64).exp()).collect();
+    // Unnormalised probabilities after temperature; the most likely token has weight 1.
+    let inv_t = 1.0 / s.temperature as f64;
+    let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1)) as f64;
+    let mut w: Vec<(u32, f64)> = cand.iter().map(|c| (c.0, ((c.1 as f64 - max) * inv_t).exp())).collect();
     if s.top_k == 0 && s.min_p > 0.0 {
-        // probs[0] is the maximum (unnormalised weight 1).
-        let keep = probs.iter().take_while(|&&p| p >= s.min_p as f64 * probs[0]).count().max(1);
-        probs.truncate(keep);
+        w.retain(|c| c.1 >= s.min_p as f64);
     }
     if s.top_p > 0.0 && s.top_p < 1.0 {
-        let total: f64 = probs.iter().sum();
+        nucleus(&mut w, s.top_p as f64);
+    }
+    let total: f64 = w.iter().map(|c| c.1).sum();
+    let mut u = rng.random::<f64>() * total;
+    for c in &w {
+        u -= c.1;
+        if u <= 0.0 {
+            return c.0;
+        }
+    }
+    w[w.len() - 1].0
+}
+
+/// Keeps the smallest set of most likely entries whose mass reaches `p` of the total (the one
+/// that crosses the threshold included). Sorts only as many entries as it needs: a few dozen
+/// usually carry the mass, so this is O(V) rather than a full sort of the vocabulary.
+fn nucleus(w: &mut Vec<(u32, f64)>, p: f64) {
+    let goal = p * w.iter().map(|c| c.1).sum::<f64>();
+    let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1);
+    let mut k = w.len().min(64);
+    loop {
+        if k < w.len() {
+            w.select_nth_unstable_by(k - 1, by_weight);
+        }
+        w[..k].sort_by(by_weight);
         let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            acc += p / total;
-            if acc >= s.top_p as f64 {
-                keep = i + 1;
-                break;
+        for i in 0..k {
+            acc += w[i].1;
+            if acc >= goal {
+                w.truncate(i + 1);
+                return;
             }
         }
-        probs.truncate(keep);
-    }
-    let total: f64 = probs.iter().sum();
-    let mut u = rng.random::<f64>() * total;
-    for (i, p) in probs.iter().enumerate() {
-        u -= p;
-        if u <= 0.0 {
-            return cand[i].0;
+        if k == w.len() {
+            return;
         }
+        k = (k * 4).min(w.len());
     }
-    cand[probs.len() - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, SeedableRng};
+
+    fn draws(logits: &[f32], s: &Sampling, n: usize) -> Vec<u32> {
+        let mut rng = StdRng::seed_from_u64(7);
+        (0..n).map(|_| sample(&mut logits.to_vec(), &[], s, &mut rng)).collect()
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let l = [0.1, 3.0, -2.0, 2.9];
+        assert!(draws(&l, &Sampling::default(), 5).iter().all(|&t| t == 1));
+        let cold = Sampling { temperature: 0.0, top_k: 0, ..Sampling::default() };
+        assert!(draws(&l, &cold, 5).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn top_k_and_top_p_bound_the_candidates() {
+        let l = [0.0, 1.0, 2.0, 3.0, 4.0];
+        let k2 = Sampling { top_k: 2, ..Sampling::default() };
+        let d = draws(&l, &k2, 200);
+        assert!(d.iter().all(|&t| t == 3 || t == 4) && d.contains(&3) && d.contains(&4));
+        // softmax([0..4]): p4 = 0.636, p3 = 0.234: top-p 0.8 keeps exactly {4, 3}.
+        let p = Sampling { top_k: 0, top_p: 0.8, ..Sampling::default() };
+        let d = draws(&l, &p, 200);
+        assert!(d.iter().all(|&t| t == 3 || t == 4) && d.contains(&3));
+        let p = Sampling { top_k: 0, top_p: 0.5, ..Sampling::default() };
+        assert!(draws(&l, &p, 50).iter().all(|&t| t == 4));
+    }
+
+    #[test]
+    fn min_p_is_relative_to_the_most_likely_token() {
+        // p_i / p_max = e^(l_i − 4): 1, 0.37, 0.135, 0.05, 0.018.
+        let l = [0.0, 1.0, 2.0, 3.0, 4.0];
+        let s = Sampling { top_k: 0, min_p: 0.2, ..Sampling::default() };
+        let d = draws(&l, &s, 300);
+        assert!(d.iter().all(|&t| t >= 3) && d.contains(&3));
+    }
+
+    #[test]
+    fn repetition_penalty_follows_the_ctrl_rule() {
+        let mut l = vec![2.0, 1.5, -1.0];
+        let s = Sampling { repetition_penalty: 2.0, ..Sampling::default() };
+        let t = sample(&mut l, &[0, 0, 2], &s, &mut StdRng::seed_from_u64(0));
+        assert_eq!(l, vec![1.0, 1.5, -2.0]);
+        assert_eq!(t, 1);
+    }
 }

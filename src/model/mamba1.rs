@@ -58,27 +58,20 @@ impl Mamba1 {
 
     /// Tensor names this mixer reads (for rejecting unexpected tensors).
     pub fn tensor_names(p: &str, cfg: &Config) -> Vec<String> {
-        let mut v: Vec<String> = [
-            "A_log",
-            "D",
-            "in_proj.weight",
-            "conv1d.weight",
-            "x_proj.weight",
-            "dt_proj.weight",
-            "dt_proj.bias",
-            "out_proj.weight",
-        ]
-        .iter()
-        .map(|s| format!("{p}{s}"))
-        .collect();
-        if cfg.conv_bias {
-            v.push(format!("{p}conv1d.bias"));
-        }
-        if cfg.bias {
-            v.push(format!("{p}in_proj.bias"));
-            v.push(format!("{p}out_proj.bias"));
-        }
-        v
+        super::mixer_tensor_names(
+            p,
+            cfg,
+            &[
+                "A_log",
+                "D",
+                "in_proj.weight",
+                "conv1d.weight",
+                "x_proj.weight",
+                "dt_proj.weight",
+                "dt_proj.bias",
+                "out_proj.weight",
+            ],
+        )
     }
 
     pub fn weight_bytes(&self) -> usize {

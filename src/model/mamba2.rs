@@ -63,19 +63,11 @@ impl Mamba2 {
     }
 
     pub fn tensor_names(p: &str, cfg: &Config) -> Vec<String> {
-        let mut v: Vec<String> =
-            ["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight", "norm.weight", "out_proj.weight"]
-                .iter()
-                .map(|s| format!("{p}{s}"))
-                .collect();
-        if cfg.conv_bias {
-            v.push(format!("{p}conv1d.bias"));
-        }
-        if cfg.bias {
-            v.push(format!("{p}in_proj.bias"));
-            v.push(format!("{p}out_proj.bias"));
-        }
-        v
+        super::mixer_tensor_names(
+            p,
+            cfg,
+            &["dt_bias", "A_log", "D", "in_proj.weight", "conv1d.weight", "norm.weight", "out_proj.weight"],
+        )
     }
 
     pub fn weight_bytes(&self) -> usize {

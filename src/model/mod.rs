@@ -90,6 +90,19 @@ pub struct Model {
     layers: Vec<Layer>,
 }
 
+/// Names of a mixer's tensors under prefix `p`: its own, plus the conv and projection biases
+/// the config enables (for rejecting unexpected tensors).
+fn mixer_tensor_names(p: &str, cfg: &Config, own: &[&str]) -> Vec<String> {
+    let mut names: Vec<&str> = own.to_vec();
+    if cfg.conv_bias {
+        names.push("conv1d.bias");
+    }
+    if cfg.bias {
+        names.extend(["in_proj.bias", "out_proj.bias"]);
+    }
+    names.iter().map(|s| format!("{p}{s}")).collect()
+}
+
 /// Loads a causal conv's weight `(C, 1, W)` as tap-major `(W, C)` and its optional bias.
 fn load_conv(ck: &Checkpoint, p: &str, cfg: &Config, c: usize) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let w = cfg.d_conv;
