@@ -209,8 +209,13 @@ fn set_threads(n: Option<usize>) -> Result<()> {
 fn load_model(m: &ModelArgs) -> Result<(Model, PathBuf)> {
     set_threads(m.threads)?;
     let dir = loader::hub::resolve(&m.model)?;
-    let model = Model::load_dir(&dir, m.dtype)?;
-    Ok((model, dir))
+    // Loading a multi-GB checkpoint takes seconds: show that something is happening (on a
+    // terminal only; indicatif draws nothing when stderr is not one).
+    let spin = indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
+    spin.enable_steady_tick(std::time::Duration::from_millis(120));
+    let model = Model::load_dir(&dir, m.dtype);
+    spin.finish_and_clear();
+    Ok((model?, dir))
 }
 
 /// End-of-sequence id: the config's, then generation_config.json's, then the tokenizer's.

@@ -14,6 +14,11 @@ use rayon::prelude::*;
 /// Up to this many activation rows use the streaming kernel.
 const GEMV_MAX_ROWS: usize = 4;
 
+/// Bytes ahead of the current weight that the streaming kernel prefetches, with the
+/// non-temporal hint: weights are read once per token, and keeping them out of the outer
+/// caches leaves those to the recurrent state and activations (measured: +5–15 % decode).
+const PREFETCH: usize = 1024;
+
 /// A raw pointer that may cross into rayon tasks writing disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub *mut T);
@@ -134,6 +139,10 @@ pub(crate) unsafe fn dot<S: Simd, T: Elem>(w: *const T, x: *const f32, k: usize)
     let (mut a0, mut a1, mut a2, mut a3) = (S::splat(0.0), S::splat(0.0), S::splat(0.0), S::splat(0.0));
     let mut i = 0;
     while i + 4 * l <= k {
+        #[cfg(target_arch = "x86_64")]
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(
+            w.add(i + PREFETCH / std::mem::size_of::<T>()) as *const i8,
+        );
         a0 = S::fma(T::load::<S>(w.add(i)), S::load(x.add(i)), a0);
         a1 = S::fma(T::load::<S>(w.add(i + l)), S::load(x.add(i + l)), a1);
         a2 = S::fma(T::load::<S>(w.add(i + 2 * l)), S::load(x.add(i + 2 * l)), a2);
