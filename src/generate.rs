@@ -87,7 +87,7 @@ pub fn generate(
         history.push(hist);
     }
     let mut new_ids: Vec<Vec<u32>> = vec![vec![]; n];
-    let mut live: Vec<usize> = (0..n).collect();
+    let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { (0..n).collect() };
     let mut decode_time = vec![0.0f64; n];
     // The token each live sequence feeds next.
     let mut pending: Vec<u32> = vec![0; n];

@@ -242,7 +242,12 @@ struct TextStream {
 
 impl TextStream {
     /// Adds a token; returns the text now safe to show and whether a stop string was hit.
-    fn push(&mut self, tok: &tokenizer::Tokenizer, id: u32) -> Result<(String, bool)> {
+    fn push(&mut self, tok: &tokenizer::Tokenizer, id: u32, is_eos: bool) -> Result<(String, bool)> {
+        if is_eos {
+            let rest = self.rest().to_string();
+            self.shown = self.text.len();
+            return Ok((rest, true));
+        }
         self.ids.push(id);
         let text = tokenizer::decode(tok, &self.ids)?;
         if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
@@ -328,7 +333,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         None => prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect(),
     };
     let mut err = None;
-    let outs = generate(&model, starts, &opts, |i, id| match streams[i].push(&tok, id) {
+    let eos = opts.eos;
+    // The end-of-sequence token ends the text; it is not part of it.
+    let outs = generate(&model, starts, &opts, |i, id| match streams[i].push(&tok, id, Some(id) == eos) {
         Ok((text, stop)) => {
             if stream {
                 let _ = write!(out, "{text}").and_then(|_| out.flush());
