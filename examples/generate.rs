@@ -10,7 +10,7 @@ use mamba_lm::Model;
 fn main() -> anyhow::Result<()> {
     let dir = std::env::args().nth(1).unwrap_or_else(|| "tests/fixtures/mamba1-hf".into());
     let model = Model::load_dir(dir.as_ref(), DType::F32)?;
-    println!("{:?}, {} layers, {} parameters", model.cfg.arch, model.cfg.n_layer, model.num_params());
+    println!("{:?}, {} layers, {} parameters", model.cfg.arch, model.cfg.n_layer, model.cfg.num_params());
 
     // Prefill: the whole prompt in one parallel pass; logits for the last position only.
     let prompt = [3u32, 14, 15, 92, 65];

@@ -478,7 +478,6 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         *counts.entry(ck.dtype_of(n).map_or("?", |d| d.name())).or_default() += 1;
     }
     let stored: Vec<String> = counts.iter().map(|(d, n)| format!("{d} ({n} tensors)")).collect();
-    let model = Model::from_checkpoint(cfg.clone(), &ck, DType::F32)?;
     let state_bytes = cfg.state_floats() * 4;
     let files: Vec<String> = ck.files.iter().map(|f| f.display().to_string()).collect();
     let v = json!({
@@ -487,7 +486,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         "d_conv": cfg.d_conv, "heads": if cfg.arch == mamba_lm::config::Arch::Mamba2 { cfg.nheads() } else { 0 },
         "headdim": cfg.headdim, "ngroups": cfg.ngroups, "dt_rank": cfg.dt_rank,
         "vocab_size": cfg.vocab_size, "vocab_padded": cfg.vocab_padded, "tied_embeddings": cfg.tie_embeddings,
-        "parameters": model.num_params(), "state_bytes_per_sequence": state_bytes,
+        "parameters": cfg.num_params(), "state_bytes_per_sequence": state_bytes,
         "stored_dtype": stored.join(", "), "files": files,
     });
     let mut out = std::io::stdout().lock();

@@ -152,3 +152,23 @@ fn saved_session_continues_exactly() {
         assert_eq!(joined, whole.new_ids, "{name}: resumed generation differs");
     }
 }
+
+#[test]
+fn presets_have_the_published_parameter_counts() {
+    // The spec's table of published models (tied embeddings counted once).
+    let table = [
+        ("mamba-130m", 129_135_360),
+        ("mamba-370m", 371_516_416),
+        ("mamba-790m", 793_204_224),
+        ("mamba-1.4b", 1_372_178_432),
+        ("mamba-2.8b", 2_768_345_600),
+        ("mamba2-130m", 128_989_632),
+        ("mamba2-370m", 368_346_624),
+        ("mamba2-780m", 780_161_280),
+        ("mamba2-1.3b", 1_343_757_312),
+        ("mamba2-2.7b", 2_702_599_680),
+    ];
+    for (name, params) in table {
+        assert_eq!(Config::preset(name).unwrap().num_params(), params, "{name}");
+    }
+}

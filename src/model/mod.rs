@@ -199,38 +199,6 @@ impl Model {
         mixers + self.lm_head.as_ref().unwrap_or(&self.embedding).bytes()
     }
 
-    /// Parameter count (tied weights once).
-    pub fn num_params(&self) -> usize {
-        let c = &self.cfg;
-        let per_layer = match c.arch {
-            Arch::Mamba1 => {
-                let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
-                2 * e * c.d_model
-                    + e * c.d_conv
-                    + e * (r + 2 * n)
-                    + e * r
-                    + e
-                    + e * n
-                    + e
-                    + c.d_model * e
-                    + if c.conv_bias { e } else { 0 }
-            }
-            Arch::Mamba2 => {
-                let h = c.nheads();
-                c.d_in_proj() * c.d_model
-                    + c.conv_dim() * c.d_conv
-                    + if c.conv_bias { c.conv_dim() } else { 0 }
-                    + 2 * h
-                    + if c.d_has_hdim { c.d_ssm } else { h }
-                    + c.d_ssm
-                    + c.d_model * c.d_inner
-            }
-        } + c.d_model
-            + if c.bias { c.d_in_proj() + c.d_model } else { 0 }
-            + if c.rms_norm { 0 } else { c.d_model };
-        c.n_layer * per_layer + c.vocab_padded * c.d_model * if c.tie_embeddings { 1 } else { 2 } + c.d_model
-    }
-
     /// Runs `states.len()` sequences of `l` tokens each (`tokens` row-major, `states.len() × l`),
     /// starting from and advancing their states. Returns the logits of the last `n_logits`
     /// positions of each sequence: `states.len() × n_logits × vocab_padded`.
