@@ -170,6 +170,18 @@ impl Config {
         pos("d_state", self.d_state)?;
         pos("d_conv", self.d_conv)?;
         pos("expand·d_model", self.d_inner)?;
+        // Bounds far above any published model, so that a corrupt config fails here instead of
+        // asking for absurd allocations later.
+        for (name, v, max) in [
+            ("n_layer", self.n_layer, 1 << 10),
+            ("d_model", self.d_model, 1 << 16),
+            ("expand·d_model", self.d_inner, 1 << 18),
+            ("vocab_size", self.vocab_padded, 1 << 24),
+        ] {
+            if v > max {
+                bail!("{name} {v} is implausibly large (limit {max})");
+            }
+        }
         if self.d_state > crate::ops::selective_scan::MAX_D_STATE {
             bail!("d_state {} exceeds the supported maximum {}", self.d_state, crate::ops::selective_scan::MAX_D_STATE);
         }
@@ -540,7 +552,7 @@ fn from_mamba_ssm(obj: &Map<String, Value>) -> Result<Config> {
         d_model,
         n_layer: f.usize_req("n_layer")?,
         vocab_size: vocab,
-        vocab_padded: vocab.div_ceil(pad) * pad,
+        vocab_padded: vocab.checked_next_multiple_of(pad).ok_or_else(|| anyhow!("vocab_size {vocab} is too large"))?,
         d_state: s.usize_or("d_state", if m2 { 128 } else { 16 })?,
         d_conv: s.usize_or("d_conv", 4)?,
         d_inner,

@@ -101,6 +101,7 @@ fn config_errors_name_the_problem() {
         (orig.replace("\"ssm_cfg\": {}", "\"ssm_cfg\": {\"d_sate\": 16}"), "unknown ssm_cfg key(s): d_sate"),
         (orig.replace("\"attn_layer_idx\": []", "\"attn_layer_idx\": [1]"), "hybrid attention layers"),
         (orig.replace("\"n_layer\": 2", "\"n_layer\": \"two\""), "n_layer must be a non-negative integer"),
+        (orig.replace("\"n_layer\": 2", "\"n_layer\": 1000000000"), "n_layer 1000000000 is implausibly large"),
         ("{ not json".to_string(), "not valid JSON"),
     ];
     for (text, want) in cases {
