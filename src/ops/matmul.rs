@@ -141,7 +141,9 @@ pub(crate) unsafe fn dot<S: Simd, T: Elem>(w: *const T, x: *const f32, k: usize)
     while i + 4 * l <= k {
         #[cfg(target_arch = "x86_64")]
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_NTA }>(
-            w.add(i + PREFETCH / std::mem::size_of::<T>()) as *const i8,
+            // May point past the matrix: a prefetch never faults, and wrapping_add keeps the
+            // address computation itself defined.
+            w.wrapping_add(i + PREFETCH / std::mem::size_of::<T>()) as *const i8,
         );
         a0 = S::fma(T::load::<S>(w.add(i)), S::load(x.add(i)), a0);
         a1 = S::fma(T::load::<S>(w.add(i + l)), S::load(x.add(i + l)), a1);

@@ -129,9 +129,13 @@ pub fn parallel_for(n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
             t.unpark();
         }
     }
-    run_tasks(s, job);
+    // Workers may still be running `f` when a task panics here: wait for them before unwinding.
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(s, job)));
     while s.pending.load(Ordering::Acquire) != 0 {
         std::hint::spin_loop();
+    }
+    if let Err(p) = mine {
+        std::panic::resume_unwind(p);
     }
     if s.panicked.swap(false, Ordering::SeqCst) {
         panic!("a worker thread panicked");
