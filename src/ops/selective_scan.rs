@@ -1,8 +1,10 @@
 //! Mamba-1 selective scan (S6), prefill and single-step alike.
 //!
 //! Per channel c with state h_c ∈ R^N:
+//! ```text
 //!   Δ = softplus(dt[t,c] + dt_bias[c]),  h_c ← exp(Δ·A[c,:]) ⊙ h_c + (Δ·u[t,c])·B_t,
 //!   y[t,c] = ⟨h_c, C_t⟩ + D[c]·u[t,c],   y ← y·silu(z[t,c]) when z is given.
+//! ```
 //! Strategy: channels are independent, so a vector holds LANES neighbouring channels and the
 //! N states of a channel block live in registers/L1 while time runs sequentially; channel
 //! blocks run in parallel. Costs L·E·N exponentials and 3·L·E·N FLOPs more; reads u, dt, z

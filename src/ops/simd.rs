@@ -1,5 +1,5 @@
 //! Portable SIMD layer: one kernel body, written once against the [`Simd`] trait, is compiled
-//! for AVX-512, AVX2+FMA and plain scalar code, and [`dispatch!`] picks the widest one the CPU
+//! for AVX-512, AVX2+FMA and plain scalar code, and [`dispatch!`](crate::dispatch) picks the widest one the CPU
 //! has at run time. Kernels take raw pointers because they run inside `#[target_feature]`
 //! functions, where the intrinsics are inlined.
 
@@ -81,7 +81,7 @@ pub fn set_isa(want: Isa) -> Isa {
 ///
 /// # Safety
 /// Methods are only sound when the CPU supports the implementing instruction set, which
-/// [`dispatch!`] guarantees; pointer arguments must be valid for `LANES` elements.
+/// [`dispatch!`](crate::dispatch) guarantees; pointer arguments must be valid for `LANES` elements.
 #[allow(clippy::missing_safety_doc)] // the trait-level section covers every method
 pub trait Simd: Copy {
     const LANES: usize;
