@@ -172,3 +172,25 @@ fn presets_have_the_published_parameter_counts() {
         assert_eq!(Config::preset(name).unwrap().num_params(), params, "{name}");
     }
 }
+
+#[test]
+fn bf16_prefill_agrees_with_bf16_recurrence() {
+    // d_model 256 sends the projections through the bf16 GEMM where the CPU has
+    // AVX-512-BF16 (activations rounded to bf16 as in the official bf16 model); the recurrent
+    // path keeps f32 activations. They must agree to the official bf16 tolerance.
+    for ssm in [r#"{}"#, r#"{"layer": "Mamba2", "d_state": 32, "headdim": 32}"#] {
+        let json = format!(r#"{{"d_model": 256, "n_layer": 2, "vocab_size": 1000, "ssm_cfg": {ssm}}}"#);
+        let cfg = Config::from_json(&json).unwrap();
+        let m = mamba_lm::init::random_model(&cfg, 5, DType::BF16).unwrap();
+        let ids: Vec<u32> = (0..40).map(|i| (i * 37 % 1000) as u32).collect();
+        let prefill = prefill_logits(&m, std::slice::from_ref(&ids));
+        let mut step = Vec::new();
+        mamba_lm::score::score(&m, &ids, 1, |l| {
+            step.extend(l.iter().map(|&x| x as f64));
+            Ok(())
+        })
+        .unwrap();
+        let err = rel_l2(&prefill, &step);
+        assert!(err <= 2e-2, "{ssm}: {err}");
+    }
+}

@@ -3,8 +3,9 @@
 //! Few rows (decode): a streaming matrix-vector kernel that reads every weight exactly once,
 //! widening bf16/f16 on the fly, rows split across threads — bound by memory bandwidth
 //! (`rows × cols × sizeof(weight)` bytes per call). Many rows (prefill): the `gemm` crate's
-//! blocked f32 kernel, compute bound (`2 · n · rows · cols` FLOPs); half-precision weights are
-//! widened once per call into a scratch matrix first.
+//! blocked f32 kernel, compute bound (`2 · n · rows · cols` FLOPs); bf16 weights go through
+//! the AVX-512-BF16 kernel where the CPU has it, other half-precision weights are widened once
+//! per call into a scratch matrix first.
 
 use super::simd::{Elem, Simd};
 use crate::dispatch;
@@ -43,6 +44,13 @@ pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_r
     if n <= GEMV_MAX_ROWS {
         gemv(x, n, x_rs, w, y, y_rs);
         return;
+    }
+    if let Store::BF16(v) = &w.data {
+        // Thin matrices (Mamba-1's x_proj and dt_proj) do not repay the packing.
+        if m >= 256 && k >= 256 && super::gemm_bf16::available() {
+            super::gemm_bf16::matmul(x, n, x_rs, v, m, k, y, y_rs);
+            return;
+        }
     }
     let widened;
     let wf: &[f32] = match &w.data {
