@@ -1,11 +1,13 @@
-//! Autoregressive generation: prefill each prompt in parallel over its tokens, then decode all
-//! live sequences together one step at a time (weights read once per step for the batch).
+//! Autoregressive generation: prefill the prompts in parallel over their tokens (equal-length
+//! prompts together), then decode all live sequences together one step at a time (weights read
+//! once per step for the batch).
 
 use crate::model::Model;
 use crate::sampling::{sample, Sampling};
 use crate::state::{Snapshot, State};
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, SeedableRng};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Prompt tokens per prefill pass: long enough to run at full GEMM speed, short enough that
@@ -68,28 +70,35 @@ pub fn generate(
     let mut logits: Vec<Vec<f32>> = Vec::with_capacity(n);
     let mut history: Vec<Vec<u32>> = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
-    let mut prefill_ms = Vec::with_capacity(n);
     for s in starts {
-        let t0 = Instant::now();
-        let (mut state, mut last, mut hist) = match s.resume {
+        let (state, last, mut hist) = match s.resume {
             Some(snap) => (snap.state, snap.next_logits, snap.tokens),
-            None => {
-                if s.prompt.is_empty() {
-                    bail!("empty prompt: give at least one token");
-                }
-                (model.new_state(), vec![], vec![])
-            }
+            None if s.prompt.is_empty() => bail!("empty prompt: give at least one token"),
+            None => (model.new_state(), vec![], vec![]),
         };
-        // Long prompts go through in chunks carrying the state, so prefill memory is bounded.
-        for chunk in s.prompt.chunks(PREFILL_CHUNK) {
-            last = model.forward(chunk, chunk.len(), &mut [&mut state], 1)?;
-        }
         hist.extend_from_slice(&s.prompt);
-        prefill_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         prompts.push(s.prompt);
         states.push(state);
         logits.push(last);
         history.push(hist);
+    }
+    // Prefill: prompts of equal length go through together (one GEMM per projection for the
+    // group); long prompts in chunks carrying the state, so prefill memory stays bounded.
+    let mut prefill_ms = vec![0.0f64; n];
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    (0..n).filter(|&i| !prompts[i].is_empty()).for_each(|i| by_len.entry(prompts[i].len()).or_default().push(i));
+    for (len, group) in by_len {
+        let t0 = Instant::now();
+        for c0 in (0..len).step_by(PREFILL_CHUNK) {
+            let c1 = (c0 + PREFILL_CHUNK).min(len);
+            let toks: Vec<u32> = group.iter().flat_map(|&i| prompts[i][c0..c1].iter().copied()).collect();
+            let out = model.forward(&toks, c1 - c0, &mut pick(&mut states, &group), 1)?;
+            for (j, &i) in group.iter().enumerate() {
+                logits[i] = out[j * v..(j + 1) * v].to_vec();
+            }
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        group.iter().for_each(|&i| prefill_ms[i] = ms);
     }
     let mut new_ids: Vec<Vec<u32>> = vec![vec![]; n];
     let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { (0..n).collect() };
@@ -111,10 +120,7 @@ pub fn generate(
         let t0 = Instant::now();
         let feed: Vec<usize> = still.iter().map(|&(i, _)| i).collect();
         let toks: Vec<u32> = feed.iter().map(|&i| pending[i]).collect();
-        let mut feeding = vec![false; n];
-        feed.iter().for_each(|&i| feeding[i] = true);
-        let mut refs: Vec<&mut State> = states.iter_mut().zip(&feeding).filter(|(_, &f)| f).map(|(s, _)| s).collect();
-        let out = model.forward(&toks, 1, &mut refs, 1)?;
+        let out = model.forward(&toks, 1, &mut pick(&mut states, &feed), 1)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
         for (j, &i) in feed.iter().enumerate() {
             logits[i] = out[j * v..(j + 1) * v].to_vec();
@@ -134,4 +140,11 @@ pub fn generate(
         });
     }
     Ok(outs)
+}
+
+/// Mutable references to `states[i]` for the ascending indices `idx`, in that order.
+fn pick<'a>(states: &'a mut [State], idx: &[usize]) -> Vec<&'a mut State> {
+    let mut want = vec![false; states.len()];
+    idx.iter().for_each(|&i| want[i] = true);
+    states.iter_mut().zip(want).filter(|(_, w)| *w).map(|(s, _)| s).collect()
 }

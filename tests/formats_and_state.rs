@@ -194,3 +194,25 @@ fn bf16_prefill_agrees_with_bf16_recurrence() {
         assert!(err <= 2e-2, "{ssm}: {err}");
     }
 }
+
+#[test]
+fn batched_generation_equals_one_at_a_time() {
+    for name in FIXTURES {
+        let m = Model::load_dir(&fixture(name), DType::F32).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: Sampling::default(),
+            seed: 0,
+            eos: None,
+            vocab_limit: m.cfg.vocab_padded,
+        };
+        // Two prompts of equal length (prefilled together) and one of another length.
+        let prompts = [vec![5u32, 17, 99, 3], vec![8, 1, 200, 77], vec![9, 9, 31]];
+        let start = |p: &Vec<u32>| Start { prompt: p.clone(), resume: None };
+        let batch = generate(&m, prompts.iter().map(start).collect(), &opts, |_, _| Control::Continue).unwrap();
+        for (p, b) in prompts.iter().zip(&batch) {
+            let one = generate(&m, vec![start(p)], &opts, |_, _| Control::Continue).unwrap().remove(0);
+            assert_eq!(b.new_ids, one.new_ids, "{name}: {p:?}");
+        }
+    }
+}
