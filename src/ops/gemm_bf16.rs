@@ -11,14 +11,20 @@
 
 use half::bf16;
 
-/// Whether the CPU (and the instruction-set choice in force) allows this kernel.
-pub fn available() -> bool {
+/// Whether the CPU has the instructions this kernel needs.
+fn cpu_has_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        super::simd::isa() == super::simd::Isa::Avx512 && std::is_x86_feature_detected!("avx512bf16")
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Whether this kernel should be used: the CPU has it and the instruction-set choice in force
+/// (see [`super::simd::isa`]) is AVX-512.
+pub fn available() -> bool {
+    super::simd::isa() == super::simd::Isa::Avx512 && cpu_has_bf16()
 }
 
 /// Rounds to bf16 bits (nearest even; NaN kept quiet).
@@ -27,10 +33,10 @@ fn bits(x: f32) -> u32 {
 }
 
 /// `y[i·y_rs + j] = Σ_k bf16(x[i·x_rs + k]) · w[j·k_len + k]` for `i < n`, `j < m`.
-/// Callers must check [`available`] first.
+/// Callers check [`available`] first; only the CPU's support is required for soundness.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(x: &[f32], n: usize, x_rs: usize, w: &[bf16], m: usize, k: usize, y: &mut [f32], y_rs: usize) {
-    assert!(available(), "AVX-512-BF16 not available");
+    assert!(cpu_has_bf16(), "this CPU has no AVX-512-BF16");
     assert!(w.len() == m * k && n > 0 && x.len() >= (n - 1) * x_rs + k && y.len() >= (n - 1) * y_rs + m);
     let kp = k.div_ceil(2);
     let pair = |lo: u32, hi: u32| lo | (hi << 16);

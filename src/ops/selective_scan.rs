@@ -51,22 +51,42 @@ pub fn selective_scan(inp: &ScanInputs, l: usize, e: usize, n: usize, state: &mu
     }
     let sp = SendPtr(state.as_mut_ptr());
     let yp = SendPtr(y.as_mut_ptr());
-    let lanes = crate::ops::simd::isa().lanes();
-    let blocks = e.div_ceil(lanes);
+    // Channel blocks of a fixed width (the widest vector), whatever instruction set runs them,
+    // so the partition can never disagree with the kernel's vector length.
+    let blocks = e.div_ceil(BLOCK);
     // One task per channel block for long inputs; a few coarse tasks for a decode step.
     let per_task = if l == 1 { blocks.div_ceil(2 * rayon::current_num_threads()) } else { 1 };
     super::pool::parallel_for(blocks.div_ceil(per_task), &|task| {
-        for blk in task * per_task..((task + 1) * per_task).min(blocks) {
-            let c0 = blk * lanes;
-            if c0 + lanes <= e {
-                dispatch!(scan_block(inp, l, e, n, c0, sp.get(), yp.get()));
-            } else {
-                for c in c0..e {
-                    unsafe { scan_block::<Scalar>(inp, l, e, n, c, sp.get(), yp.get()) };
-                }
-            }
-        }
+        let c0 = task * per_task * BLOCK;
+        let c1 = ((task + 1) * per_task * BLOCK).min(e);
+        dispatch!(scan_range(inp, l, e, n, c0, c1, sp.get(), yp.get()));
     });
+}
+
+/// Channels per parallel block.
+const BLOCK: usize = 16;
+
+/// Channels `c0..c1`: whole vectors of `S`, then one channel at a time.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn scan_range<S: Simd>(
+    inp: &ScanInputs,
+    l: usize,
+    e: usize,
+    n: usize,
+    c0: usize,
+    c1: usize,
+    state: *mut f32,
+    y: *mut f32,
+) {
+    let mut c = c0;
+    while c + S::LANES <= c1 {
+        scan_block::<S>(inp, l, e, n, c, state, y);
+        c += S::LANES;
+    }
+    for c in c..c1 {
+        scan_block::<Scalar>(inp, l, e, n, c, state, y);
+    }
 }
 
 #[inline(always)]
