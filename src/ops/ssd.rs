@@ -35,6 +35,17 @@ pub struct SsdInputs<'a> {
     pub d: Option<&'a [f32]>,
 }
 
+impl SsdInputs<'_> {
+    /// The skip coefficient D for head `h`, channel `pp` of `p` (0 without D).
+    fn skip(&self, heads: usize, p: usize, h: usize, pp: usize) -> f32 {
+        match self.d {
+            Some(d) if d.len() == heads => d[h],
+            Some(d) => d[h * p + pp],
+            None => 0.0,
+        }
+    }
+}
+
 /// Sizes of an SSD problem.
 #[derive(Clone, Copy, Debug)]
 pub struct SsdDims {
@@ -91,11 +102,7 @@ unsafe fn ssd_head<S: Simd>(
     let mut wrow = vec![0.0f32; q_max];
     let mut yrow = vec![0.0f32; p];
     let mut coef = vec![0.0f32; q_max];
-    let d_of = |pp: usize| match inp.d {
-        Some(d) if d.len() == heads => d[h],
-        Some(d) => d[h * p + pp],
-        None => 0.0,
-    };
+    let d_of = |pp: usize| inp.skip(heads, p, h, pp);
     let xp = |t: usize| inp.x.as_ptr().add(t * inp.x_rs + h * p);
     let mut t0 = 0;
     while t0 < l {
@@ -160,11 +167,7 @@ unsafe fn ssd_step_head<S: Simd>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *
     let b = inp.b.as_ptr().add(g * n);
     let c = inp.c.as_ptr().add(g * n);
     let out = y.add(h * p);
-    let d_of = |pp: usize| match inp.d {
-        Some(d) if d.len() == heads => d[h],
-        Some(d) => d[h * p + pp],
-        None => 0.0,
-    };
+    let d_of = |pp: usize| inp.skip(heads, p, h, pp);
     let dv = S::splat(decay);
     let mut pp = 0;
     while pp + S::LANES <= p {
