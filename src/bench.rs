@@ -10,7 +10,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// One measured figure (the schema shared by every `bench` subcommand).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Figure {
     pub bench: String,
     pub model: String,

@@ -2,6 +2,7 @@
 //! prompts together), then decode all live sequences together one step at a time (weights read
 //! once per step for the batch).
 
+use crate::backend::{Backend, Cpu};
 use crate::model::Model;
 use crate::sampling::{sample, Sampling};
 use crate::state::{Snapshot, State};
@@ -50,16 +51,26 @@ pub enum Control {
     Stop,
 }
 
-/// Generates for each start. `on_token(seq, token)` is called for every new token and may stop
-/// that sequence (stop strings, streaming). Sequences finish independently.
+/// Generates for each start on the CPU. `on_token(seq, token)` is called for every new token and
+/// may stop that sequence (stop strings, streaming). Sequences finish independently.
 pub fn generate(
     model: &Model,
+    starts: Vec<Start>,
+    opts: &GenerateOptions,
+    on_token: impl FnMut(usize, u32) -> Control,
+) -> Result<Vec<Output>> {
+    generate_on(&mut Cpu::new(model), starts, opts, on_token)
+}
+
+/// [`generate`] on any backend.
+pub fn generate_on(
+    be: &mut dyn Backend,
     starts: Vec<Start>,
     opts: &GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Control,
 ) -> Result<Vec<Output>> {
     opts.sampling.validate().map_err(anyhow::Error::msg)?;
-    let v = model.cfg.vocab_padded;
+    let v = be.cfg().vocab_padded;
     let limit = opts.vocab_limit.min(v);
     if limit == 0 {
         bail!("no usable vocabulary");
@@ -74,7 +85,7 @@ pub fn generate(
         let (state, last, mut hist) = match s.resume {
             Some(snap) => (snap.state, snap.next_logits, snap.tokens),
             None if s.prompt.is_empty() => bail!("empty prompt: give at least one token"),
-            None => (model.new_state(), vec![], vec![]),
+            None => (State::new(be.cfg()), vec![], vec![]),
         };
         hist.extend_from_slice(&s.prompt);
         prompts.push(s.prompt);
@@ -82,69 +93,85 @@ pub fn generate(
         logits.push(last);
         history.push(hist);
     }
+    // Slots are ordered by prompt length, so prompts of equal length sit in consecutive slots.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let mut slot = vec![0; n];
+    order.iter().enumerate().for_each(|(s, &i)| slot[i] = s);
+    be.begin(order.iter().map(|&i| std::mem::replace(&mut states[i], State { layers: vec![], pos: 0 })).collect())?;
     // Prefill: prompts of equal length go through together (one GEMM per projection for the
     // group); long prompts in chunks carrying the state, so prefill memory stays bounded.
     let mut prefill_ms = vec![0.0f64; n];
     let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    (0..n).filter(|&i| !prompts[i].is_empty()).for_each(|i| by_len.entry(prompts[i].len()).or_default().push(i));
+    order
+        .iter()
+        .filter(|&&i| !prompts[i].is_empty())
+        .for_each(|&i| by_len.entry(prompts[i].len()).or_default().push(i));
     for (len, group) in by_len {
         let t0 = Instant::now();
+        let slots: Vec<usize> = group.iter().map(|&i| slot[i]).collect();
         for c0 in (0..len).step_by(PREFILL_CHUNK) {
             let c1 = (c0 + PREFILL_CHUNK).min(len);
             let toks: Vec<u32> = group.iter().flat_map(|&i| prompts[i][c0..c1].iter().copied()).collect();
-            let out = model.forward(&toks, c1 - c0, &mut pick(&mut states, &group), 1)?;
+            let out = be.forward(&toks, c1 - c0, &slots, 1)?;
             for (j, &i) in group.iter().enumerate() {
                 logits[i] = out[j * v..(j + 1) * v].to_vec();
             }
         }
+
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         group.iter().for_each(|&i| prefill_ms[i] = ms);
     }
     let mut new_ids: Vec<Vec<u32>> = vec![vec![]; n];
-    let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { (0..n).collect() };
+    let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { order.clone() };
     let mut decode_time = vec![0.0f64; n];
-    // The token each live sequence feeds next.
-    let mut pending: Vec<u32> = vec![0; n];
+    // A sequence's state once it has consumed everything (taken when it finishes).
+    let mut finals: Vec<Option<State>> = vec![None; n];
     while !live.is_empty() {
-        let mut still = Vec::with_capacity(live.len());
+        let mut feed = Vec::with_capacity(live.len());
+        let mut toks = Vec::with_capacity(live.len());
+        let mut done = Vec::new();
         for &i in &live {
             let tok = sample(&mut logits[i][..limit], &history[i], &opts.sampling, &mut rng);
             new_ids[i].push(tok);
             history[i].push(tok);
-            pending[i] = tok;
-            let done =
-                Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop;
+            if Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop {
+                done.push(i);
+            }
             // Feed even the last token so the saved state has consumed everything.
-            still.push((i, done));
+            feed.push(slot[i]);
+            toks.push(tok);
         }
         let t0 = Instant::now();
-        let feed: Vec<usize> = still.iter().map(|&(i, _)| i).collect();
-        let toks: Vec<u32> = feed.iter().map(|&i| pending[i]).collect();
-        let out = model.forward(&toks, 1, &mut pick(&mut states, &feed), 1)?;
+        let out = be.forward(&toks, 1, &feed, 1)?;
         let dt = t0.elapsed().as_secs_f64() * 1e3;
-        for (j, &i) in feed.iter().enumerate() {
+        for (j, &i) in live.iter().enumerate() {
             logits[i] = out[j * v..(j + 1) * v].to_vec();
             decode_time[i] += dt;
         }
-        live = still.into_iter().filter(|&(_, done)| !done).map(|(i, _)| i).collect();
+        for &i in &done {
+            finals[i] = Some(be.state(slot[i])?);
+        }
+        live.retain(|i| !done.contains(i));
     }
     let mut outs = Vec::with_capacity(n);
-    for (i, ((state, last), hist)) in states.into_iter().zip(logits).zip(history).enumerate() {
+    for i in 0..n {
+        let state = match finals[i].take() {
+            Some(s) => s,
+            None => be.state(slot[i])?,
+        };
         let k = new_ids[i].len().max(1);
         outs.push(Output {
             prompt_ids: std::mem::take(&mut prompts[i]),
             new_ids: std::mem::take(&mut new_ids[i]),
             prefill_ms: prefill_ms[i],
             decode_ms_per_token: decode_time[i] / k as f64,
-            snapshot: Snapshot { state, next_logits: last, tokens: hist },
+            snapshot: Snapshot {
+                state,
+                next_logits: std::mem::take(&mut logits[i]),
+                tokens: std::mem::take(&mut history[i]),
+            },
         });
     }
     Ok(outs)
-}
-
-/// Mutable references to `states[i]` for the ascending indices `idx`, in that order.
-fn pick<'a>(states: &'a mut [State], idx: &[usize]) -> Vec<&'a mut State> {
-    let mut want = vec![false; states.len()];
-    idx.iter().for_each(|&i| want[i] = true);
-    states.iter_mut().zip(want).filter(|(_, w)| *w).map(|(s, _)| s).collect()
 }

@@ -17,14 +17,18 @@
 //! # let _ = logits; Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod backend;
 pub mod bench;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod generate;
 pub mod init;
 pub mod io;
 pub mod loader;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod sampling;
 pub mod score;
 pub mod state;

@@ -2,7 +2,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use mamba_lm::generate::{generate, Control, GenerateOptions, Start};
+use mamba_lm::backend::Backend;
+use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
 use mamba_lm::sampling::Sampling;
 use mamba_lm::tensor::DType;
 use mamba_lm::{loader, tokenizer, Config, Model, Snapshot};
@@ -10,6 +11,9 @@ use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+#[cfg(feature = "cuda")]
+mod gpu_bench;
 
 #[derive(Parser)]
 #[command(
@@ -43,9 +47,13 @@ struct ModelArgs {
     /// state-spaces/mamba-130m (resolved through the HF cache; set HF_HUB_OFFLINE=1 to never download).
     #[arg(long, short = 'm')]
     model: String,
-    /// Storage type of the large weight matrices; compute and state are always f32.
+    /// Storage type of the large weight matrices (on the GPU also of the activations); the
+    /// residual stream and the recurrent state are always f32.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
+    /// Where to run: cpu, or cuda / cuda:N (needs a binary built with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -163,6 +171,87 @@ struct InfoArgs {
 enum BenchCmd {
     /// CPU prefill and decode speed at batch 1 on random weights of a preset.
     Cpu(BenchCpuArgs),
+    /// GPU: the selective scan alone (D channels, N states, batch 1, bf16) over sequence lengths.
+    Scan(BenchScanArgs),
+    /// GPU: batch-1 first-token latency (prompt + prefill) and per-token decode latency.
+    Decode(BenchGpuArgs),
+    /// GPU: prefill rate at batch 1.
+    Prefill(BenchGpuArgs),
+    /// GPU: generation throughput, prompt + generated tokens, over batch sizes (paper App. E.5).
+    Generate(BenchGpuArgs),
+    /// GPU: device memory for generation against batch and tokens generated.
+    Memory(BenchGpuArgs),
+    /// Draw the plots from JSON-lines figure files (ours and scripts/gpu_baselines.py's).
+    Plot(BenchPlotArgs),
+}
+
+#[derive(Args)]
+struct BenchPlotArgs {
+    /// JSON-lines files of figures.
+    #[arg(long, required = true, value_delimiter = ',')]
+    input: Vec<PathBuf>,
+    /// PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct BenchScanArgs {
+    #[arg(long, default_value_t = 1024)]
+    d: usize,
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// Sequence lengths (default 2^9 … 2^19).
+    #[arg(long, value_delimiter = ',')]
+    lengths: Vec<usize>,
+    #[arg(long, default_value_t = 10)]
+    reps: usize,
+    #[command(flatten)]
+    out: BenchOut,
+}
+
+#[derive(Args)]
+struct BenchOut {
+    /// GPU to run on.
+    #[arg(long, default_value = "cuda", value_parser = parse_device)]
+    device: Device,
+    /// One JSON object per figure instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also append the figures as JSON lines to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Draw the figure into this PNG (scan: time vs length; generate: throughput vs batch).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchGpuArgs {
+    /// Presets with random weights made in memory (repeatable).
+    #[arg(long, group = "what")]
+    preset: Vec<String>,
+    /// A model directory or Hugging Face repo id instead of presets.
+    #[arg(long, group = "what")]
+    model: Option<String>,
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Prompt length (decode: 100, prefill: 512, generate: 2048).
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// Tokens generated (decode, generate: 128; memory: the largest of 128, 1024, 8192).
+    #[arg(long)]
+    gen: Option<usize>,
+    /// Batch sizes (generate: 1,16,64,128; memory: 1,64).
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[command(flatten)]
+    out: BenchOut,
 }
 
 #[derive(Args)]
@@ -193,6 +282,65 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
     s.parse()
 }
 
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s {
+        "cuda" => Some(0),
+        _ => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+    };
+    ordinal.map(Device::Cuda).ok_or_else(|| format!("unknown device '{s}' (expected cpu, cuda or cuda:N)"))
+}
+
+/// A loaded model on the device the user chose (one per run, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Placed {
+    Cpu(Model),
+    #[cfg(feature = "cuda")]
+    Gpu(mamba_lm::cuda::model::GpuModel),
+}
+
+impl Placed {
+    fn new(model: Model, device: Device) -> Result<Placed> {
+        match device {
+            Device::Cpu => Ok(Placed::Cpu(model)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let gpu = mamba_lm::cuda::Gpu::open(n)?;
+                Ok(Placed::Gpu(mamba_lm::cuda::model::GpuModel::new(gpu, &model)?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                let _ = model;
+                bail!("this mamba-lm was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+            }
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        match self {
+            Placed::Cpu(m) => &m.cfg,
+            #[cfg(feature = "cuda")]
+            Placed::Gpu(m) => &m.cfg,
+        }
+    }
+
+    fn backend(&self) -> Box<dyn Backend + '_> {
+        match self {
+            Placed::Cpu(m) => Box::new(mamba_lm::backend::Cpu::new(m)),
+            #[cfg(feature = "cuda")]
+            Placed::Gpu(m) => Box::new(mamba_lm::cuda::model::GpuRun::new(m)),
+        }
+    }
+}
+
 fn set_threads(n: Option<usize>) -> Result<()> {
     if let Some(n) = n {
         if n == 0 {
@@ -206,23 +354,21 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn load_model(m: &ModelArgs) -> Result<(Model, PathBuf)> {
+fn load_model(m: &ModelArgs) -> Result<(Placed, PathBuf)> {
     set_threads(m.threads)?;
     let dir = loader::hub::resolve(&m.model)?;
     // Loading a multi-GB checkpoint takes seconds: show that something is happening (on a
     // terminal only; indicatif draws nothing when stderr is not one).
     let spin = indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));
     spin.enable_steady_tick(std::time::Duration::from_millis(120));
-    let model = Model::load_dir(&dir, m.dtype);
+    let model = Model::load_dir(&dir, m.dtype).and_then(|model| Placed::new(model, m.device));
     spin.finish_and_clear();
     Ok((model?, dir))
 }
 
 /// End-of-sequence id: the config's, then generation_config.json's, then the tokenizer's.
-fn eos_id(model: &Model, dir: &Path, tok: &tokenizer::Tokenizer) -> Option<u32> {
-    model
-        .cfg
-        .eos_token_id
+fn eos_id(cfg: &Config, dir: &Path, tok: &tokenizer::Tokenizer) -> Option<u32> {
+    cfg.eos_token_id
         .or_else(|| {
             let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
             let v: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -307,7 +453,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         bail!("--save-state and --load-state work with a single prompt");
     }
     let resume = match &a.load_state {
-        Some(p) => Some(Snapshot::load(&model.cfg, p)?),
+        Some(p) => Some(Snapshot::load(model.cfg(), p)?),
         None => None,
     };
     let tok_vocab = tok.get_vocab_size(true);
@@ -315,8 +461,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling,
         seed: a.seed,
-        eos: if a.ignore_eos { None } else { eos_id(&model, &dir, &tok) },
-        vocab_limit: model.cfg.vocab_size.min(tok_vocab),
+        eos: if a.ignore_eos { None } else { eos_id(model.cfg(), &dir, &tok) },
+        vocab_limit: model.cfg().vocab_size.min(tok_vocab),
     };
     let stream = prompts.len() == 1 && !a.json;
     let mut streams: Vec<TextStream> = prompts
@@ -335,20 +481,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut err = None;
     let eos = opts.eos;
     // The end-of-sequence token ends the text; it is not part of it.
-    let outs = generate(&model, starts, &opts, |i, id| match streams[i].push(&tok, id, Some(id) == eos) {
-        Ok((text, stop)) => {
-            if stream {
-                let _ = write!(out, "{text}").and_then(|_| out.flush());
+    let outs = generate_on(model.backend().as_mut(), starts, &opts, |i, id| {
+        match streams[i].push(&tok, id, Some(id) == eos) {
+            Ok((text, stop)) => {
+                if stream {
+                    let _ = write!(out, "{text}").and_then(|_| out.flush());
+                }
+                if stop {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                }
             }
-            if stop {
+            Err(e) => {
+                err = Some(e);
                 Control::Stop
-            } else {
-                Control::Continue
             }
-        }
-        Err(e) => {
-            err = Some(e);
-            Control::Stop
         }
     })?;
     if let Some(e) = err {
@@ -369,7 +517,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     if let Some(p) = &a.save_state {
-        outs[0].snapshot.save(&model.cfg, p, a.force)?;
+        outs[0].snapshot.save(model.cfg(), p, a.force)?;
         eprintln!("saved session ({} tokens) to {}", outs[0].snapshot.tokens.len(), p.display());
     }
     Ok(())
@@ -408,8 +556,8 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"),
     );
     for (i, s) in seqs.iter().enumerate() {
-        let r = mamba_lm::score::score(&model, s, a.chunk, |l| {
-            bar.inc((l.len() / model.cfg.vocab_padded) as u64);
+        let r = mamba_lm::score::score_on(model.backend().as_mut(), s, a.chunk, |l| {
+            bar.inc((l.len() / model.cfg().vocab_padded) as u64);
             if a.logits_out.is_some() {
                 all_logits.extend_from_slice(l);
             }
@@ -421,7 +569,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     bar.finish_and_clear();
     if let Some(p) = &a.logits_out {
         let bytes: Vec<u8> = all_logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let shape = vec![seqs.len(), seqs[0].len(), model.cfg.vocab_padded];
+        let shape = vec![seqs.len(), seqs[0].len(), model.cfg().vocab_padded];
         let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
         let data = safetensors::serialize([("logits".to_string(), view)], None)?;
         mamba_lm::io::write_file(p, &data, a.force)?;
@@ -505,7 +653,14 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
 }
 
 fn cmd_bench(b: BenchCmd) -> Result<()> {
-    let BenchCmd::Cpu(a) = b;
+    let a = match b {
+        BenchCmd::Cpu(a) => a,
+        BenchCmd::Plot(p) => return cmd_plot(p),
+        #[cfg(feature = "cuda")]
+        other => return gpu_bench::run(other),
+        #[cfg(not(feature = "cuda"))]
+        _ => bail!("GPU benchmarks need a mamba-lm built with CUDA support: `cargo build --release --features cuda`"),
+    };
     set_threads(a.threads)?;
     let mut out = std::io::stdout().lock();
     let isa = mamba_lm::ops::simd::isa();
@@ -529,6 +684,24 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn cmd_plot(p: BenchPlotArgs) -> Result<()> {
+    if p.out.exists() && !p.force {
+        bail!("{} already exists; refusing to overwrite it (pass --force to replace it)", p.out.display());
+    }
+    let mut figs = Vec::new();
+    for f in &p.input {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            let fig: mamba_lm::bench::Figure = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a benchmark figure", f.display(), i + 1))?;
+            figs.push(fig);
+        }
+    }
+    mamba_lm::plot::draw(&figs, &p.out)?;
+    eprintln!("wrote {}", p.out.display());
     Ok(())
 }
 

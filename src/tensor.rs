@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Element type of stored weights (activations and state are always f32 on the CPU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     BF16,

@@ -99,3 +99,29 @@ fn init_then_generate_and_info() {
         assert!(info["stored_dtype"].as_str().unwrap().contains("bf16"));
     }
 }
+
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mamba-lm")).args(args).output().unwrap();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(out.stdout.is_empty(), "{args:?} printed output before failing");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// Asking for the GPU where there is none (or in a build without CUDA) is one clear error line.
+#[test]
+fn cuda_device_without_gpu_or_support_is_a_clear_error() {
+    if cfg!(feature = "cuda") && std::path::Path::new("/proc/driver/nvidia").exists() {
+        return; // a GPU machine: tests/cuda_gpu.rs covers it
+    }
+    let dir = fixture("mamba1-hf");
+    let err = fails(&["generate", "-m", dir.to_str().unwrap(), "--device", "cuda", "--prompt-ids", "1,2"]);
+    let want = if cfg!(feature = "cuda") { "no CUDA driver found" } else { "built without CUDA support" };
+    assert!(err.starts_with("error:") && err.contains(want) && err.lines().count() == 1, "{err}");
+    let err = fails(&["bench", "decode", "--preset", "tiny"]);
+    assert!(
+        err.contains(if cfg!(feature = "cuda") { "no CUDA driver found" } else { "built with CUDA support" }),
+        "{err}"
+    );
+    let err = fails(&["generate", "-m", dir.to_str().unwrap(), "--device", "tpu", "--prompt-ids", "1"]);
+    assert!(err.contains("unknown device 'tpu'"), "{err}");
+}

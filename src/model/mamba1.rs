@@ -11,21 +11,21 @@ use crate::tensor::DType;
 use anyhow::Result;
 
 pub struct Mamba1 {
-    in_proj: Linear,
+    pub(crate) in_proj: Linear,
     /// Tap-major `(W, E)`.
-    conv_w: Vec<f32>,
-    conv_b: Option<Vec<f32>>,
-    x_proj: Linear,
-    dt_proj: Linear,
-    dt_bias: Vec<f32>,
+    pub(crate) conv_w: Vec<f32>,
+    pub(crate) conv_b: Option<Vec<f32>>,
+    pub(crate) x_proj: Linear,
+    pub(crate) dt_proj: Linear,
+    pub(crate) dt_bias: Vec<f32>,
     /// `A = −exp(A_log)` transposed to `(N, E)`.
-    a: Vec<f32>,
-    d: Vec<f32>,
-    out_proj: Linear,
-    e: usize,
-    n: usize,
-    r: usize,
-    w: usize,
+    pub(crate) a: Vec<f32>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) out_proj: Linear,
+    pub(crate) e: usize,
+    pub(crate) n: usize,
+    pub(crate) r: usize,
+    pub(crate) w: usize,
 }
 
 impl Mamba1 {

@@ -14,22 +14,22 @@ use crate::tensor::DType;
 use anyhow::Result;
 
 pub struct Mamba2 {
-    in_proj: Linear,
-    conv_w: Vec<f32>,
-    conv_b: Option<Vec<f32>>,
-    dt_bias: Vec<f32>,
+    pub(crate) in_proj: Linear,
+    pub(crate) conv_w: Vec<f32>,
+    pub(crate) conv_b: Option<Vec<f32>>,
+    pub(crate) dt_bias: Vec<f32>,
     /// `A_h = −exp(A_log[h])`.
-    a: Vec<f32>,
-    d: Vec<f32>,
-    norm_w: Vec<f32>,
-    out_proj: Linear,
-    dims: SsdDims,
-    d_inner: usize,
-    d_ssm: usize,
-    d_mlp: usize,
-    w: usize,
-    eps: f32,
-    dt_limit: (f32, f32),
+    pub(crate) a: Vec<f32>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) norm_w: Vec<f32>,
+    pub(crate) out_proj: Linear,
+    pub(crate) dims: SsdDims,
+    pub(crate) d_inner: usize,
+    pub(crate) d_ssm: usize,
+    pub(crate) d_mlp: usize,
+    pub(crate) w: usize,
+    pub(crate) eps: f32,
+    pub(crate) dt_limit: (f32, f32),
 }
 
 impl Mamba2 {

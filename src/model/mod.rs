@@ -45,9 +45,9 @@ impl Linear {
 
 /// RMSNorm, or LayerNorm when a bias is present.
 pub struct Norm {
-    w: Vec<f32>,
-    b: Option<Vec<f32>>,
-    eps: f32,
+    pub(crate) w: Vec<f32>,
+    pub(crate) b: Option<Vec<f32>>,
+    pub(crate) eps: f32,
 }
 
 impl Norm {
@@ -68,14 +68,14 @@ impl Norm {
     }
 }
 
-enum Mixer {
+pub(crate) enum Mixer {
     M1(Mamba1),
     M2(Mamba2),
 }
 
-struct Layer {
-    norm: Norm,
-    mixer: Mixer,
+pub(crate) struct Layer {
+    pub(crate) norm: Norm,
+    pub(crate) mixer: Mixer,
 }
 
 /// A loaded model, ready to run on the CPU.
@@ -83,11 +83,11 @@ pub struct Model {
     pub cfg: Config,
     /// Storage type of the large matrices.
     pub dtype: DType,
-    embedding: Matrix,
+    pub(crate) embedding: Matrix,
     /// `None` when tied to the embedding.
-    lm_head: Option<Matrix>,
-    norm_f: Norm,
-    layers: Vec<Layer>,
+    pub(crate) lm_head: Option<Matrix>,
+    pub(crate) norm_f: Norm,
+    pub(crate) layers: Vec<Layer>,
 }
 
 /// Names of a mixer's tensors under prefix `p`: its own, plus the conv and projection biases

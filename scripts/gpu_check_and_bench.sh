@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole GPU check and benchmark in one device call. Build here (no toolkit needed):
+#   cargo build --release --features cuda && cargo test --release --features cuda --no-run
+#   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
+# then on the GPU machine, from the repo root (the device tool: carry [".gpu"]):
+#   scripts/gpu_check_and_bench.sh [STAGE...]
+# Stages: start check sanitize scan models baselines plot (default: all; a device call is limited
+# to 10 minutes, so run them as two calls: "start check sanitize scan baselines plot", "models").
+# Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--stage" ]; then
+    mkdir -p .gpu
+    cp target/release/mamba-lm .gpu/mamba-lm
+    t=$(ls -t target/release/deps/cuda_gpu-* | grep -v '\.d$' | head -1)
+    cp "$t" .gpu/cuda_gpu
+    strip .gpu/mamba-lm .gpu/cuda_gpu
+    exit 0
+fi
+
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+BIN=$PWD/.gpu/mamba-lm
+STAGES=${*:-start check sanitize scan models baselines plot}
+J=$OUT/figures.jsonl
+export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "== $*" >&2; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+
+if has start; then
+    log "start to first token, mamba-130m bf16 (cold: empty kernel cache; warm: cached)"
+    $BIN init --preset mamba-130m --out /tmp/m130 >/dev/null 2>&1 || true
+    for kind in cold warm warm; do
+        [ $kind = cold ] && rm -rf "$MAMBA_LM_CACHE"
+        s=$(date +%s%N)
+        $BIN generate -m /tmp/m130 --device cuda --dtype bf16 --prompt "The state space model" --max-new-tokens 1 >/dev/null || echo "generate failed"
+        e=$(date +%s%N)
+        v=$(( (e - s) / 1000000 ))e-3
+        echo "{\"bench\":\"start\",\"model\":\"mamba-130m\",\"dtype\":\"bf16\",\"batch\":1,\"length\":1,\"figure\":\"start_to_first_token_${kind}_s\",\"value\":$v,\"unit\":\"s\"}" | tee -a "$J"
+    done
+fi
+
+if has check; then
+    log "correctness: fixtures, GPU vs CPU, chunked scan"
+    # The test binary finds the fixtures under the path it was built in.
+    mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
+    .gpu/cuda_gpu --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "rel L2|test |result"
+fi
+
+if has sanitize; then
+    log "compute-sanitizer: memcheck and racecheck on fixture runs (prefill, chunked scan, graph decode)"
+    # 700 tokens: long enough for the chunked three-pass scan.
+    LONG=$(python3 -c "print(','.join(str(i * 7 % 250) for i in range(700)))")
+    for tool in memcheck racecheck; do
+        for m in mamba1-ssm mamba2-ssm; do
+            for ids in "1,2,3,4,5" "$LONG"; do
+                f=$OUT/sanitize.log
+                echo "--- $tool $m prompt of $(echo "$ids" | tr , ' ' | wc -w) tokens" >>"$f"
+                compute-sanitizer --tool $tool --error-exitcode 9 $BIN generate -m tests/fixtures/$m --device cuda \
+                    --dtype bf16 --prompt-ids "$ids" --max-new-tokens 4 >>"$f" 2>&1
+                echo "sanitize $tool $m $(echo "$ids" | tr , ' ' | wc -w) tokens: rc=$?"
+            done
+        done
+    done
+    grep -a -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Program hit" "$OUT/sanitize.log" | sort | uniq -c | head -20
+    # (rc=0 with --error-exitcode 9 means the tool found nothing)
+fi
+
+if has scan; then
+    log "selective scan alone"
+    $BIN bench scan --json-out "$J" --plot "$OUT/scan.png"
+fi
+
+if has models; then
+    log "decode, prefill, generation throughput, memory"
+    B="$BIN bench"
+    $B decode --preset mamba-130m --preset mamba-370m --preset mamba-1.4b --preset mamba-2.8b \
+        --preset mamba2-130m --preset mamba2-1.3b --json-out "$J"
+    $B prefill --preset mamba-130m --preset mamba2-130m --preset mamba-1.4b --json-out "$J"
+    $B generate --preset mamba-1.4b --json-out "$J" --plot "$OUT/generate.png"
+    $B memory --preset mamba-1.4b --json-out "$J"
+fi
+
+if has baselines; then
+    log "PyTorch baselines (SDPA flash attention, FFT convolution, transformers MambaForCausalLM)"
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_baselines.py --out "$OUT/baselines.jsonl" 2>&1 | tail -40
+fi
+
+if has plot; then
+    ins=$J
+    [ -f "$OUT/baselines.jsonl" ] && ins="$J,$OUT/baselines.jsonl"
+    $BIN bench plot --input "$ins" --out "$OUT/scan_vs_baselines.png" --force
+fi

@@ -1,0 +1,54 @@
+//! What generation and scoring need from a model, so one loop serves the CPU and the GPU: a set
+//! of sequence slots, each with its recurrent state, fed tokens in parallel.
+
+use crate::config::Config;
+use crate::model::Model;
+use crate::state::State;
+use anyhow::Result;
+
+pub trait Backend {
+    fn cfg(&self) -> &Config;
+    /// Starts over with one slot per state.
+    fn begin(&mut self, states: Vec<State>) -> Result<()>;
+    /// Feeds `l` tokens to each slot in `slots` (ascending; `tokens` row-major, one row per
+    /// slot) and returns the logits of each slot's last `n_logits` positions. Slots of one call
+    /// with `l > 1` are consecutive.
+    fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>>;
+    /// The state of slot `i` now.
+    fn state(&mut self, i: usize) -> Result<State>;
+}
+
+/// The CPU model with its states in host memory.
+pub struct Cpu<'m> {
+    model: &'m Model,
+    states: Vec<State>,
+}
+
+impl<'m> Cpu<'m> {
+    pub fn new(model: &'m Model) -> Cpu<'m> {
+        Cpu { model, states: vec![] }
+    }
+}
+
+impl Backend for Cpu<'_> {
+    fn cfg(&self) -> &Config {
+        &self.model.cfg
+    }
+
+    fn begin(&mut self, states: Vec<State>) -> Result<()> {
+        self.states = states;
+        Ok(())
+    }
+
+    fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
+        let mut want = vec![false; self.states.len()];
+        slots.iter().for_each(|&i| want[i] = true);
+        let mut picked: Vec<&mut State> =
+            self.states.iter_mut().zip(want).filter(|(_, w)| *w).map(|(s, _)| s).collect();
+        self.model.forward(tokens, l, &mut picked, n_logits)
+    }
+
+    fn state(&mut self, i: usize) -> Result<State> {
+        Ok(self.states[i].clone())
+    }
+}

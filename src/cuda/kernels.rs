@@ -1,0 +1,185 @@
+//! The kernels' sources (the `.cu` files beside the CPU ops), compiled at run time by NVRTC for
+//! the device's architecture and cached on disk as CUBIN, so only the first start pays for
+//! compilation. Modules compile in parallel threads.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use std::ffi::{CStr, CString};
+use std::path::PathBuf;
+
+const COMMON: &str = include_str!("../ops/common.cuh");
+
+const RMS_NORM: &str = include_str!("../ops/rms_norm.cu");
+const CONV: &str = include_str!("../ops/causal_conv1d.cu");
+const SCAN: &str = include_str!("../ops/selective_scan.cu");
+const SAMPLING: &str = include_str!("../ops/sampling.cu");
+const DECODE: &str = include_str!("../ops/decode.cu");
+
+/// One NVRTC compilation: a module name and its source (common.cuh is prepended).
+#[derive(Clone, Debug)]
+pub struct Unit {
+    pub name: String,
+    pub src: String,
+}
+
+/// The selective scan's instances, `(type, NMAX, A kind)`: each is compiled on its own when a
+/// model first needs it, so a start compiles one instance rather than all fifteen.
+const SCAN_TYPES: [&str; 3] = ["f32", "bf16", "f16"];
+const SCAN_SIZES: [(u32, char); 5] = [(16, 'v'), (64, 'v'), (16, 's'), (64, 's'), (128, 's')];
+
+fn unit(name: &str, src: &str) -> Unit {
+    Unit { name: name.into(), src: src.into() }
+}
+
+/// The unit that defines `kernel`.
+pub fn unit_for(kernel: &str) -> Option<Unit> {
+    if let Some(inst) = kernel.strip_prefix("scan_end_").or_else(|| kernel.strip_prefix("scan_out_")) {
+        let (t, size) = inst.split_once('_')?;
+        let (nmax, kind) = size.split_at(size.len().checked_sub(1)?);
+        let scalar = match kind {
+            "v" => "false",
+            "s" => "true",
+            _ => return None,
+        };
+        return Some(unit(&format!("scan_{inst}"), &format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar})\n")));
+    }
+    let (name, src) = match kernel {
+        k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") => ("rms_norm", RMS_NORM),
+        k if k.starts_with("conv1d_") => ("causal_conv1d", CONV),
+        "scan_carry" => ("selective_scan", SCAN),
+        "argmax" => ("sampling", SAMPLING),
+        k if ["gemv_", "conv_step_", "m1_step_", "m2_step_"].iter().any(|p| k.starts_with(p)) => ("decode", DECODE),
+        _ => return None,
+    };
+    Some(unit(name, src))
+}
+
+/// The units every model needs, compiled when a GPU is opened.
+pub fn base_units() -> Vec<Unit> {
+    ["add_norm_f32", "conv1d_silu_f32", "scan_carry", "argmax", "gemv_f32"].iter().filter_map(|k| unit_for(k)).collect()
+}
+
+/// Every unit (CI compiles them all).
+pub fn all_units() -> Vec<Unit> {
+    let mut v = base_units();
+    for t in SCAN_TYPES {
+        for (nmax, kind) in SCAN_SIZES {
+            v.extend(unit_for(&format!("scan_out_{t}_{nmax}{kind}")));
+        }
+    }
+    v
+}
+
+/// NVRTC's `--gpu-architecture` for a compute capability: `sm_90a` on Hopper (its own
+/// instructions), `sm_XY` elsewhere.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// The NVRTC library is loadable (checked before any call: cudarc panics on a missing library).
+pub fn nvrtc_present() -> bool {
+    unsafe { nvrtc_sys::is_culib_present() }
+}
+
+fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) }.result().map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+    Ok((major, minor))
+}
+
+fn options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into(), "-lineinfo".into()]
+}
+
+/// Compiles one module to CUBIN; the error carries NVRTC's log.
+pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    if !nvrtc_present() {
+        bail!("NVRTC (libnvrtc.so) was not found: install the CUDA runtime libraries or set LD_LIBRARY_PATH");
+    }
+    let full = CString::new(format!("{COMMON}\n{src}"))?;
+    let cname = CString::new(format!("{name}.cu"))?;
+    let prog = nvrtc::create_program(&full, Some(&cname)).map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+    let opts = options(arch);
+    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let out = match compiled {
+        Err(e) => {
+            let log = unsafe { nvrtc::get_program_log(prog) }.unwrap_or_default();
+            let log = unsafe { CStr::from_ptr(log.as_ptr()) }.to_string_lossy().into_owned();
+            Err(anyhow!("kernel {name}.cu failed to compile for {arch} ({e:?}):\n{log}"))
+        }
+        Ok(()) => unsafe {
+            let mut size = 0usize;
+            nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+            let mut bin = vec![0u8; size];
+            nvrtc_sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut _).result().map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+            Ok(bin)
+        },
+    };
+    unsafe { nvrtc::destroy_program(prog) }.ok();
+    out
+}
+
+/// FNV-1a: a stable content hash for cache keys.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for p in parts {
+        for &b in p.iter().chain(&[0xffu8]) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// `$MAMBA_LM_CACHE`, else `$XDG_CACHE_HOME/mamba-lm`, else `~/.cache/mamba-lm`; kernels under it.
+pub fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("MAMBA_LM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("mamba-lm")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/mamba-lm")))?;
+    Some(base.join("kernels"))
+}
+
+/// CUBINs of `units` for `arch`, from the disk cache where present, compiled otherwise (in
+/// parallel) and then cached. A cache that cannot be written only costs the next start time.
+pub fn load(units: &[Unit], arch: &str) -> Result<Vec<Vec<u8>>> {
+    let ver = nvrtc_version()?;
+    let dir = cache_dir();
+    let key = |u: &Unit| {
+        let v = format!("{}.{}", ver.0, ver.1);
+        let h = fnv1a(&[
+            COMMON.as_bytes(),
+            u.src.as_bytes(),
+            arch.as_bytes(),
+            v.as_bytes(),
+            options(arch).join(" ").as_bytes(),
+        ]);
+        format!("{}-{arch}-{h:016x}.cubin", u.name)
+    };
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = units
+            .iter()
+            .map(|u| {
+                let path = dir.as_ref().map(|d| d.join(key(u)));
+                s.spawn(move || -> Result<Vec<u8>> {
+                    if let Some(bin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+                        return Ok(bin);
+                    }
+                    let bin = compile(&u.name, &u.src, arch)?;
+                    if let Some(p) = &path {
+                        let _ = p.parent().map(std::fs::create_dir_all);
+                        let _ = crate::io::write_file(p, &bin, true);
+                    }
+                    Ok(bin)
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().map_err(|_| anyhow!("kernel compilation thread panicked"))?)
+            .collect::<Result<Vec<_>>>()
+    })
+    .context("compiling the CUDA kernels")
+}

@@ -1,0 +1,171 @@
+//! The CUDA backend (cargo feature `cuda`). Nothing here needs a CUDA toolkit to build: the
+//! driver, NVRTC and cuBLASLt are loaded at run time, each checked before its first use so a
+//! missing one is an error message, not a panic; the kernels are compiled by NVRTC for the
+//! device in hand and cached on disk (see [`kernels`]).
+
+pub mod bench;
+pub mod gemm;
+pub mod kernels;
+pub mod model;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use gemm::Gemm;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// cuBLASLt's recommended workspace on Hopper.
+const GEMM_WORKSPACE: usize = 32 << 20;
+
+pub(crate) fn err(e: impl std::fmt::Debug) -> anyhow::Error {
+    anyhow!("CUDA: {e:?}")
+}
+
+/// One GPU: a context, the stream all work goes to, the compiled kernels and a cuBLASLt handle.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub arch: String,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    funcs: Mutex<HashMap<String, CudaFunction>>,
+    pub gemm: Gemm,
+    _workspace: CudaSlice<u8>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, loading (compiling on first use) every kernel.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        if !unsafe { sys::is_culib_present() } {
+            bail!(
+                "no CUDA driver found (libcuda.so): this machine needs an NVIDIA GPU and its driver for --device cuda"
+            );
+        }
+        if !kernels::nvrtc_present() {
+            bail!("NVRTC (libnvrtc.so) was not found: install the CUDA runtime libraries (e.g. pip install nvidia-cuda-nvrtc) or add them to LD_LIBRARY_PATH");
+        }
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            bail!("cuBLASLt (libcublasLt.so) was not found: install the CUDA libraries or add them to LD_LIBRARY_PATH");
+        }
+        let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver found no usable GPU ({e:?})"))?;
+        if ordinal >= n as usize {
+            bail!("cuda:{ordinal} does not exist: {n} GPU(s) found");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cannot open cuda:{ordinal}: {e:?}"))?;
+        // Buffers are ordered by the one stream; per-buffer events would only add work (and
+        // nodes in captured graphs).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(err)?;
+        let (major, minor) = ctx.compute_capability().map_err(err)?;
+        let arch = kernels::arch_for(major, minor);
+        let workspace = unsafe { stream.alloc::<u8>(GEMM_WORKSPACE) }.map_err(err)?;
+        let gemm = Gemm::new(dptr(&workspace, &stream), GEMM_WORKSPACE)?;
+        let name = ctx.name().map_err(err)?;
+        let gpu = Gpu {
+            ctx,
+            stream,
+            name,
+            arch,
+            modules: Mutex::default(),
+            funcs: Mutex::default(),
+            gemm,
+            _workspace: workspace,
+        };
+        gpu.load_units(&kernels::base_units())?;
+        Ok(gpu)
+    }
+
+    /// Compiles (or takes from the disk cache) and loads `units` not loaded yet.
+    fn load_units(&self, units: &[kernels::Unit]) -> Result<()> {
+        let mut modules = self.modules.lock().unwrap();
+        let todo: Vec<kernels::Unit> = units.iter().filter(|u| !modules.contains_key(&u.name)).cloned().collect();
+        for (u, bin) in todo.iter().zip(kernels::load(&todo, &self.arch)?) {
+            let m = self
+                .ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(bin))
+                .map_err(|e| anyhow!("cannot load kernel module {} on {}: {e:?}", u.name, self.arch))?;
+            modules.insert(u.name.clone(), m);
+        }
+        Ok(())
+    }
+
+    fn func(&self, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.funcs.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let unit = kernels::unit_for(name).ok_or_else(|| anyhow!("no kernel named {name}"))?;
+        self.load_units(std::slice::from_ref(&unit))?;
+        let f = self.modules.lock().unwrap()[&unit.name]
+            .load_function(name)
+            .map_err(|e| anyhow!("kernel {name} missing from module {}: {e:?}", unit.name))?;
+        self.funcs.lock().unwrap().insert(name.into(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches kernel `name` with its parameter struct `p` (and any extra scalar `q`).
+    pub fn launch<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        p: &P,
+        q: Option<&i32>,
+    ) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, p, q)
+    }
+
+    /// [`Gpu::launch`] with `smem` bytes of dynamic shared memory (at most 48 KiB).
+    pub fn launch_smem<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+        q: Option<&i32>,
+    ) -> Result<()> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let f = self.func(name)?;
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(p);
+        if let Some(q) = q {
+            b.arg(q);
+        }
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name}: {e:?}"))?;
+        Ok(())
+    }
+
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| anyhow!("out of GPU memory? allocating {len} elements: {e:?}"))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(err)
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); len];
+        self.stream.memcpy_dtoh(&dev.slice(..len), &mut out).map_err(err)?;
+        self.sync()?;
+        Ok(out)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("a GPU kernel failed: {e:?}"))
+    }
+
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        dptr(s, &self.stream)
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(err)
+    }
+}
+
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}

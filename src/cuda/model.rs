@@ -1,0 +1,1040 @@
+//! The model on the GPU: the weights of a loaded [`Model`] uploaded in its storage type (which is
+//! also the activation type: f32, bf16 or f16), the residual stream and the SSM state in f32.
+//! [`GpuModel::forward`] enqueues one pass (prefill when `l > 1`, the recurrent step when
+//! `l == 1`) without synchronising; [`Decoder`] captures the step, argmax included, in a CUDA graph
+//! so a token costs one graph launch.
+
+use super::{err, Gpu};
+use crate::backend::Backend;
+use crate::config::{Arch, Config};
+use crate::model::{Linear, Mixer, Model, Norm};
+use crate::state::State;
+use crate::tensor::{DType, Matrix};
+use anyhow::{bail, Result};
+use cudarc::driver::{CudaGraph, CudaSlice, DeviceRepr};
+use std::sync::Mutex;
+
+/// Scan threads wanted in flight before the sequence is cut into chunks (about two per core).
+const SCAN_THREADS: usize = 1 << 18;
+/// Shortest chunk worth a pass of its own.
+const MIN_CHUNK: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AddNormParams {
+    resid: u64,
+    delta: u64,
+    table: u64,
+    tokens: u64,
+    w: u64,
+    b: u64,
+    out: u64,
+    d: i32,
+    l: i32,
+    nsel: i32,
+    eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GatedNormParams {
+    y: u64,
+    z: u64,
+    z_rs: i32,
+    w: u64,
+    gsize: i32,
+    eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvParams {
+    x: u64,
+    x_rs: i32,
+    w: u64,
+    bias: u64,
+    state: u64,
+    y: u64,
+    l: i32,
+    c: i32,
+    width: i32,
+}
+
+/// Mirrors `ScanParams` in selective_scan.cu (see the index formulas there).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct ScanParams {
+    pub u: u64,
+    pub dt: u64,
+    pub dt_bias: u64,
+    pub a2: u64,
+    pub b: u64,
+    pub c: u64,
+    pub d: u64,
+    pub z: u64,
+    pub state: u64,
+    pub y: u64,
+    pub chunk_h: u64,
+    pub chunk_dt: u64,
+    pub state_stride: i64,
+    pub u_rs: i32,
+    pub dt_rs: i32,
+    pub dt_div: i32,
+    pub a_ns: i32,
+    pub a_div: i32,
+    pub bc_rs: i32,
+    pub g_ch: i32,
+    pub d_div: i32,
+    pub z_rs: i32,
+    pub p_blk: i32,
+    pub y_rs: i32,
+    pub l: i32,
+    pub e: i32,
+    pub n: i32,
+    pub chunk: i32,
+    pub dt_min: f32,
+    pub dt_max: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ArgmaxParams {
+    logits: u64,
+    out: u64,
+    stride: i32,
+    limit: i32,
+}
+
+/// Mirrors `GemvParams` in decode.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvParams {
+    w: u64,
+    x: u64,
+    z: u64,
+    resid: u64,
+    norm_w: u64,
+    norm_b: u64,
+    y: u64,
+    out: i32,
+    inp: i32,
+    pro: i32,
+    epi: i32,
+    gsize: i32,
+    eps: f32,
+}
+
+/// `GemvParams::pro`: where x comes from.
+const PRO_PLAIN: i32 = 0;
+const PRO_NORM: i32 = 1;
+const PRO_GATED: i32 = 2;
+/// `GemvParams::epi`: where y goes.
+const EPI_STORE: i32 = 0;
+const EPI_F32: i32 = 1;
+const EPI_RESID: i32 = 2;
+/// decode.cu's gemv: 8 warps of 2 rows per block; m1_step's limits.
+const GEMV_ROWS_PER_BLOCK: usize = 16;
+const M1_MAX_N: usize = 64;
+const M2_THREADS: usize = 256;
+const M2_MAX_N: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvStepParams {
+    x: u64,
+    w: u64,
+    bias: u64,
+    state: u64,
+    y: u64,
+    c: i32,
+    width: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct M1StepParams {
+    u: u64,
+    dt: u64,
+    bc: u64,
+    dt_bias: u64,
+    a2: u64,
+    d: u64,
+    z: u64,
+    state: u64,
+    y: u64,
+    e: i32,
+    n: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct M2StepParams {
+    x: u64,
+    dt: u64,
+    dt_bias: u64,
+    a2: u64,
+    d: u64,
+    state: u64,
+    y: u64,
+    h: i32,
+    p: i32,
+    n: i32,
+    g: i32,
+    d_per_channel: i32,
+    dt_min: f32,
+    dt_max: f32,
+}
+
+unsafe impl DeviceRepr for GemvParams {}
+unsafe impl DeviceRepr for ConvStepParams {}
+unsafe impl DeviceRepr for M1StepParams {}
+unsafe impl DeviceRepr for M2StepParams {}
+unsafe impl DeviceRepr for AddNormParams {}
+unsafe impl DeviceRepr for GatedNormParams {}
+unsafe impl DeviceRepr for ConvParams {}
+unsafe impl DeviceRepr for ScanParams {}
+unsafe impl DeviceRepr for ArgmaxParams {}
+
+fn suffix(t: DType) -> &'static str {
+    match t {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+    }
+}
+
+/// Chunks the scan cuts `l` steps into, for `seqs × channels` independent recurrences: enough
+/// to fill the GPU, none shorter than [`MIN_CHUNK`]. Returns (chunks, chunk length).
+pub fn scan_chunks(seqs: usize, channels: usize, l: usize) -> (usize, usize) {
+    let want = SCAN_THREADS.div_ceil(seqs * channels).min(l / MIN_CHUNK).max(1);
+    let len = l.div_ceil(want);
+    (l.div_ceil(len), len)
+}
+
+/// Enqueues the selective scan of `p` (its `l`, `e`, `n` set) for `seqs` sequences: one pass, or
+/// the three chunked passes when that fills the GPU better. `work` must hold
+/// `seqs · chunks · e · (n + 1)` floats.
+pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scalar_a: bool, work: u64) -> Result<()> {
+    let (k, len) = scan_chunks(seqs, p.e as usize, p.l as usize);
+    p.chunk = len as i32;
+    p.chunk_h = work;
+    p.chunk_dt = work + 4 * (seqs * k * p.e as usize * p.n as usize) as u64;
+    let nmax = match (scalar_a, p.n) {
+        (_, 0..=16) => 16,
+        (_, 17..=64) => 64,
+        (true, 65..=128) => 128,
+        _ => bail!("d_state {} is not supported on the GPU (at most 64 for Mamba-1, 128 for Mamba-2)", p.n),
+    };
+    let kind = format!("{}_{nmax}{}", suffix(t), if scalar_a { "s" } else { "v" });
+    let block = 128;
+    let grid = ((p.e as u32).div_ceil(block), k as u32, seqs as u32);
+    if k > 1 {
+        gpu.launch(&format!("scan_end_{kind}"), grid, block, p, None)?;
+        let carry_grid = (((p.e * p.n) as u32).div_ceil(128), seqs as u32, 1);
+        gpu.launch("scan_carry", carry_grid, 128, p, Some(&(k as i32)))?;
+    }
+    gpu.launch(&format!("scan_out_{kind}"), grid, block, p, None)
+}
+
+/// Floats of scan workspace for `seqs` sequences of `l` steps over `e` channels, `n` states.
+pub fn scan_workspace(seqs: usize, e: usize, n: usize, l: usize) -> usize {
+    let (k, _) = scan_chunks(seqs, e, l);
+    if k == 1 {
+        0
+    } else {
+        seqs * k * e * (n + 1)
+    }
+}
+
+struct DNorm {
+    w: CudaSlice<f32>,
+    b: Option<CudaSlice<f32>>,
+    eps: f32,
+}
+
+/// A weight matrix `(out × inp)` in the model's type.
+struct DMatrix {
+    w: CudaSlice<u8>,
+    out: usize,
+    inp: usize,
+}
+
+struct DMamba1 {
+    in_proj: DMatrix,
+    conv_w: CudaSlice<f32>,
+    conv_b: Option<CudaSlice<f32>>,
+    x_proj: DMatrix,
+    dt_proj: DMatrix,
+    dt_bias: CudaSlice<f32>,
+    /// A·log2(e), `(N, E)`.
+    a2: CudaSlice<f32>,
+    d: CudaSlice<f32>,
+    out_proj: DMatrix,
+}
+
+struct DMamba2 {
+    in_proj: DMatrix,
+    conv_w: CudaSlice<f32>,
+    conv_b: Option<CudaSlice<f32>>,
+    dt_bias: CudaSlice<f32>,
+    /// A·log2(e) per head.
+    a2: CudaSlice<f32>,
+    d: CudaSlice<f32>,
+    norm_w: CudaSlice<f32>,
+    out_proj: DMatrix,
+}
+
+enum DMixer {
+    M1(DMamba1),
+    M2(DMamba2),
+}
+
+/// Recurrent state of `seqs` sequences on the device: `conv` is `(layers, seqs, W−1, C)`, `ssm`
+/// `(layers, seqs, len)` in the CPU's per-layer layouts, so moving a [`State`] is a copy.
+pub struct GpuStates {
+    conv: CudaSlice<f32>,
+    ssm: CudaSlice<f32>,
+    pub seqs: usize,
+    conv_len: usize,
+    ssm_len: usize,
+}
+
+/// Activation buffers for up to `rows` rows (`seqs` sequences) of one forward pass.
+struct Buffers {
+    rows: usize,
+    seqs: usize,
+    /// Rows of logits.
+    logit_rows: usize,
+    tokens: CudaSlice<u32>,
+    resid: CudaSlice<f32>,
+    h: CudaSlice<u8>,
+    xz: CudaSlice<u8>,
+    xc: CudaSlice<u8>,
+    xdbl: CudaSlice<u8>,
+    dt: CudaSlice<u8>,
+    y: CudaSlice<u8>,
+    out: CudaSlice<u8>,
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<u32>,
+    scan: CudaSlice<f32>,
+}
+
+pub struct GpuModel {
+    pub gpu: Gpu,
+    pub cfg: Config,
+    /// Weights and activations.
+    pub dtype: DType,
+    embedding: DMatrix,
+    lm_head: Option<DMatrix>,
+    norm_f: DNorm,
+    layers: Vec<(DNorm, DMixer)>,
+    /// Buffers of the last eager forward, reused while large enough.
+    bufs: Mutex<Option<Buffers>>,
+}
+
+impl GpuModel {
+    /// Uploads `model` to `gpu`. Its weights keep their storage type, which becomes the
+    /// activation type.
+    pub fn new(gpu: Gpu, model: &Model) -> Result<GpuModel> {
+        let cfg = model.cfg.clone();
+        if cfg.bias {
+            bail!("projection biases (bias = true) are not supported on the GPU yet");
+        }
+        if cfg.d_conv > 8 {
+            bail!("d_conv {} is not supported on the GPU (at most 8)", cfg.d_conv);
+        }
+        let up = |v: &[f32]| gpu.upload(v);
+        let mat = |m: &Matrix| -> Result<DMatrix> {
+            Ok(DMatrix { w: gpu.upload(&m.data.to_le_bytes())?, out: m.rows, inp: m.cols })
+        };
+        let lin = |l: &Linear| mat(&l.w);
+        let norm = |n: &Norm| -> Result<DNorm> {
+            Ok(DNorm { w: up(&n.w)?, b: n.b.as_deref().map(up).transpose()?, eps: n.eps })
+        };
+        let log2e = std::f32::consts::LOG2_E;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for layer in &model.layers {
+            let mixer = match &layer.mixer {
+                Mixer::M1(m) => DMixer::M1(DMamba1 {
+                    in_proj: lin(&m.in_proj)?,
+                    conv_w: up(&m.conv_w)?,
+                    conv_b: m.conv_b.as_deref().map(up).transpose()?,
+                    x_proj: lin(&m.x_proj)?,
+                    dt_proj: lin(&m.dt_proj)?,
+                    dt_bias: up(&m.dt_bias)?,
+                    a2: up(&m.a.iter().map(|a| a * log2e).collect::<Vec<_>>())?,
+                    d: up(&m.d)?,
+                    out_proj: lin(&m.out_proj)?,
+                }),
+                Mixer::M2(m) => {
+                    if m.d_mlp > 0 {
+                        bail!("Mamba-2 layers with an MLP branch (d_ssm < d_inner) are not supported on the GPU yet");
+                    }
+                    DMixer::M2(DMamba2 {
+                        in_proj: lin(&m.in_proj)?,
+                        conv_w: up(&m.conv_w)?,
+                        conv_b: m.conv_b.as_deref().map(up).transpose()?,
+                        dt_bias: up(&m.dt_bias)?,
+                        a2: up(&m.a.iter().map(|a| a * log2e).collect::<Vec<_>>())?,
+                        d: up(&m.d)?,
+                        norm_w: up(&m.norm_w)?,
+                        out_proj: lin(&m.out_proj)?,
+                    })
+                }
+            };
+            layers.push((norm(&layer.norm)?, mixer));
+        }
+        let embedding = mat(&model.embedding)?;
+        let lm_head = model.lm_head.as_ref().map(mat).transpose()?;
+        let norm_f = norm(&model.norm_f)?;
+        gpu.sync()?;
+        Ok(GpuModel { cfg, dtype: model.dtype, embedding, lm_head, norm_f, layers, bufs: Mutex::default(), gpu })
+    }
+
+    /// Zeroed state for `seqs` sequences.
+    pub fn new_states(&self, seqs: usize) -> Result<GpuStates> {
+        let fresh = State::new(&self.cfg);
+        let (conv_len, ssm_len) = (fresh.layers[0].conv.len(), fresh.layers[0].ssm.len());
+        let n = self.cfg.n_layer * seqs;
+        let s = &self.gpu.stream;
+        Ok(GpuStates {
+            conv: s.alloc_zeros(n * conv_len.max(1)).map_err(err)?,
+            ssm: s.alloc_zeros(n * ssm_len).map_err(err)?,
+            seqs,
+            conv_len,
+            ssm_len,
+        })
+    }
+
+    /// Resets every slot of `states` to the empty state.
+    pub fn zero_states(&self, states: &mut GpuStates) -> Result<()> {
+        self.gpu.stream.memset_zeros(&mut states.conv).map_err(err)?;
+        self.gpu.stream.memset_zeros(&mut states.ssm).map_err(err)
+    }
+
+    /// Bytes of recurrent state per sequence.
+    pub fn state_bytes(&self) -> usize {
+        4 * self.cfg.state_floats()
+    }
+
+    /// Copies `state` into slot `i` of `states`.
+    pub fn set_state(&self, states: &mut GpuStates, i: usize, state: &State) -> Result<()> {
+        state.check(&self.cfg)?;
+        for (li, ls) in state.layers.iter().enumerate() {
+            let at = li * states.seqs + i;
+            let s = &self.gpu.stream;
+            s.memcpy_htod(&ls.conv, &mut states.conv.slice_mut(at * states.conv_len..(at + 1) * states.conv_len))
+                .map_err(err)?;
+            s.memcpy_htod(&ls.ssm, &mut states.ssm.slice_mut(at * states.ssm_len..(at + 1) * states.ssm_len))
+                .map_err(err)?;
+        }
+        self.gpu.sync()
+    }
+
+    /// The state in slot `i`, after `pos` tokens.
+    pub fn get_state(&self, states: &GpuStates, i: usize, pos: u64) -> Result<State> {
+        let mut st = State::new(&self.cfg);
+        st.pos = pos;
+        let s = &self.gpu.stream;
+        for (li, ls) in st.layers.iter_mut().enumerate() {
+            let at = li * states.seqs + i;
+            s.memcpy_dtoh(&states.conv.slice(at * states.conv_len..(at + 1) * states.conv_len), &mut ls.conv)
+                .map_err(err)?;
+            s.memcpy_dtoh(&states.ssm.slice(at * states.ssm_len..(at + 1) * states.ssm_len), &mut ls.ssm)
+                .map_err(err)?;
+        }
+        self.gpu.sync()?;
+        Ok(st)
+    }
+
+    /// Bytes of weights read per decoded token.
+    pub fn weight_bytes(&self) -> usize {
+        let m = |x: &DMatrix| x.w.len();
+        let mix: usize = self
+            .layers
+            .iter()
+            .map(|(_, mx)| match mx {
+                DMixer::M1(a) => m(&a.in_proj) + m(&a.x_proj) + m(&a.dt_proj) + m(&a.out_proj),
+                DMixer::M2(a) => m(&a.in_proj) + m(&a.out_proj),
+            })
+            .sum();
+        mix + m(self.lm_head.as_ref().unwrap_or(&self.embedding))
+    }
+
+    fn alloc_buffers(&self, seqs: usize, l: usize, n_logits: usize) -> Result<Buffers> {
+        let c = &self.cfg;
+        let rows = seqs * l;
+        let es = self.dtype.size();
+        let g = &self.gpu;
+        let (xz_w, xc_w, xdbl_w, dt_w, y_w, scan) = match c.arch {
+            Arch::Mamba1 => {
+                let xd = c.dt_rank + 2 * c.d_state;
+                (2 * c.d_inner, c.d_inner, xd, c.d_inner, c.d_inner, scan_workspace(seqs, c.d_inner, c.d_state, l))
+            }
+            Arch::Mamba2 => (c.d_in_proj(), c.conv_dim(), 0, 0, c.d_ssm, scan_workspace(seqs, c.d_ssm, c.d_state, l)),
+        };
+        Ok(Buffers {
+            rows,
+            seqs,
+            logit_rows: seqs * n_logits,
+            tokens: g.alloc(rows)?,
+            resid: g.alloc(rows * c.d_model)?,
+            h: g.alloc(rows * c.d_model * es)?,
+            xz: g.alloc(rows * xz_w * es)?,
+            xc: g.alloc(rows * xc_w * es)?,
+            xdbl: g.alloc(rows * xdbl_w * es)?,
+            dt: g.alloc(rows * dt_w * es)?,
+            y: g.alloc(rows * y_w * es)?,
+            out: g.alloc(rows * c.d_model * es)?,
+            logits: g.alloc(seqs * n_logits * c.vocab_padded)?,
+            ids: g.alloc(seqs)?,
+            scan: g.alloc(scan)?,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(&self, w: &DMatrix, x: u64, x_rs: usize, rows: usize, y: u64, y_rs: usize, y_f32: bool) -> Result<()> {
+        let g = &self.gpu;
+        g.gemm.matmul(g.stream.cu_stream(), self.dtype, g.ptr(&w.w), w.out, w.inp, x, x_rs, rows, y, y_rs, y_f32)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm(
+        &self,
+        n: &DNorm,
+        b: &Buffers,
+        seqs: usize,
+        delta: Option<u64>,
+        embed: bool,
+        l: usize,
+        nsel: usize,
+        out: u64,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let p = AddNormParams {
+            resid: g.ptr(&b.resid),
+            delta: delta.unwrap_or(0),
+            table: if embed { g.ptr(&self.embedding.w) } else { 0 },
+            tokens: if embed { g.ptr(&b.tokens) } else { 0 },
+            w: g.ptr(&n.w),
+            b: n.b.as_ref().map_or(0, |b| g.ptr(b)),
+            out,
+            d: self.cfg.d_model as i32,
+            l: l as i32,
+            nsel: nsel as i32,
+            eps: n.eps,
+        };
+        g.launch(&format!("add_norm_{}", suffix(self.dtype)), ((seqs * nsel) as u32, 1, 1), 256, &p, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &self,
+        x: u64,
+        x_rs: usize,
+        w: &CudaSlice<f32>,
+        bias: &Option<CudaSlice<f32>>,
+        state: u64,
+        y: u64,
+        seqs: usize,
+        l: usize,
+        ch: usize,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let p = ConvParams {
+            x,
+            x_rs: x_rs as i32,
+            w: g.ptr(w),
+            bias: bias.as_ref().map_or(0, |b| g.ptr(b)),
+            state,
+            y,
+            l: l as i32,
+            c: ch as i32,
+            width: self.cfg.d_conv as i32,
+        };
+        let t = suffix(self.dtype);
+        let cb = (ch as u32).div_ceil(128);
+        g.launch(&format!("conv1d_silu_{t}"), (cb, (l as u32).div_ceil(16), seqs as u32), 128, &p, None)?;
+        g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
+    }
+
+    /// The scan parameters of a Mamba-2 layer (channels = heads × headdim; δ and A per head,
+    /// B and C per group), reading in_proj's output `zx` and the conv output `xbc`.
+    #[allow(clippy::too_many_arguments)]
+    fn m2_scan_params(
+        &self,
+        m: &DMamba2,
+        zx: u64,
+        xbc: u64,
+        state: u64,
+        y: u64,
+        st: &GpuStates,
+        l: usize,
+    ) -> ScanParams {
+        let c = &self.cfg;
+        let g = &self.gpu;
+        let es = self.dtype.size() as u64;
+        let (n, hp, gr, ds) = (c.d_state, c.headdim, c.ngroups, c.d_ssm);
+        let (w_in, cd) = (c.d_in_proj(), c.conv_dim());
+        ScanParams {
+            u: xbc,
+            dt: zx + es * (ds + cd) as u64,
+            dt_bias: g.ptr(&m.dt_bias),
+            a2: g.ptr(&m.a2),
+            b: xbc + es * ds as u64,
+            c: xbc + es * (ds + gr * n) as u64,
+            d: g.ptr(&m.d),
+            z: 0,
+            state,
+            y,
+            state_stride: st.ssm_len as i64,
+            u_rs: cd as i32,
+            dt_rs: w_in as i32,
+            dt_div: hp as i32,
+            a_ns: 0,
+            a_div: hp as i32,
+            bc_rs: cd as i32,
+            g_ch: (ds / gr) as i32,
+            d_div: if c.d_has_hdim { 1 } else { hp as i32 },
+            z_rs: 0,
+            p_blk: hp as i32,
+            y_rs: ds as i32,
+            l: l as i32,
+            e: ds as i32,
+            n: n as i32,
+            dt_min: c.dt_limit.0,
+            dt_max: c.dt_limit.1,
+            ..Default::default()
+        }
+    }
+
+    /// Enqueues one pass over `seqs` sequences of `l` tokens (already in `b.tokens`), advancing
+    /// slots `first..first + seqs` of `st`; the last `n_logits` positions' logits of each go to
+    /// `b.logits`.
+    fn forward(&self, b: &Buffers, st: &GpuStates, first: usize, seqs: usize, l: usize, n_logits: usize) -> Result<()> {
+        let c = &self.cfg;
+        let g = &self.gpu;
+        let (rows, es, dm) = (seqs * l, self.dtype.size() as u64, c.d_model);
+        let (h, out) = (g.ptr(&b.h), g.ptr(&b.out));
+        for (i, (norm, mixer)) in self.layers.iter().enumerate() {
+            let delta = if i == 0 { None } else { Some(out) };
+            self.add_norm(norm, b, seqs, delta, i == 0, l, l, h)?;
+            let conv_state = g.ptr(&st.conv) + 4 * ((i * st.seqs + first) * st.conv_len) as u64;
+            let ssm_state = g.ptr(&st.ssm) + 4 * ((i * st.seqs + first) * st.ssm_len) as u64;
+            match mixer {
+                DMixer::M1(m) => {
+                    let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
+                    let (xz, xc, xdbl, dt, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.xdbl), g.ptr(&b.dt), g.ptr(&b.y));
+                    let xdw = r + 2 * n;
+                    self.gemm(&m.in_proj, h, dm, rows, xz, 2 * e, false)?;
+                    self.conv(xz, 2 * e, &m.conv_w, &m.conv_b, conv_state, xc, seqs, l, e)?;
+                    self.gemm(&m.x_proj, xc, e, rows, xdbl, xdw, false)?;
+                    self.gemm(&m.dt_proj, xdbl, xdw, rows, dt, e, false)?;
+                    let mut p = ScanParams {
+                        u: xc,
+                        dt,
+                        dt_bias: g.ptr(&m.dt_bias),
+                        a2: g.ptr(&m.a2),
+                        b: xdbl + es * r as u64,
+                        c: xdbl + es * (r + n) as u64,
+                        d: g.ptr(&m.d),
+                        z: xz + es * e as u64,
+                        state: ssm_state,
+                        y,
+                        state_stride: st.ssm_len as i64,
+                        u_rs: e as i32,
+                        dt_rs: e as i32,
+                        dt_div: 1,
+                        a_ns: e as i32,
+                        a_div: 1,
+                        bc_rs: xdw as i32,
+                        g_ch: e as i32,
+                        d_div: 1,
+                        z_rs: 2 * e as i32,
+                        p_blk: e as i32,
+                        y_rs: e as i32,
+                        l: l as i32,
+                        e: e as i32,
+                        n: n as i32,
+                        dt_min: 0.0,
+                        dt_max: f32::INFINITY,
+                        ..Default::default()
+                    };
+                    selective_scan(g, self.dtype, &mut p, seqs, false, g.ptr(&b.scan))?;
+                    self.gemm(&m.out_proj, y, e, rows, out, dm, false)?;
+                }
+                DMixer::M2(m) => {
+                    let (gr, ds) = (c.ngroups, c.d_ssm);
+                    let (w_in, cd) = (c.d_in_proj(), c.conv_dim());
+                    let (zx, xbc, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.y));
+                    self.gemm(&m.in_proj, h, dm, rows, zx, w_in, false)?;
+                    self.conv(zx + es * ds as u64, w_in, &m.conv_w, &m.conv_b, conv_state, xbc, seqs, l, cd)?;
+                    let mut p = self.m2_scan_params(m, zx, xbc, ssm_state, y, st, l);
+                    selective_scan(g, self.dtype, &mut p, seqs, true, g.ptr(&b.scan))?;
+                    let gp = GatedNormParams {
+                        y,
+                        z: zx,
+                        z_rs: w_in as i32,
+                        w: g.ptr(&m.norm_w),
+                        gsize: (ds / gr) as i32,
+                        eps: c.norm_eps,
+                    };
+                    g.launch(
+                        &format!("gated_norm_{}", suffix(self.dtype)),
+                        (rows as u32, gr as u32, 1),
+                        256,
+                        &gp,
+                        None,
+                    )?;
+                    self.gemm(&m.out_proj, y, ds, rows, out, dm, false)?;
+                }
+            }
+        }
+        if n_logits == 0 {
+            return Ok(());
+        }
+        // Only the positions that give logits go through the final norm and the head.
+        self.add_norm(&self.norm_f, b, seqs, Some(out), false, l, n_logits, h)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
+        self.gemm(head, h, dm, seqs * n_logits, g.ptr(&b.logits), c.vocab_padded, true)
+    }
+
+    /// `y = W·x` for one row, x built by the `p.pro` prologue (see decode.cu).
+    fn gemv(&self, w: &DMatrix, mut p: GemvParams) -> Result<()> {
+        p.w = self.gpu.ptr(&w.w);
+        p.out = w.out as i32;
+        p.inp = w.inp as i32;
+        let grid = (w.out.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
+        self.gpu.launch_smem(&format!("gemv_{}", suffix(self.dtype)), grid, 256, 4 * w.inp as u32, &p, None)
+    }
+
+    fn norm_gemv(&self, w: &DMatrix, n: &DNorm, resid: u64, y: u64, epi: i32) -> Result<()> {
+        let g = &self.gpu;
+        let p = GemvParams {
+            resid,
+            norm_w: g.ptr(&n.w),
+            norm_b: n.b.as_ref().map_or(0, |b| g.ptr(b)),
+            y,
+            pro: PRO_NORM,
+            epi,
+            eps: n.eps,
+            ..Default::default()
+        };
+        self.gemv(w, p)
+    }
+
+    fn conv_step(
+        &self,
+        x: u64,
+        w: &CudaSlice<f32>,
+        bias: &Option<CudaSlice<f32>>,
+        state: u64,
+        y: u64,
+        ch: usize,
+    ) -> Result<()> {
+        let g = &self.gpu;
+        let p = ConvStepParams {
+            x,
+            w: g.ptr(w),
+            bias: bias.as_ref().map_or(0, |b| g.ptr(b)),
+            state,
+            y,
+            c: ch as i32,
+            width: self.cfg.d_conv as i32,
+        };
+        g.launch(&format!("conv_step_{}", suffix(self.dtype)), ((ch as u32).div_ceil(128), 1, 1), 128, &p, None)
+    }
+
+    /// Whether the batch-1 step can take the fused kernels of decode.cu (shared-memory limits).
+    fn fused_step_ok(&self) -> bool {
+        let c = &self.cfg;
+        let widest = c.d_model.max(c.d_inner);
+        let mixer_ok = match c.arch {
+            Arch::Mamba1 => c.d_state <= M1_MAX_N,
+            Arch::Mamba2 => c.headdim <= M2_THREADS && M2_THREADS.is_multiple_of(c.headdim) && c.d_state <= M2_MAX_N,
+        };
+        widest <= 12 * 1024 && mixer_ok
+    }
+
+    /// The recurrent step of one sequence (slot `first` of `st`, token in `b.tokens`) through
+    /// decode.cu's fused kernels: per layer the norm rides in in_proj's prologue and the residual
+    /// add in out_proj's epilogue. Logits go to `b.logits`.
+    fn forward_step1(&self, b: &Buffers, st: &GpuStates, first: usize) -> Result<()> {
+        let c = &self.cfg;
+        let g = &self.gpu;
+        let es = self.dtype.size() as u64;
+        let (resid, h) = (g.ptr(&b.resid), g.ptr(&b.h));
+        // The embedding row into the residual stream (the norm it also computes is unused).
+        self.add_norm(&self.layers[0].0, b, 1, None, true, 1, 1, h)?;
+        for (i, (norm, mixer)) in self.layers.iter().enumerate() {
+            let conv_state = g.ptr(&st.conv) + 4 * ((i * st.seqs + first) * st.conv_len) as u64;
+            let ssm_state = g.ptr(&st.ssm) + 4 * ((i * st.seqs + first) * st.ssm_len) as u64;
+            match mixer {
+                DMixer::M1(m) => {
+                    let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
+                    let (xz, xc, xdbl, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.xdbl), g.ptr(&b.y));
+                    self.norm_gemv(&m.in_proj, norm, resid, xz, EPI_STORE)?;
+                    self.conv_step(xz, &m.conv_w, &m.conv_b, conv_state, xc, e)?;
+                    self.gemv(
+                        &m.x_proj,
+                        GemvParams { x: xc, y: xdbl, pro: PRO_PLAIN, epi: EPI_STORE, ..Default::default() },
+                    )?;
+                    let dt = g.ptr(&b.dt);
+                    self.gemv(
+                        &m.dt_proj,
+                        GemvParams { x: xdbl, y: dt, pro: PRO_PLAIN, epi: EPI_STORE, ..Default::default() },
+                    )?;
+                    let p = M1StepParams {
+                        u: xc,
+                        dt,
+                        bc: xdbl + es * r as u64,
+                        dt_bias: g.ptr(&m.dt_bias),
+                        a2: g.ptr(&m.a2),
+                        d: g.ptr(&m.d),
+                        z: xz + es * e as u64,
+                        state: ssm_state,
+                        y,
+                        e: e as i32,
+                        n: n as i32,
+                    };
+                    g.launch(
+                        &format!("m1_step_{}", suffix(self.dtype)),
+                        ((e as u32).div_ceil(128), 1, 1),
+                        128,
+                        &p,
+                        None,
+                    )?;
+                    self.gemv(
+                        &m.out_proj,
+                        GemvParams { x: y, resid, pro: PRO_PLAIN, epi: EPI_RESID, ..Default::default() },
+                    )?;
+                }
+                DMixer::M2(m) => {
+                    let (gr, ds, cd) = (c.ngroups, c.d_ssm, c.conv_dim());
+                    let (zx, xbc, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.y));
+                    self.norm_gemv(&m.in_proj, norm, resid, zx, EPI_STORE)?;
+                    self.conv_step(zx + es * ds as u64, &m.conv_w, &m.conv_b, conv_state, xbc, cd)?;
+                    let p = M2StepParams {
+                        x: xbc,
+                        dt: zx + es * (ds + cd) as u64,
+                        dt_bias: g.ptr(&m.dt_bias),
+                        a2: g.ptr(&m.a2),
+                        d: g.ptr(&m.d),
+                        state: ssm_state,
+                        y,
+                        h: c.nheads() as i32,
+                        p: c.headdim as i32,
+                        n: c.d_state as i32,
+                        g: gr as i32,
+                        d_per_channel: c.d_has_hdim as i32,
+                        dt_min: c.dt_limit.0,
+                        dt_max: c.dt_limit.1,
+                    };
+                    g.launch(
+                        &format!("m2_step_{}", suffix(self.dtype)),
+                        (c.nheads() as u32, 1, 1),
+                        M2_THREADS as u32,
+                        &p,
+                        None,
+                    )?;
+                    let gp = GemvParams {
+                        x: y,
+                        z: zx,
+                        resid,
+                        norm_w: g.ptr(&m.norm_w),
+                        pro: PRO_GATED,
+                        epi: EPI_RESID,
+                        gsize: (ds / gr) as i32,
+                        eps: c.norm_eps,
+                        ..Default::default()
+                    };
+                    self.gemv(&m.out_proj, gp)?;
+                }
+            }
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
+        self.norm_gemv(head, &self.norm_f, resid, g.ptr(&b.logits), EPI_F32)
+    }
+
+    /// Runs `seqs` sequences of `l` tokens each (`tokens` row-major) from slots
+    /// `first..first + seqs` of `st`, and returns the logits of each one's last `n_logits`
+    /// positions.
+    pub fn run(&self, tokens: &[u32], l: usize, st: &GpuStates, first: usize, n_logits: usize) -> Result<Vec<f32>> {
+        let seqs = tokens.len() / l.max(1);
+        let v = self.cfg.vocab_padded;
+        if l == 0 || tokens.len() != seqs * l || first + seqs > st.seqs || n_logits > l {
+            bail!(
+                "GPU forward: {} tokens do not make {seqs} sequences of {l} in slots from {first} of {}",
+                tokens.len(),
+                st.seqs
+            );
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+        }
+        let mut guard = self.bufs.lock().unwrap();
+        let fits = guard.as_ref().is_some_and(|b| {
+            b.seqs >= seqs && b.rows >= seqs * l && b.logit_rows >= seqs * n_logits && b.fits_scan(self, seqs, l)
+        });
+        if !fits {
+            *guard = None; // free the old buffers before allocating larger ones
+            *guard = Some(self.alloc_buffers(seqs, l, n_logits)?);
+        }
+        let b = guard.as_mut().unwrap();
+        let mut dst = b.tokens.slice_mut(..tokens.len());
+        self.gpu.stream.memcpy_htod(tokens, &mut dst).map_err(err)?;
+        self.forward(b, st, first, seqs, l, n_logits)?;
+        self.gpu.download(&b.logits, seqs * n_logits * v)
+    }
+
+    /// Captures the decode step of slots `0..seqs` of `st` in a CUDA graph; `vocab_limit` bounds
+    /// the argmax it ends with.
+    pub fn decoder(&self, st: &GpuStates, vocab_limit: usize) -> Result<Decoder<'_>> {
+        let seqs = st.seqs;
+        let mut bufs = self.alloc_buffers(seqs, 1, 1)?;
+        let g = &self.gpu;
+        // Create every cuBLASLt plan and load every kernel before capture, on scratch states
+        // (capture records work without running it; this warm-up runs it).
+        g.stream.memset_zeros(&mut bufs.tokens).map_err(err)?;
+        let fused = seqs == 1 && self.fused_step_ok();
+        let step = |b: &Buffers, s: &GpuStates| {
+            if fused {
+                self.forward_step1(b, s, 0)
+            } else {
+                self.forward(b, s, 0, seqs, 1, 1)
+            }
+        };
+        step(&bufs, &self.new_states(seqs)?)?;
+        g.sync()?;
+        let stream = &g.stream;
+        stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(err)?;
+        let captured = step(&bufs, st).and_then(|()| {
+            let p = ArgmaxParams {
+                logits: g.ptr(&bufs.logits),
+                out: g.ptr(&bufs.ids),
+                stride: self.cfg.vocab_padded as i32,
+                limit: vocab_limit.min(self.cfg.vocab_padded) as i32,
+            };
+            g.launch("argmax", (seqs as u32, 1, 1), 1024, &p, None)?;
+            // The greedy token becomes the next step's input, so greedy decoding can run on the
+            // device without the host in the loop.
+            stream.memcpy_dtod(&bufs.ids, &mut bufs.tokens).map_err(err)
+        });
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)).map_err(err);
+        captured?;
+        let graph = graph?.ok_or_else(|| anyhow::anyhow!("CUDA graph capture produced no graph"))?;
+        graph.upload().map_err(err)?;
+        Ok(Decoder { model: self, bufs, graph, seqs })
+    }
+}
+
+impl Buffers {
+    fn fits_scan(&self, m: &GpuModel, seqs: usize, l: usize) -> bool {
+        let (e, n) = match m.cfg.arch {
+            Arch::Mamba1 => (m.cfg.d_inner, m.cfg.d_state),
+            Arch::Mamba2 => (m.cfg.d_ssm, m.cfg.d_state),
+        };
+        self.scan.len() >= scan_workspace(seqs, e, n, l)
+    }
+}
+
+/// The decode step of a fixed batch, replayed from a CUDA graph.
+pub struct Decoder<'a> {
+    model: &'a GpuModel,
+    bufs: Buffers,
+    graph: CudaGraph,
+    pub seqs: usize,
+}
+
+impl Decoder<'_> {
+    /// Feeds one token per sequence (enqueued, not waited for).
+    pub fn step(&mut self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() != self.seqs {
+            bail!("decode step: {} tokens for {} sequences", tokens.len(), self.seqs);
+        }
+        let v = self.model.cfg.vocab_padded;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+        }
+        self.model.gpu.stream.memcpy_htod(tokens, &mut self.bufs.tokens).map_err(err)?;
+        self.graph.launch().map_err(err)
+    }
+
+    /// Feeds each sequence its greedy token from the previous step (or what `step` gave).
+    pub fn step_greedy(&mut self) -> Result<()> {
+        self.graph.launch().map_err(err)
+    }
+
+    /// The greedy next token of each sequence after the last step.
+    pub fn argmax(&self) -> Result<Vec<u32>> {
+        self.model.gpu.download(&self.bufs.ids, self.seqs)
+    }
+
+    /// The logits of each sequence after the last step.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        self.model.gpu.download(&self.bufs.logits, self.seqs * self.model.cfg.vocab_padded)
+    }
+}
+
+/// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps replayed from a
+/// CUDA graph over all slots (a slot not fed this step gets a placeholder token: its state is
+/// no longer wanted, generation took it when the sequence finished).
+pub struct GpuRun<'m> {
+    model: &'m GpuModel,
+    states: Option<GpuStates>,
+    pos: Vec<u64>,
+    decoder: Option<Decoder<'m>>,
+}
+
+impl<'m> GpuRun<'m> {
+    pub fn new(model: &'m GpuModel) -> GpuRun<'m> {
+        GpuRun { model, states: None, pos: vec![], decoder: None }
+    }
+}
+
+impl Backend for GpuRun<'_> {
+    fn cfg(&self) -> &Config {
+        &self.model.cfg
+    }
+
+    fn begin(&mut self, states: Vec<State>) -> Result<()> {
+        self.decoder = None;
+        self.states = None;
+        let mut st = self.model.new_states(states.len())?;
+        for (i, s) in states.iter().enumerate() {
+            self.model.set_state(&mut st, i, s)?;
+        }
+        self.pos = states.iter().map(|s| s.pos).collect();
+        self.states = Some(st);
+        Ok(())
+    }
+
+    fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        slots.iter().for_each(|&i| self.pos[i] += l as u64);
+        let v = self.model.cfg.vocab_padded;
+        if l == 1 && n_logits == 1 {
+            if self.decoder.is_none() {
+                // The graph holds `st`'s device addresses: `begin` drops it before the states.
+                self.decoder = Some(self.model.decoder(st, self.model.cfg.vocab_size)?);
+            }
+            let dec = self.decoder.as_mut().unwrap();
+            let mut all = vec![0u32; dec.seqs];
+            slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
+            dec.step(&all)?;
+            let logits = dec.logits()?;
+            return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
+        }
+        if slots.windows(2).any(|w| w[1] != w[0] + 1) {
+            bail!("GPU prefill needs consecutive slots");
+        }
+        self.model.run(tokens, l, st, slots[0], n_logits)
+    }
+
+    fn state(&mut self, i: usize) -> Result<State> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        self.model.get_state(st, i, self.pos[i])
+    }
+}

@@ -1,0 +1,70 @@
+// Causal depthwise conv1d + SiLU over time, per channel, with the last W−1 inputs of each
+// sequence carried in an f32 state (so prefill in pieces and the decode step share one kernel).
+//
+// conv1d_silu: one thread per (channel, run of RUN time steps); consecutive threads take
+// consecutive channels, so every load and store is coalesced across the warp. The thread keeps
+// its W-tap window in registers, so each input is read from memory about once (plus W−1 per
+// run). Bytes: 2·(read + write) per element in 16-bit types; ~2W FLOPs per element.
+//
+// conv1d_state: afterwards, the new state is the last W−1 inputs of [old state, x]; one thread
+// per channel, in place (it reads index L+j ≥ j before writing j).
+
+#define CONV_RUN 16
+#define CONV_MAX_W 8
+
+struct ConvParams {
+    const void* x;        // input channel c of row (s·L + t) at x[row·x_rs + c], T
+    int x_rs;
+    const float* w;       // (W, C) tap-major
+    const float* bias;    // (C) or null
+    float* state;         // (S, W−1, C): the W−1 inputs before this call
+    void* y;              // (S·L, C) T
+    int L, C, W;
+};
+
+template <typename T> __device__ void conv1d_silu(const ConvParams p) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= p.C) return;
+    const int s = blockIdx.z, t0 = blockIdx.y * CONV_RUN, W = p.W;
+    const T* x = (const T*)p.x + (long)s * p.L * p.x_rs + c;
+    const float* st = p.state + (long)s * (W - 1) * p.C + c;
+    float win[CONV_MAX_W];  // win[k]: input at time t − (W−1) + k
+    float wt[CONV_MAX_W];
+#pragma unroll
+    for (int k = 0; k < CONV_MAX_W; k++) {
+        wt[k] = k < W ? p.w[k * p.C + c] : 0.0f;
+        const int t = t0 - (W - 1) + k;  // the window before the run's first step
+        win[k] = k >= W - 1 ? 0.0f : (t >= 0 ? to_f32(x[(long)t * p.x_rs]) : st[(t + W - 1) * p.C]);
+    }
+    const float b = p.bias ? p.bias[c] : 0.0f;
+    T* y = (T*)p.y + (long)s * p.L * p.C + c;
+    const int t1 = min(t0 + CONV_RUN, p.L);
+    for (int t = t0; t < t1; t++) {
+        const float xt = to_f32(x[(long)t * p.x_rs]);
+        float acc = b;
+#pragma unroll
+        for (int k = 0; k < CONV_MAX_W; k++)
+            if (k == W - 1) win[k] = xt;  // constant indices keep `win` in registers
+#pragma unroll
+        for (int k = 0; k < CONV_MAX_W; k++)
+            if (k < W) acc += wt[k] * win[k];
+        y[(long)t * p.C] = from_f32<T>(silu(acc));
+#pragma unroll
+        for (int k = 0; k + 1 < CONV_MAX_W; k++)
+            if (k + 1 < W) win[k] = win[k + 1];
+    }
+}
+FOR_EACH_TYPE(conv1d_silu, ConvParams, 128)
+
+template <typename T> __device__ void conv1d_state(const ConvParams p) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= p.C) return;
+    const int s = blockIdx.y, h = p.W - 1;
+    const T* x = (const T*)p.x + (long)s * p.L * p.x_rs + c;
+    float* st = p.state + (long)s * h * p.C + c;
+    for (int j = 0; j < h; j++) {
+        const int src = p.L + j;  // index into [old state (h), x (L)]
+        st[j * p.C] = src < h ? st[src * p.C] : to_f32(x[(long)(src - h) * p.x_rs]);
+    }
+}
+FOR_EACH_TYPE(conv1d_state, ConvParams, 128)

@@ -1,0 +1,52 @@
+// Shared by every kernel (prepended to each .cu before NVRTC compiles it). Element types are
+// defined here rather than taken from cuda_bf16.h / cuda_fp16.h, which NVRTC only finds with a
+// toolkit installed: bf16 is the top half of an f32, and PTX converts both 16-bit types.
+typedef unsigned short u16;
+typedef float f32;
+struct bf16 { u16 bits; };
+struct f16 { u16 bits; };
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __uint_as_float(((unsigned)v.bits) << 16); }
+__device__ __forceinline__ float to_f32(f16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ bf16 from_f32<bf16>(float v) {
+    bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
+    f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+// log(1 + e^x), linear above 20 as in the official kernels.
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+
+// Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+    __syncthreads();  // `part` may still be read by a previous call
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? part[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One extern "C" entry point per element type, named KERNEL_f32 / _bf16 / _f16, each taking the
+// kernel's parameter struct by value.
+#define FOR_EACH_TYPE(KERNEL, PARAMS, THREADS)                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) KERNEL##_f32(const PARAMS p) { KERNEL<f32>(p); } \
+    extern "C" __global__ void __launch_bounds__(THREADS) KERNEL##_bf16(const PARAMS p) { KERNEL<bf16>(p); } \
+    extern "C" __global__ void __launch_bounds__(THREADS) KERNEL##_f16(const PARAMS p) { KERNEL<f16>(p); }

@@ -1,0 +1,146 @@
+// The selective scan of Mamba-1, fused: softplus(δ + bias) discretisation, the recurrence
+// h_t = exp(δ_t A) h_t−1 + δ_t B_t u_t, the readout y_t = C_t·h_t + D u_t and the SiLU(z) gate in
+// one pass over the inputs, with the state in f32 registers. Mamba-2's SSD is the same recurrence
+// with δ and A shared by the P channels of a head and B, C shared by a group, so it runs here too
+// (channel c = head·P + p; see the index parameters).
+//
+// Parallel over the sequence as well as the channels, so batch 1 with a long sequence fills the
+// GPU (the official kernel walks L sequentially per channel block):
+//   scan_end   (when L is cut into K chunks) each thread scans one (channel, chunk) from a zero
+//              state and writes the chunk's end state and Σδ over the chunk;
+//   scan_carry one thread per (channel, state) walks the K chunk summaries: the state entering
+//              chunk k+1 is exp(A·Σδ_k)·h_in,k + h_end,k (A is constant over the chunk);
+//   scan_out   each (channel, chunk) rescans from its true entering state and writes y.
+// With K = 1 (decode, short prompts, big batches) scan_out alone runs, reading and writing the
+// state. Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group and
+// hit in L1), twice u and δ when chunked. FLOPs: ~6N per (t, c) plus N exp2 — at N = 16 the
+// special-function unit (16 exp2/clk/SM) is the roof for long sequences, not HBM.
+
+struct ScanParams {
+    const void* u;          // u of row r (= s·L + t), channel c at u[r·u_rs + c], T
+    const void* dt;         // raw δ at dt[r·dt_rs + c/dt_div], T
+    const float* dt_bias;   // [c/dt_div]
+    const float* a2;        // A·log2(e) at a2[n·a_ns + c/a_div]
+    const void* b;          // B at b[r·bc_rs + (c/g_ch)·N + n], T
+    const void* cm;         // C likewise
+    const float* d;         // D at d[c/d_div], or null
+    const void* z;          // gate z[r·z_rs + c], or null
+    float* state;           // sequence s: state + s·state_stride + ((c/p_blk)·N + n)·p_blk + c%p_blk
+    void* y;                // y[r·y_rs + c], T
+    float* chunk_h;         // (S, K, N, E) workspace
+    float* chunk_dt;        // (S, K, E) workspace
+    long state_stride;
+    int u_rs, dt_rs, dt_div, a_ns, a_div, bc_rs, g_ch, d_div, z_rs, p_blk, y_rs;
+    int L, E, N, chunk;
+    float dt_min, dt_max;
+};
+
+__device__ __forceinline__ long state_index(const ScanParams& p, int c, int n) {
+    return ((long)(c / p.p_blk) * p.N + n) * p.p_blk + c % p.p_blk;
+}
+
+// Steps per tile: each thread loads its u, δ, z for a tile of steps before using any, so the
+// loads' latencies overlap instead of stalling every step. B and C (one row per step, the same
+// for every channel of a group) are read through L1, where the block's warps share them.
+#define TILE 8
+
+// NMAX: the largest N the instance handles (register arrays need a constant size). SCALAR_A: A
+// is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N.
+template <typename T, int NMAX, bool SCALAR_A, bool OUT> __device__ void scan_chunk(const ScanParams& p) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= p.E) return;
+    const int k = blockIdx.y, K = gridDim.y, s = blockIdx.z, N = p.N;
+    const int t0 = k * p.chunk, t1 = min(t0 + p.chunk, p.L);
+    float a2[SCALAR_A ? 1 : NMAX], h[NMAX];
+    float* st = p.state + s * p.state_stride;
+    float* ch = p.chunk_h + ((long)(s * K + k) * N) * p.E + c;
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        if (n < N) {
+            if (!SCALAR_A || n == 0) a2[SCALAR_A ? 0 : n] = p.a2[n * p.a_ns + c / p.a_div];
+            h[n] = !OUT ? 0.0f : (K == 1 ? st[state_index(p, c, n)] : ch[(long)n * p.E]);
+        }
+    }
+    const float bias = p.dt_bias[c / p.dt_div];
+    const float dskip = p.d ? p.d[c / p.d_div] : 0.0f;
+    const long g = (long)(c / p.g_ch) * N;
+    const T* up = (const T*)p.u + c;
+    const T* dtp = (const T*)p.dt + c / p.dt_div;
+    const T* zp = (const T*)p.z + c;
+    T* yp = (T*)p.y + c;
+    float dtsum = 0.0f;
+    for (int tt = t0; tt < t1; tt += TILE) {
+        const int nt = min(TILE, t1 - tt);
+        const long r0 = (long)s * p.L + tt;
+        float u[TILE], dt[TILE], z[TILE];
+#pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            if (j < nt) {
+                const long r = r0 + j;
+                u[j] = to_f32(up[r * p.u_rs]);
+                dt[j] = to_f32(dtp[r * p.dt_rs]);
+                z[j] = OUT && p.z ? to_f32(zp[r * p.z_rs]) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            if (j < nt) {
+                const long r = r0 + j;
+                const T* bt = (const T*)p.b + r * p.bc_rs + g;
+                const T* ct = (const T*)p.cm + r * p.bc_rs + g;
+                const float d = fminf(fmaxf(softplus(dt[j] + bias), p.dt_min), p.dt_max);
+                const float du = d * u[j];
+                const float decay = SCALAR_A ? exp2f(d * a2[0]) : 0.0f;
+                float acc = 0.0f;
+#pragma unroll
+                for (int n = 0; n < NMAX; n++) {
+                    if (n < N) {
+                        h[n] = (SCALAR_A ? decay : exp2f(d * a2[SCALAR_A ? 0 : n])) * h[n] + du * to_f32(bt[n]);
+                        if (OUT) acc += to_f32(ct[n]) * h[n];
+                    }
+                }
+                if (OUT) {
+                    float y = acc + dskip * u[j];
+                    if (p.z) y *= silu(z[j]);
+                    yp[r * p.y_rs] = from_f32<T>(y);
+                }
+                dtsum += d;
+            }
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NMAX; n++) {
+        if (n < N) {
+            if (!OUT) ch[(long)n * p.E] = h[n];
+            else if (K == 1) st[state_index(p, c, n)] = h[n];
+        }
+    }
+    if (!OUT) p.chunk_dt[(long)(s * K + k) * p.E + c] = dtsum;
+}
+
+extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p, int K) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.N * p.E) return;
+    const int n = i / p.E, c = i % p.E, s = blockIdx.y;
+    const float a2 = p.a2[n * p.a_ns + c / p.a_div];
+    float* st = p.state + s * p.state_stride + state_index(p, c, n);
+    float carry = *st;
+    for (int k = 0; k < K; k++) {
+        const long at = (long)(s * K + k) * p.E + c;
+        float* hk = p.chunk_h + (long)(s * K + k) * p.N * p.E + (long)n * p.E + c;
+        const float end = *hk;
+        *hk = carry;
+        carry = exp2f(a2 * p.chunk_dt[at]) * carry + end;
+    }
+    *st = carry;
+}
+
+#define SCAN_KERNELS(T, NMAX, A, SCALAR)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) scan_end_##T##_##NMAX##A(const ScanParams p) {   \
+        scan_chunk<T, NMAX, SCALAR, false>(p);                                                        \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) scan_out_##T##_##NMAX##A(const ScanParams p) {   \
+        scan_chunk<T, NMAX, SCALAR, true>(p);                                                         \
+    }
+// Instances are made by the loader, one compilation each: SCAN_KERNELS(type, NMAX, v|s, bool),
+// suffix v for A per (channel, state) (Mamba-1), s for A per channel (Mamba-2).

@@ -1,0 +1,160 @@
+//! The CUDA backend against the fixtures and the CPU. These need a GPU, so they are ignored in
+//! CI (which has none) and run on the GPU machine by scripts/gpu_check_and_bench.sh with
+//! `--include-ignored`.
+#![cfg(feature = "cuda")]
+
+mod common;
+use common::*;
+use mamba_lm::backend::{Backend, Cpu};
+use mamba_lm::config::Config;
+use mamba_lm::cuda::model::{GpuModel, GpuRun};
+use mamba_lm::cuda::Gpu;
+use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
+use mamba_lm::init::random_model;
+use mamba_lm::sampling::Sampling;
+use mamba_lm::score::score_on;
+use mamba_lm::state::State;
+use mamba_lm::tensor::DType;
+use mamba_lm::Model;
+
+fn gpu_model(m: &Model) -> GpuModel {
+    GpuModel::new(Gpu::open(0).expect("a GPU"), m).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn load(name: &str, dtype: DType) -> Model {
+    Model::load_dir(&fixture(name), dtype).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+/// Every row's logits, scored in chunks of `chunk` tokens on `be`.
+fn logits(be: &mut dyn Backend, ids: &[Vec<u32>], chunk: usize) -> (Vec<f32>, Vec<f64>) {
+    let mut all = Vec::new();
+    let mut nll = Vec::new();
+    for row in ids {
+        let s = score_on(be, row, chunk, |l| {
+            all.extend_from_slice(l);
+            Ok(())
+        })
+        .unwrap();
+        nll.push(s.nll_per_token());
+    }
+    (all, nll)
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn fixtures_f32_prefill_recurrent_and_chunked() {
+    for name in FIXTURES {
+        let g = gpu_model(&load(name, DType::F32));
+        let e = expected(name);
+        for chunk in [1, 5, 13, 1024] {
+            let (l, nll) = logits(&mut GpuRun::new(&g), &e.ids, chunk);
+            let err = rel_l2(&l, &e.logits);
+            println!("{name} f32 chunk {chunk}: rel L2 {err:.2e}");
+            assert!(err <= 1e-4, "{name}: chunk {chunk}: rel L2 {err:e}");
+            for (a, b) in nll.iter().zip(&e.nll) {
+                assert!((a - b).abs() <= 1e-4, "{name}: chunk {chunk}: nll {a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn fixtures_bf16_and_f16() {
+    for name in FIXTURES {
+        for dtype in [DType::BF16, DType::F16] {
+            let g = gpu_model(&load(name, dtype));
+            let e = expected(name);
+            for chunk in [1, 1024] {
+                let (l, _) = logits(&mut GpuRun::new(&g), &e.ids, chunk);
+                let err = rel_l2(&l, &e.logits);
+                println!("{name} {dtype} chunk {chunk}: rel L2 {err:.2e}");
+                assert!(err <= 2e-2, "{name} {dtype}: chunk {chunk}: rel L2 {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn fixtures_greedy_tokens_identical() {
+    for name in FIXTURES {
+        let m = load(name, DType::F32);
+        let g = gpu_model(&m);
+        let e = expected(name);
+        let opts = GenerateOptions {
+            max_new_tokens: e.greedy_new.len(),
+            sampling: Sampling::default(),
+            seed: 0,
+            eos: None,
+            vocab_limit: m.cfg.vocab_padded,
+        };
+        let start = || vec![Start { prompt: e.greedy_prompt.clone(), resume: None }];
+        let out = generate_on(&mut GpuRun::new(&g), start(), &opts, |_, _| Control::Continue).unwrap();
+        assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");
+        // The session the GPU hands back continues on the CPU exactly as the CPU's own would.
+        let cpu = generate_on(&mut Cpu::new(&m), start(), &opts, |_, _| Control::Continue).unwrap();
+        let (a, b) = (&out[0].snapshot.state, &cpu[0].snapshot.state);
+        assert_eq!(a.pos, b.pos);
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(d <= 1e-4, "{name}: final state differs by {d}");
+        }
+    }
+}
+
+/// Random 130M-size models: bf16 on the GPU against the CPU in f32 on the same (bf16-rounded)
+/// weights, 2 sequences of 200 tokens, prefill and then 8 recurrent steps.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_bf16_matches_cpu_on_random_130m_models() {
+    for preset in ["mamba-130m", "mamba2-130m"] {
+        let cfg = Config::preset(preset).unwrap();
+        let cpu = random_model(&cfg, 7, DType::BF16).unwrap();
+        let g = gpu_model(&cpu);
+        let ids: Vec<Vec<u32>> =
+            (0..2).map(|s| (0..208).map(|i| ((i * 7919 + s * 104729) % 50000) as u32).collect()).collect();
+        for (what, chunk) in [("prefill", 1024), ("recurrent", 1), ("chunks of 100", 100)] {
+            let (want, _) = logits(&mut Cpu::new(&cpu), &ids, chunk);
+            let (got, _) = logits(&mut GpuRun::new(&g), &ids, chunk);
+            let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            let err = rel_l2(&got, &want);
+            println!("{preset} bf16 {what}: GPU vs CPU rel L2 {err:.2e}");
+            assert!(err <= 2e-2, "{preset} {what}: rel L2 {err:e}");
+        }
+    }
+}
+
+/// Long prompts take the chunked three-pass scan (fixtures are too short to): f32 on the GPU
+/// must match the CPU to 1e-4, for both architectures, at batch 1 and 3.
+#[test]
+#[ignore = "needs a GPU"]
+fn chunked_scan_matches_cpu_on_long_sequences() {
+    for preset in ["tiny", "tiny-mamba2"] {
+        let cfg = Config::preset(preset).unwrap();
+        let cpu = random_model(&cfg, 11, DType::F32).unwrap();
+        let g = gpu_model(&cpu);
+        for batch in [1usize, 3] {
+            let l = 3001;
+            let toks: Vec<u32> = (0..batch * l).map(|i| ((i * 7919) % cfg.vocab_size) as u32).collect();
+            let mut states: Vec<State> = (0..batch).map(|_| cpu.new_state()).collect();
+            let want = cpu.forward(&toks, l, &mut states.iter_mut().collect::<Vec<_>>(), 1).unwrap();
+            let mut run = GpuRun::new(&g);
+            run.begin((0..batch).map(|_| State::new(&cfg)).collect()).unwrap();
+            let slots: Vec<usize> = (0..batch).collect();
+            let got = run.forward(&toks, l, &slots, 1).unwrap();
+            let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+            let err = rel_l2(&got, &want64);
+            println!("{preset} batch {batch} L {l}: rel L2 {err:.2e}");
+            assert!(err <= 1e-4, "{preset} batch {batch}: rel L2 {err:e}");
+            for (i, s) in states.iter().enumerate() {
+                let gs = run.state(i).unwrap();
+                for (a, b) in gs.layers.iter().zip(&s.layers) {
+                    let d = a.ssm.iter().zip(&b.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                    let c = a.conv.iter().zip(&b.conv).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                    assert!(d <= 1e-3 && c <= 1e-5, "{preset}: state differs by {d} (ssm), {c} (conv)");
+                }
+            }
+        }
+    }
+}
