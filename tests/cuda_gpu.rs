@@ -12,7 +12,6 @@ use mamba_lm::cuda::Gpu;
 use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
 use mamba_lm::init::random_model;
 use mamba_lm::sampling::Sampling;
-use mamba_lm::score::score_on;
 use mamba_lm::state::State;
 use mamba_lm::tensor::DType;
 use mamba_lm::Model;
@@ -25,21 +24,6 @@ fn load(name: &str, dtype: DType) -> Model {
     Model::load_dir(&fixture(name), dtype).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
-/// Every row's logits, scored in chunks of `chunk` tokens on `be`.
-fn logits(be: &mut dyn Backend, ids: &[Vec<u32>], chunk: usize) -> (Vec<f32>, Vec<f64>) {
-    let mut all = Vec::new();
-    let mut nll = Vec::new();
-    for row in ids {
-        let s = score_on(be, row, chunk, |l| {
-            all.extend_from_slice(l);
-            Ok(())
-        })
-        .unwrap();
-        nll.push(s.nll_per_token());
-    }
-    (all, nll)
-}
-
 #[test]
 #[ignore = "needs a GPU"]
 fn fixtures_f32_prefill_recurrent_and_chunked() {
@@ -47,7 +31,7 @@ fn fixtures_f32_prefill_recurrent_and_chunked() {
         let g = gpu_model(&load(name, DType::F32));
         let e = expected(name);
         for chunk in [1, 5, 13, 1024] {
-            let (l, nll) = logits(&mut GpuRun::new(&g), &e.ids, chunk);
+            let (l, nll) = scored_logits(&mut GpuRun::new(&g), &e.ids, chunk);
             let err = rel_l2(&l, &e.logits);
             println!("{name} f32 chunk {chunk}: rel L2 {err:.2e}");
             assert!(err <= 1e-4, "{name}: chunk {chunk}: rel L2 {err:e}");
@@ -66,7 +50,7 @@ fn fixtures_bf16_and_f16() {
             let g = gpu_model(&load(name, dtype));
             let e = expected(name);
             for chunk in [1, 1024] {
-                let (l, _) = logits(&mut GpuRun::new(&g), &e.ids, chunk);
+                let (l, _) = scored_logits(&mut GpuRun::new(&g), &e.ids, chunk);
                 let err = rel_l2(&l, &e.logits);
                 println!("{name} {dtype} chunk {chunk}: rel L2 {err:.2e}");
                 assert!(err <= 2e-2, "{name} {dtype}: chunk {chunk}: rel L2 {err:e}");
@@ -115,8 +99,8 @@ fn gpu_bf16_matches_cpu_on_random_130m_models() {
         let ids: Vec<Vec<u32>> =
             (0..2).map(|s| (0..208).map(|i| ((i * 7919 + s * 104729) % 50000) as u32).collect()).collect();
         for (what, chunk) in [("prefill", 1024), ("recurrent", 1), ("chunks of 100", 100)] {
-            let (want, _) = logits(&mut Cpu::new(&cpu), &ids, chunk);
-            let (got, _) = logits(&mut GpuRun::new(&g), &ids, chunk);
+            let (want, _) = scored_logits(&mut Cpu::new(&cpu), &ids, chunk);
+            let (got, _) = scored_logits(&mut GpuRun::new(&g), &ids, chunk);
             let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
             let err = rel_l2(&got, &want);
             println!("{preset} bf16 {what}: GPU vs CPU rel L2 {err:.2e}");

@@ -14,19 +14,8 @@ fn load(name: &str) -> Model {
     Model::load_dir(&fixture(name), DType::F32).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
-/// Logits of every row, each scored in chunks of `chunk` tokens carrying the state.
 fn chunked_logits(m: &Model, ids: &[Vec<u32>], chunk: usize) -> (Vec<f32>, Vec<f64>) {
-    let mut all = Vec::new();
-    let mut nll = Vec::new();
-    for row in ids {
-        let s = mamba_lm::score::score(m, row, chunk, |l| {
-            all.extend_from_slice(l);
-            Ok(())
-        })
-        .unwrap();
-        nll.push(s.nll_per_token());
-    }
-    (all, nll)
+    scored_logits(&mut mamba_lm::backend::Cpu::new(m), ids, chunk)
 }
 
 #[test]

@@ -111,22 +111,9 @@ impl Gpu {
         p: &P,
         q: Option<&i32>,
     ) -> Result<()> {
-        self.launch_smem(name, grid, block, 0, p, q)
-    }
-
-    /// [`Gpu::launch`] with `smem` bytes of dynamic shared memory (at most 48 KiB).
-    pub fn launch_smem<P: DeviceRepr>(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        p: &P,
-        q: Option<&i32>,
-    ) -> Result<()> {
         use cudarc::driver::{LaunchConfig, PushKernelArg};
         let f = self.func(name)?;
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let mut b = self.stream.launch_builder(&f);
         b.arg(p);
         if let Some(q) = q {
@@ -134,6 +121,41 @@ impl Gpu {
         }
         unsafe { b.launch(cfg) }.map_err(|e| anyhow!("launching {name}: {e:?}"))?;
         Ok(())
+    }
+
+    /// Launches kernel `name` (one parameter struct) with programmatic dependent launch: it may
+    /// start while the previous kernel on the stream finishes, and must itself wait
+    /// (`pdl_wait()` in common.cuh) before reading what that kernel writes. Used for the decode
+    /// step's chain of short kernels, so each one's weight stream overlaps the previous tail.
+    pub fn launch_pdl<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> Result<()> {
+        let f = self.func(name)?;
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut args = [p as *const P as *mut std::ffi::c_void];
+        self.ctx.bind_to_thread().map_err(err)?;
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| anyhow!("launching {name}: {e:?}"))
     }
 
     pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {

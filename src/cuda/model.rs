@@ -705,7 +705,7 @@ impl GpuModel {
         p.out = w.out as i32;
         p.inp = w.inp as i32;
         let grid = (w.out.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        self.gpu.launch_smem(&format!("gemv_{}", suffix(self.dtype)), grid, 256, 4 * w.inp as u32, &p, None)
+        self.gpu.launch_pdl(&format!("gemv_{}", suffix(self.dtype)), grid, 256, 4 * w.inp as u32, &p)
     }
 
     fn norm_gemv(&self, w: &DMatrix, n: &DNorm, resid: u64, y: u64, epi: i32) -> Result<()> {
@@ -742,7 +742,7 @@ impl GpuModel {
             c: ch as i32,
             width: self.cfg.d_conv as i32,
         };
-        g.launch(&format!("conv_step_{}", suffix(self.dtype)), ((ch as u32).div_ceil(128), 1, 1), 128, &p, None)
+        g.launch_pdl(&format!("conv_step_{}", suffix(self.dtype)), ((ch as u32).div_ceil(128), 1, 1), 128, 0, &p)
     }
 
     /// Whether the batch-1 step can take the fused kernels of decode.cu (shared-memory limits).

@@ -13,6 +13,9 @@
 // activation type first, as the unfused path does). Bytes: the matrix once (2·out·in in 16-bit
 // types) plus ~in per block; FLOPs: 2·out·in. Bandwidth-bound by design.
 //
+// Every kernel here waits for its predecessor with pdl_wait() (the decode graph launches them with
+// programmatic dependent launch); gemv first issues its weight loads, which depend on nothing.
+//
 // conv_step: the causal conv for one new time step, one thread per channel; each thread shifts
 // its own channel's state, so no other thread reads what it writes.
 //
@@ -74,6 +77,9 @@ template <typename T> __device__ void gemv(const GemvParams p) {
             const int i = lane + 32 * k;
             if (vec && row0 + j < p.out && i < nv) q[j][k] = ((const uint4*)p.w)[(long)(row0 + j) * nv + i];
         }
+    // Weights never change: they were read above, before waiting for the previous kernel.
+    pdl_launch();
+    pdl_wait();
     if (p.pro == PRO_PLAIN) {
 #pragma unroll 4
         for (int i = threadIdx.x; i < p.inp; i += blockDim.x) xs[i] = to_f32(((const T*)p.x)[i]);
@@ -86,14 +92,8 @@ template <typename T> __device__ void gemv(const GemvParams p) {
             s += v;
             s2 += v * v;
         }
-        s = block_sum(s);
-        s2 = block_sum(s2);
-        float mean = 0.0f, var = s2 / p.inp;
-        if (p.norm_b) {
-            mean = s / p.inp;
-            var = fmaxf(var - mean * mean, 0.0f);
-        }
-        const float inv = rsqrtf(var + p.eps);
+        float mean;
+        const float inv = norm_scale(s, s2, p.inp, p.norm_b != nullptr, p.eps, mean);
 #pragma unroll 4
         for (int i = threadIdx.x; i < p.inp; i += blockDim.x)
             xs[i] = round_to<T>((xs[i] - mean) * inv * p.norm_w[i] + (p.norm_b ? p.norm_b[i] : 0.0f));
@@ -150,6 +150,8 @@ struct ConvStepParams {
 #define STEP_MAX_W 8
 
 template <typename T> __device__ void conv_step(const ConvStepParams p) {
+    pdl_launch();
+    pdl_wait();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= p.C) return;
     // Every load first (constant indices keep them in registers and in flight together).
@@ -188,6 +190,8 @@ struct M1StepParams {
 #define M1_MAX_N 64
 
 template <typename T> __device__ void m1_step(const M1StepParams p) {
+    pdl_launch();
+    pdl_wait();
     __shared__ float sbc[2 * M1_MAX_N];
     for (int i = threadIdx.x; i < 2 * p.N; i += blockDim.x) sbc[i] = to_f32(((const T*)p.bc)[i]);
     __syncthreads();
@@ -239,6 +243,8 @@ struct M2StepParams {
 // Mamba-2's step, one block per head: thread (p, n-slice) updates N/slices states of column p,
 // the partial readouts are summed in shared memory.
 template <typename T> __device__ void m2_step(const M2StepParams p) {
+    pdl_launch();
+    pdl_wait();
     __shared__ float sb[M2_MAX_N], sc[M2_MAX_N], part[M2_THREADS];
     const int hd = blockIdx.x, g = hd / (p.H / p.G);
     const T* x = (const T*)p.x;

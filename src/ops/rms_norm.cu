@@ -38,14 +38,8 @@ template <typename T> __device__ void add_norm(const AddNormParams p) {
         s += v;
         s2 += v * v;
     }
-    s = block_sum(s);
-    s2 = block_sum(s2);
-    float mean = 0.0f, var = s2 / p.d;
-    if (p.b) {
-        mean = s / p.d;
-        var = fmaxf(var - mean * mean, 0.0f);
-    }
-    const float inv = rsqrtf(var + p.eps);
+    float mean;
+    const float inv = norm_scale(s, s2, p.d, p.b != nullptr, p.eps, mean);
     T* o = (T*)p.out + (long)r * p.d;
     for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
         float v = (x[i] - mean) * inv * p.w[i];

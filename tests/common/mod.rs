@@ -59,3 +59,18 @@ pub fn expected(name: &str) -> Expected {
         greedy_new: list("greedy_new_tokens"),
     }
 }
+
+/// Every row's logits (and NLL per token), each scored in chunks of `chunk` tokens on `be`.
+pub fn scored_logits(be: &mut dyn mamba_lm::backend::Backend, ids: &[Vec<u32>], chunk: usize) -> (Vec<f32>, Vec<f64>) {
+    let mut all = Vec::new();
+    let mut nll = Vec::new();
+    for row in ids {
+        let s = mamba_lm::score::score_on(be, row, chunk, |l| {
+            all.extend_from_slice(l);
+            Ok(())
+        })
+        .unwrap();
+        nll.push(s.nll_per_token());
+    }
+    (all, nll)
+}
