@@ -59,7 +59,7 @@ if has sanitize; then
             for ids in "1,2,3,4,5" "$LONG"; do
                 f=$OUT/sanitize.log
                 echo "--- $tool $m prompt of $(echo "$ids" | tr , ' ' | wc -w) tokens" >>"$f"
-                compute-sanitizer --tool $tool --error-exitcode 9 $BIN generate -m tests/fixtures/$m --device cuda \
+                timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $BIN generate -m tests/fixtures/$m --device cuda \
                     --dtype bf16 --prompt-ids "$ids" --max-new-tokens 4 >>"$f" 2>&1
                 echo "sanitize $tool $m $(echo "$ids" | tr , ' ' | wc -w) tokens: rc=$?"
             done

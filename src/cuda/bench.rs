@@ -156,7 +156,7 @@ fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Batch-1 latency: the first token after a `prompt_len`-token prompt (prefill + argmax, host to
-/// host), and per-token decode from the CUDA graph, both fed on the device and with the host
+/// host), and per-token decode through the [`Decoder`](super::model::Decoder), both fed on the device and with the host
 /// reading every token.
 pub fn decode(m: &GpuModel, name: &str, prompt_len: usize, gen: usize, reps: usize) -> Result<Vec<Figure>> {
     let v = m.cfg.vocab_size;

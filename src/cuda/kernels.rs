@@ -22,9 +22,10 @@ pub struct Unit {
     pub src: String,
 }
 
-/// The selective scan's instances, `(type, NMAX, A kind)`: each is compiled on its own when a
-/// model first needs it, so a start compiles one instance rather than all fifteen.
-const SCAN_TYPES: [&str; 3] = ["f32", "bf16", "f16"];
+/// The selective scan's instances, `(type, NMAX, A kind)`, and the decode step's (type): each
+/// is compiled on its own when a model first needs it, so a start compiles one instance of each
+/// rather than all of them.
+const TYPES: [&str; 3] = ["f32", "bf16", "f16"];
 const SCAN_SIZES: [(u32, char); 5] = [(16, 'v'), (64, 'v'), (16, 's'), (64, 's'), (128, 's')];
 
 fn unit(name: &str, src: &str) -> Unit {
@@ -43,12 +44,14 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         };
         return Some(unit(&format!("scan_{inst}"), &format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar})\n")));
     }
+    if let Some(t) = kernel.strip_prefix("decode_step_") {
+        return Some(unit(&format!("decode_{t}"), &format!("{DECODE}\nSTEP_KERNEL({t})\n")));
+    }
     let (name, src) = match kernel {
         k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") => ("rms_norm", RMS_NORM),
         k if k.starts_with("conv1d_") => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
         "argmax" => ("sampling", SAMPLING),
-        k if ["gemv_", "conv_step_", "m1_step_", "m2_step_"].iter().any(|p| k.starts_with(p)) => ("decode", DECODE),
         _ => return None,
     };
     Some(unit(name, src))
@@ -56,16 +59,17 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
 
 /// The units every model needs, compiled when a GPU is opened.
 pub fn base_units() -> Vec<Unit> {
-    ["add_norm_f32", "conv1d_silu_f32", "scan_carry", "argmax", "gemv_f32"].iter().filter_map(|k| unit_for(k)).collect()
+    ["add_norm_f32", "conv1d_silu_f32", "scan_carry", "argmax"].iter().filter_map(|k| unit_for(k)).collect()
 }
 
 /// Every unit (CI compiles them all).
 pub fn all_units() -> Vec<Unit> {
     let mut v = base_units();
-    for t in SCAN_TYPES {
+    for t in TYPES {
         for (nmax, kind) in SCAN_SIZES {
             v.extend(unit_for(&format!("scan_out_{t}_{nmax}{kind}")));
         }
+        v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v
 }

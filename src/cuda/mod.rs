@@ -123,11 +123,9 @@ impl Gpu {
         Ok(())
     }
 
-    /// Launches kernel `name` (one parameter struct) with programmatic dependent launch: it may
-    /// start while the previous kernel on the stream finishes, and must itself wait
-    /// (`pdl_wait()` in common.cuh) before reading what that kernel writes. Used for the decode
-    /// step's chain of short kernels, so each one's weight stream overlaps the previous tail.
-    pub fn launch_pdl<P: DeviceRepr>(
+    /// Launches kernel `name` (one parameter struct) cooperatively: the driver checks that every
+    /// block can be resident at once, as a kernel with grid barriers needs.
+    pub fn launch_cooperative<P: DeviceRepr>(
         &self,
         name: &str,
         grid: (u32, u32, u32),
@@ -136,9 +134,13 @@ impl Gpu {
         p: &P,
     ) -> Result<()> {
         let f = self.func(name)?;
+        if smem > 48 << 10 {
+            let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(a, smem as i32).map_err(|e| anyhow!("{name}: {smem} bytes of shared memory: {e:?}"))?;
+        }
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attr.value.cooperative = 1;
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,
@@ -180,6 +182,12 @@ impl Gpu {
 
     pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         dptr(s, &self.stream)
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> Result<u32> {
+        let a = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        Ok(self.ctx.attribute(a).map_err(err)? as u32)
     }
 
     /// (free, total) device memory in bytes.

@@ -1,8 +1,8 @@
 //! The model on the GPU: the weights of a loaded [`Model`] uploaded in its storage type (which is
 //! also the activation type: f32, bf16 or f16), the residual stream and the SSM state in f32.
 //! [`GpuModel::forward`] enqueues one pass (prefill when `l > 1`, the recurrent step when
-//! `l == 1`) without synchronising; [`Decoder`] captures the step, argmax included, in a CUDA graph
-//! so a token costs one graph launch.
+//! `l == 1`) without synchronising; [`Decoder`] runs the step, argmax included, as one launch:
+//! decode.cu's persistent kernel for one sequence, a captured CUDA graph for several.
 
 use super::{err, Gpu};
 use crate::backend::Backend;
@@ -92,6 +92,7 @@ pub struct ScanParams {
     pub e: i32,
     pub n: i32,
     pub chunk: i32,
+    pub bc_vec: i32,
     pub dt_min: f32,
     pub dt_max: f32,
 }
@@ -105,90 +106,81 @@ struct ArgmaxParams {
     limit: i32,
 }
 
-/// Mirrors `GemvParams` in decode.cu.
+/// Mirrors `StepLayer` in decode.cu: one layer's weights and state for the step kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct GemvParams {
-    w: u64,
-    x: u64,
-    z: u64,
-    resid: u64,
+struct StepLayer {
     norm_w: u64,
     norm_b: u64,
-    y: u64,
-    out: i32,
-    inp: i32,
-    pro: i32,
-    epi: i32,
-    gsize: i32,
+    in_proj: u64,
+    conv_w: u64,
+    conv_b: u64,
+    x_proj: u64,
+    dt_proj: u64,
+    dt_bias: u64,
+    a2: u64,
+    d: u64,
+    gnorm_w: u64,
+    out_proj: u64,
+    conv_state: u64,
+    ssm_state: u64,
     eps: f32,
 }
 
-/// `GemvParams::pro`: where x comes from.
-const PRO_PLAIN: i32 = 0;
-const PRO_NORM: i32 = 1;
-const PRO_GATED: i32 = 2;
-/// `GemvParams::epi`: where y goes.
-const EPI_STORE: i32 = 0;
-const EPI_F32: i32 = 1;
-const EPI_RESID: i32 = 2;
-/// decode.cu's gemv: 8 warps of 2 rows per block; m1_step's limits.
-const GEMV_ROWS_PER_BLOCK: usize = 16;
-const M1_MAX_N: usize = 64;
-const M2_THREADS: usize = 256;
-const M2_MAX_N: usize = 256;
-
+/// Mirrors `StepParams` in decode.cu.
 #[repr(C)]
-#[derive(Clone, Copy)]
-struct ConvStepParams {
-    x: u64,
-    w: u64,
-    bias: u64,
-    state: u64,
+#[derive(Clone, Copy, Default)]
+struct StepParams {
+    layers: u64,
+    embedding: u64,
+    head: u64,
+    normf_w: u64,
+    normf_b: u64,
+    token: u64,
+    resid: u64,
+    act: u64,
+    part: u64,
     y: u64,
-    c: i32,
-    width: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct M1StepParams {
-    u: u64,
-    dt: u64,
-    bc: u64,
-    dt_bias: u64,
-    a2: u64,
-    d: u64,
-    z: u64,
-    state: u64,
-    y: u64,
+    logits: u64,
+    best: u64,
+    ids: u64,
+    next_token: u64,
+    bar: u64,
+    mamba2: i32,
+    n_layer: i32,
+    d_model: i32,
     e: i32,
     n: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct M2StepParams {
-    x: u64,
-    dt: u64,
-    dt_bias: u64,
-    a2: u64,
-    d: u64,
-    state: u64,
-    y: u64,
+    r: i32,
+    w: i32,
     h: i32,
     p: i32,
-    n: i32,
     g: i32,
+    conv_dim: i32,
+    in_rows: i32,
     d_per_channel: i32,
+    head_rows: i32,
+    limit: i32,
+    splits: i32,
+    normf_eps: f32,
+    gnorm_eps: f32,
     dt_min: f32,
     dt_max: f32,
 }
 
-unsafe impl DeviceRepr for GemvParams {}
-unsafe impl DeviceRepr for ConvStepParams {}
-unsafe impl DeviceRepr for M1StepParams {}
-unsafe impl DeviceRepr for M2StepParams {}
+/// decode.cu's block size, the 16-byte pieces per lane of a chunk, the bytes of shared memory
+/// of its rings, and its limits.
+const STEP_THREADS: u32 = 512;
+const STEP_PF: usize = 4;
+const STEP_NST: usize = 2;
+const STEP_RING_BYTES: usize = (16 * STEP_NST * STEP_PF * 32 + 16 * STEP_NST * 32) * 16;
+const STEP_M1_N: usize = 16;
+const STEP_NORM_PT: usize = 8;
+const STEP_M2_MAX_N: usize = 256;
+const STEP_MAX_WIDTH: usize = 12288;
+
+unsafe impl DeviceRepr for StepLayer {}
+unsafe impl DeviceRepr for StepParams {}
 unsafe impl DeviceRepr for AddNormParams {}
 unsafe impl DeviceRepr for GatedNormParams {}
 unsafe impl DeviceRepr for ConvParams {}
@@ -225,9 +217,13 @@ pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scal
         (true, 65..=128) => 128,
         _ => bail!("d_state {} is not supported on the GPU (at most 64 for Mamba-1, 128 for Mamba-2)", p.n),
     };
+    let es = t.size() as u64;
+    p.bc_vec = [p.b, p.c, p.bc_rs as u64 * es, p.n as u64 * es].iter().all(|v| v.is_multiple_of(16)) as i32;
     let kind = format!("{}_{nmax}{}", suffix(t), if scalar_a { "s" } else { "v" });
     let block = 128;
-    let grid = ((p.e as u32).div_ceil(block), k as u32, seqs as u32);
+    // Lanes per channel: Mamba-2's states are split 16 to a lane (SCAN_SLICES in the kernel).
+    let slices = if scalar_a { nmax / 16 } else { 1 };
+    let grid = ((p.e as u32 * slices).div_ceil(block), k as u32, seqs as u32);
     if k > 1 {
         gpu.launch(&format!("scan_end_{kind}"), grid, block, p, None)?;
         let carry_grid = (((p.e * p.n) as u32).div_ceil(128), seqs as u32, 1);
@@ -699,161 +695,136 @@ impl GpuModel {
         self.gemm(head, h, dm, seqs * n_logits, g.ptr(&b.logits), c.vocab_padded, true)
     }
 
-    /// `y = W·x` for one row, x built by the `p.pro` prologue (see decode.cu).
-    fn gemv(&self, w: &DMatrix, mut p: GemvParams) -> Result<()> {
-        p.w = self.gpu.ptr(&w.w);
-        p.out = w.out as i32;
-        p.inp = w.inp as i32;
-        let grid = (w.out.div_ceil(GEMV_ROWS_PER_BLOCK) as u32, 1, 1);
-        self.gpu.launch_pdl(&format!("gemv_{}", suffix(self.dtype)), grid, 256, 4 * w.inp as u32, &p)
-    }
-
-    fn norm_gemv(&self, w: &DMatrix, n: &DNorm, resid: u64, y: u64, epi: i32) -> Result<()> {
-        let g = &self.gpu;
-        let p = GemvParams {
-            resid,
-            norm_w: g.ptr(&n.w),
-            norm_b: n.b.as_ref().map_or(0, |b| g.ptr(b)),
-            y,
-            pro: PRO_NORM,
-            epi,
-            eps: n.eps,
-            ..Default::default()
-        };
-        self.gemv(w, p)
-    }
-
-    fn conv_step(
-        &self,
-        x: u64,
-        w: &CudaSlice<f32>,
-        bias: &Option<CudaSlice<f32>>,
-        state: u64,
-        y: u64,
-        ch: usize,
-    ) -> Result<()> {
-        let g = &self.gpu;
-        let p = ConvStepParams {
-            x,
-            w: g.ptr(w),
-            bias: bias.as_ref().map_or(0, |b| g.ptr(b)),
-            state,
-            y,
-            c: ch as i32,
-            width: self.cfg.d_conv as i32,
-        };
-        g.launch_pdl(&format!("conv_step_{}", suffix(self.dtype)), ((ch as u32).div_ceil(128), 1, 1), 128, 0, &p)
-    }
-
-    /// Whether the batch-1 step can take the fused kernels of decode.cu (shared-memory limits).
-    fn fused_step_ok(&self) -> bool {
+    /// Whether the batch-1 step fits decode.cu's persistent kernel (its register and
+    /// shared-memory layouts); other shapes decode through the general path.
+    fn step_kernel_ok(&self) -> bool {
         let c = &self.cfg;
-        let widest = c.d_model.max(c.d_inner);
+        let v = 16 / self.dtype.size();
+        let e = match c.arch {
+            Arch::Mamba1 => c.d_inner,
+            Arch::Mamba2 => c.d_ssm,
+        };
         let mixer_ok = match c.arch {
-            Arch::Mamba1 => c.d_state <= M1_MAX_N,
-            Arch::Mamba2 => c.headdim <= M2_THREADS && M2_THREADS.is_multiple_of(c.headdim) && c.d_state <= M2_MAX_N,
+            Arch::Mamba1 => c.d_state <= STEP_M1_N && c.dt_rank + 2 * c.d_state <= 2 * STEP_M2_MAX_N,
+            Arch::Mamba2 => c.d_state <= STEP_M2_MAX_N && c.ngroups * c.d_state <= STEP_M2_MAX_N,
         };
-        widest <= 12 * 1024 && mixer_ok
+        // Mamba-1's dt_proj rows for the warps with channels fit the rings (decode.cu's m1_scan).
+        let grid = self.gpu.sm_count().unwrap_or(1) as usize;
+        let dt_rows = e.div_ceil(32 * grid) * 32 * (c.dt_rank * self.dtype.size()).div_ceil(16) * 16;
+        mixer_ok
+            && dt_rows <= 16 * STEP_NST * STEP_PF * 32 * 16
+            && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
+            && c.d_model.is_multiple_of(v)
+            && e.is_multiple_of(v)
+            && c.d_model.max(e) <= STEP_MAX_WIDTH
+            && c.d_conv <= 8
     }
 
-    /// The recurrent step of one sequence (slot `first` of `st`, token in `b.tokens`) through
-    /// decode.cu's fused kernels: per layer the norm rides in in_proj's prologue and the residual
-    /// add in out_proj's epilogue. Logits go to `b.logits`.
-    fn forward_step1(&self, b: &Buffers, st: &GpuStates, first: usize) -> Result<()> {
+    /// The persistent step kernel's parameters for slot 0 of `st` (one sequence), with its
+    /// layer table and scratch (x_proj partials, argmax, barrier) allocated alongside.
+    fn step_kernel(&self, b: &Buffers, st: &GpuStates, vocab_limit: usize) -> Result<StepKernel> {
         let c = &self.cfg;
         let g = &self.gpu;
-        let es = self.dtype.size() as u64;
-        let (resid, h) = (g.ptr(&b.resid), g.ptr(&b.h));
-        // The embedding row into the residual stream (the norm it also computes is unused).
-        self.add_norm(&self.layers[0].0, b, 1, None, true, 1, 1, h)?;
+        let opt = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(0, |x| g.ptr(x));
+        let v = 16 / self.dtype.size();
+        let e = match c.arch {
+            Arch::Mamba1 => c.d_inner,
+            Arch::Mamba2 => c.d_ssm,
+        };
+        let mut table = Vec::with_capacity(self.layers.len());
         for (i, (norm, mixer)) in self.layers.iter().enumerate() {
-            let conv_state = g.ptr(&st.conv) + 4 * ((i * st.seqs + first) * st.conv_len) as u64;
-            let ssm_state = g.ptr(&st.ssm) + 4 * ((i * st.seqs + first) * st.ssm_len) as u64;
+            let at = i * st.seqs;
+            let mut l = StepLayer {
+                norm_w: g.ptr(&norm.w),
+                norm_b: opt(&norm.b),
+                eps: norm.eps,
+                conv_state: g.ptr(&st.conv) + 4 * (at * st.conv_len) as u64,
+                ssm_state: g.ptr(&st.ssm) + 4 * (at * st.ssm_len) as u64,
+                ..Default::default()
+            };
             match mixer {
                 DMixer::M1(m) => {
-                    let (e, n, r) = (c.d_inner, c.d_state, c.dt_rank);
-                    let (xz, xc, xdbl, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.xdbl), g.ptr(&b.y));
-                    self.norm_gemv(&m.in_proj, norm, resid, xz, EPI_STORE)?;
-                    self.conv_step(xz, &m.conv_w, &m.conv_b, conv_state, xc, e)?;
-                    self.gemv(
-                        &m.x_proj,
-                        GemvParams { x: xc, y: xdbl, pro: PRO_PLAIN, epi: EPI_STORE, ..Default::default() },
-                    )?;
-                    let dt = g.ptr(&b.dt);
-                    self.gemv(
-                        &m.dt_proj,
-                        GemvParams { x: xdbl, y: dt, pro: PRO_PLAIN, epi: EPI_STORE, ..Default::default() },
-                    )?;
-                    let p = M1StepParams {
-                        u: xc,
-                        dt,
-                        bc: xdbl + es * r as u64,
-                        dt_bias: g.ptr(&m.dt_bias),
-                        a2: g.ptr(&m.a2),
-                        d: g.ptr(&m.d),
-                        z: xz + es * e as u64,
-                        state: ssm_state,
-                        y,
-                        e: e as i32,
-                        n: n as i32,
-                    };
-                    g.launch(
-                        &format!("m1_step_{}", suffix(self.dtype)),
-                        ((e as u32).div_ceil(128), 1, 1),
-                        128,
-                        &p,
-                        None,
-                    )?;
-                    self.gemv(
-                        &m.out_proj,
-                        GemvParams { x: y, resid, pro: PRO_PLAIN, epi: EPI_RESID, ..Default::default() },
-                    )?;
+                    l.in_proj = g.ptr(&m.in_proj.w);
+                    l.conv_w = g.ptr(&m.conv_w);
+                    l.conv_b = opt(&m.conv_b);
+                    l.x_proj = g.ptr(&m.x_proj.w);
+                    l.dt_proj = g.ptr(&m.dt_proj.w);
+                    l.dt_bias = g.ptr(&m.dt_bias);
+                    l.a2 = g.ptr(&m.a2);
+                    l.d = g.ptr(&m.d);
+                    l.out_proj = g.ptr(&m.out_proj.w);
                 }
                 DMixer::M2(m) => {
-                    let (gr, ds, cd) = (c.ngroups, c.d_ssm, c.conv_dim());
-                    let (zx, xbc, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.y));
-                    self.norm_gemv(&m.in_proj, norm, resid, zx, EPI_STORE)?;
-                    self.conv_step(zx + es * ds as u64, &m.conv_w, &m.conv_b, conv_state, xbc, cd)?;
-                    let p = M2StepParams {
-                        x: xbc,
-                        dt: zx + es * (ds + cd) as u64,
-                        dt_bias: g.ptr(&m.dt_bias),
-                        a2: g.ptr(&m.a2),
-                        d: g.ptr(&m.d),
-                        state: ssm_state,
-                        y,
-                        h: c.nheads() as i32,
-                        p: c.headdim as i32,
-                        n: c.d_state as i32,
-                        g: gr as i32,
-                        d_per_channel: c.d_has_hdim as i32,
-                        dt_min: c.dt_limit.0,
-                        dt_max: c.dt_limit.1,
-                    };
-                    g.launch(
-                        &format!("m2_step_{}", suffix(self.dtype)),
-                        (c.nheads() as u32, 1, 1),
-                        M2_THREADS as u32,
-                        &p,
-                        None,
-                    )?;
-                    let gp = GemvParams {
-                        x: y,
-                        z: zx,
-                        resid,
-                        norm_w: g.ptr(&m.norm_w),
-                        pro: PRO_GATED,
-                        epi: EPI_RESID,
-                        gsize: (ds / gr) as i32,
-                        eps: c.norm_eps,
-                        ..Default::default()
-                    };
-                    self.gemv(&m.out_proj, gp)?;
+                    l.in_proj = g.ptr(&m.in_proj.w);
+                    l.conv_w = g.ptr(&m.conv_w);
+                    l.conv_b = opt(&m.conv_b);
+                    l.dt_bias = g.ptr(&m.dt_bias);
+                    l.a2 = g.ptr(&m.a2);
+                    l.d = g.ptr(&m.d);
+                    l.gnorm_w = g.ptr(&m.norm_w);
+                    l.out_proj = g.ptr(&m.out_proj.w);
                 }
             }
+            table.push(l);
         }
+        let layers = g.upload(&table)?;
+        let splits = (e / v).div_ceil(32 * STEP_PF);
+        let part = g.alloc::<f32>((c.dt_rank + 2 * c.d_state) * splits)?;
+        let grid = g.sm_count()?;
+        // The argmax word, then the barrier's flag per block and base epoch (u32 each).
+        let sync = self.gpu.stream.alloc_zeros::<u64>(2 + grid as usize / 2).map_err(err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
-        self.norm_gemv(head, &self.norm_f, resid, g.ptr(&b.logits), EPI_F32)
+        let (in_rows, conv_dim) = match c.arch {
+            Arch::Mamba1 => (2 * e, e),
+            Arch::Mamba2 => (c.d_in_proj(), c.conv_dim()),
+        };
+        let p = StepParams {
+            layers: g.ptr(&layers),
+            embedding: g.ptr(&self.embedding.w),
+            head: g.ptr(&head.w),
+            normf_w: g.ptr(&self.norm_f.w),
+            normf_b: opt(&self.norm_f.b),
+            token: g.ptr(&b.tokens),
+            resid: g.ptr(&b.resid),
+            act: g.ptr(&b.xz),
+            part: g.ptr(&part),
+            y: g.ptr(&b.y),
+            logits: g.ptr(&b.logits),
+            best: g.ptr(&sync),
+            ids: g.ptr(&b.ids),
+            next_token: g.ptr(&b.tokens),
+            bar: g.ptr(&sync) + 8,
+            mamba2: (c.arch == Arch::Mamba2) as i32,
+            n_layer: c.n_layer as i32,
+            d_model: c.d_model as i32,
+            e: e as i32,
+            n: c.d_state as i32,
+            r: c.dt_rank as i32,
+            w: c.d_conv as i32,
+            h: if c.arch == Arch::Mamba2 { c.nheads() as i32 } else { 0 },
+            p: c.headdim as i32,
+            g: c.ngroups as i32,
+            conv_dim: conv_dim as i32,
+            in_rows: in_rows as i32,
+            d_per_channel: c.d_has_hdim as i32,
+            head_rows: head.out as i32,
+            limit: vocab_limit.min(head.out) as i32,
+            splits: splits as i32,
+            normf_eps: self.norm_f.eps,
+            gnorm_eps: c.norm_eps,
+            dt_min: c.dt_limit.0,
+            dt_max: c.dt_limit.1,
+        };
+        let k = StepKernel {
+            name: format!("decode_step_{}", suffix(self.dtype)),
+            grid,
+            smem: (STEP_RING_BYTES + 4 * c.d_model.max(e)) as u32,
+            p,
+            _layers: layers,
+            _part: part,
+            _sync: sync,
+        };
+        Ok(k)
     }
 
     /// Runs `seqs` sequences of `l` tokens each (`tokens` row-major) from slots
@@ -887,30 +858,34 @@ impl GpuModel {
         self.gpu.download(&b.logits, seqs * n_logits * v)
     }
 
-    /// Captures the decode step of slots `0..seqs` of `st` in a CUDA graph; `vocab_limit` bounds
-    /// the argmax it ends with.
+    /// The decode step of slots `0..seqs` of `st`: the persistent kernel of decode.cu for one
+    /// sequence, otherwise the general path captured in a CUDA graph. Either ends with the
+    /// greedy token (below `vocab_limit`) written as the next step's input.
     pub fn decoder(&self, st: &GpuStates, vocab_limit: usize) -> Result<Decoder<'_>> {
         let seqs = st.seqs;
         let mut bufs = self.alloc_buffers(seqs, 1, 1)?;
         let g = &self.gpu;
+        g.stream.memset_zeros(&mut bufs.tokens).map_err(err)?;
+        if seqs == 1 && self.step_kernel_ok() {
+            // One step on scratch states loads the kernel now rather than in the first step.
+            let scratch = self.new_states(1)?;
+            let warm = self.step_kernel(&bufs, &scratch, vocab_limit)?;
+            warm.launch(g)?;
+            g.stream.memset_zeros(&mut bufs.tokens).map_err(err)?;
+            g.sync()?;
+            drop(warm);
+            let k = self.step_kernel(&bufs, st, vocab_limit)?;
+            return Ok(Decoder { model: self, bufs, replay: Replay::Kernel(Box::new(k)), seqs });
+        }
         // Create every cuBLASLt plan and load every kernel before capture, on scratch states
         // (capture records work without running it; this warm-up runs it).
-        g.stream.memset_zeros(&mut bufs.tokens).map_err(err)?;
-        let fused = seqs == 1 && self.fused_step_ok();
-        let step = |b: &Buffers, s: &GpuStates| {
-            if fused {
-                self.forward_step1(b, s, 0)
-            } else {
-                self.forward(b, s, 0, seqs, 1, 1)
-            }
-        };
-        step(&bufs, &self.new_states(seqs)?)?;
+        self.forward(&bufs, &self.new_states(seqs)?, 0, seqs, 1, 1)?;
         g.sync()?;
         let stream = &g.stream;
         stream
             .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(err)?;
-        let captured = step(&bufs, st).and_then(|()| {
+        let captured = self.forward(&bufs, st, 0, seqs, 1, 1).and_then(|()| {
             let p = ArgmaxParams {
                 logits: g.ptr(&bufs.logits),
                 out: g.ptr(&bufs.ids),
@@ -926,8 +901,32 @@ impl GpuModel {
         captured?;
         let graph = graph?.ok_or_else(|| anyhow::anyhow!("CUDA graph capture produced no graph"))?;
         graph.upload().map_err(err)?;
-        Ok(Decoder { model: self, bufs, graph, seqs })
+        Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs })
     }
+}
+
+/// decode.cu's persistent step kernel, ready to launch: its parameters and what they point to
+/// beyond the model and the decoder's buffers.
+struct StepKernel {
+    name: String,
+    grid: u32,
+    smem: u32,
+    p: StepParams,
+    _layers: CudaSlice<StepLayer>,
+    _part: CudaSlice<f32>,
+    _sync: CudaSlice<u64>,
+}
+
+impl StepKernel {
+    fn launch(&self, g: &Gpu) -> Result<()> {
+        g.launch_cooperative(&self.name, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p)
+    }
+}
+
+/// How a decode step is replayed: one kernel launch, or a CUDA graph.
+enum Replay {
+    Kernel(Box<StepKernel>),
+    Graph(CudaGraph),
 }
 
 impl Buffers {
@@ -940,11 +939,11 @@ impl Buffers {
     }
 }
 
-/// The decode step of a fixed batch, replayed from a CUDA graph.
+/// The decode step of a fixed batch.
 pub struct Decoder<'a> {
     model: &'a GpuModel,
     bufs: Buffers,
-    graph: CudaGraph,
+    replay: Replay,
     pub seqs: usize,
 }
 
@@ -959,12 +958,15 @@ impl Decoder<'_> {
             bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
         }
         self.model.gpu.stream.memcpy_htod(tokens, &mut self.bufs.tokens).map_err(err)?;
-        self.graph.launch().map_err(err)
+        self.step_greedy()
     }
 
     /// Feeds each sequence its greedy token from the previous step (or what `step` gave).
     pub fn step_greedy(&mut self) -> Result<()> {
-        self.graph.launch().map_err(err)
+        match &self.replay {
+            Replay::Kernel(k) => k.launch(&self.model.gpu),
+            Replay::Graph(g) => g.launch().map_err(err),
+        }
     }
 
     /// The greedy next token of each sequence after the last step.
@@ -978,8 +980,8 @@ impl Decoder<'_> {
     }
 }
 
-/// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps replayed from a
-/// CUDA graph over all slots (a slot not fed this step gets a placeholder token: its state is
+/// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps by a [`Decoder`]
+/// over all slots (a slot not fed this step gets a placeholder token: its state is
 /// no longer wanted, generation took it when the sequence finished).
 pub struct GpuRun<'m> {
     model: &'m GpuModel,

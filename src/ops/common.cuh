@@ -44,21 +44,6 @@ __device__ __forceinline__ float block_sum(float v) {
     return v;
 }
 
-// Programmatic dependent launch (Hopper): a kernel launched with it may start before the previous
-// one on the stream has finished; pdl_wait() blocks until that one has completed and its writes
-// are visible, pdl_launch() lets the next kernel start. No-ops elsewhere and without the launch
-// attribute.
-__device__ __forceinline__ void pdl_wait() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
 // The normalisation of a row from its per-thread partial sums of x and x²: returns 1/σ and sets
 // the mean (zero for RMSNorm; LayerNorm when `with_mean`). Every thread of the block calls it.
 __device__ __forceinline__ float norm_scale(float s, float s2, int d, bool with_mean, float eps, float& mean) {

@@ -1,56 +1,139 @@
-// The batch-1 decode step: weight-streaming matrix-vector products with their neighbours fused
-// in, so a token is a short chain of kernels (captured in one CUDA graph) whose time approaches
-// that of reading every weight once.
+// The batch-1 decode step as one persistent kernel: a token runs from the embedding to the
+// argmax of its logits in a single launch, so per-token time approaches that of reading every
+// weight once rather than a chain of ~150 kernel launches.
 //
-// gemv: y = W·x for one row x. The block first builds x in shared memory (f32), from one of:
-//   PRO_PLAIN  x as given (activation type);
-//   PRO_NORM   RMSNorm / LayerNorm of the f32 residual stream — the block norm that opens a layer
-//              and the final norm before the LM head, recomputed by every block (d values, cheap);
-//   PRO_GATED  Mamba-2's grouped RMSNorm of y·silu(z) before out_proj.
-// Then each warp takes rows: every lane streams 16-byte pieces of the row (8 bf16/f16 values or 4
-// f32), several in flight, and a warp reduction gives the dot product. Epilogues: store in the
-// activation type, store f32 (logits), or add to the residual stream (out_proj; rounded to the
-// activation type first, as the unfused path does). Bytes: the matrix once (2·out·in in 16-bit
-// types) plus ~in per block; FLOPs: 2·out·in. Bandwidth-bound by design.
+// Strategy. One block of 512 threads per multiprocessor, all resident at once (launched
+// cooperatively), walking the layers in phases separated by grid barriers; a phase is either a
+// weight-streaming matrix-vector product spread over every warp of the grid, or per-channel work.
+// Each warp streams its rows through a ring of NST chunks in shared memory (cp.async, 2 KB per
+// chunk, 4 KB in flight per warp, ~8.6 MB over the GPU). Weights never change, so before waiting
+// at a barrier every warp fills its ring with the coming product's first chunks, together with
+// whatever else the phase reads that is already final (conv taps, the residual row, dt_proj's
+// rows, u and z): after the barrier only the vector just produced is still to be read.
+//   Mamba-1, per layer (4 barriers):
+//     in_proj   x = norm(resid) in every block (d values, cheap); row o of in_proj; the rows of
+//               the x half end in the causal-conv step of channel o (its lanes hold the taps).
+//     x_proj    rows × K-splits, so its few rows (dt_rank + 2N) still occupy many warps; partial
+//               sums go to `part`, summed in a fixed order by their readers (deterministic).
+//     scan      per channel: dt_proj row · dt, softplus, the N-state update, D skip, SiLU(z)
+//               gate; the channel's states and A were loaded before the barrier.
+//     out_proj  y → residual stream (added, rounded to the activation type first).
+//   Mamba-2, per layer (3 barriers):
+//     in_proj   as above; z, dt stored; xBC rows end in their conv step.
+//     ssd step  one block per 32 channels (head·P + column): warps take slices of the N states.
+//     out_proj  with the grouped RMSNorm of y·SiLU(z) as prologue.
+//   Final: norm_f and the LM head; each block keeps its best (logit, index) and merges it into
+//   one 64-bit atomicMax; the last barrier publishes the token as the next step's input.
+// Bytes: every weight once (2 bytes each in 16-bit types) plus the state read and written once
+// (N·E·8 bytes per layer) and L2 traffic for the small vectors each block rebuilds. FLOPs:
+// 2 per weight. Measured: a barrier costs ~2 µs and a phase ~3 µs of dependent round trips even
+// with its weights already in shared memory, so small models are latency-bound (BENCHMARKS.md).
+// The barrier: each block publishes an epoch in its own flag and waits for every flag to reach it
+// (no contended counter); epochs grow across launches, so flags never need resetting.
 //
-// Every kernel here waits for its predecessor with pdl_wait() (the decode graph launches them with
-// programmatic dependent launch); gemv first issues its weight loads, which depend on nothing.
-//
-// conv_step: the causal conv for one new time step, one thread per channel; each thread shifts
-// its own channel's state, so no other thread reads what it writes.
-//
-// m1_step: Mamba-1's softplus(δ + bias), the scan update of the channel's N states, D skip and
-// SiLU(z) gate, one thread per channel (δ comes from a gemv of dt_proj; B, C are staged in
-// shared memory by the block). m2_step: Mamba-2's step, one block per head (see there).
+// Data written in this launch by another block is read with ld.global.cg (L2, never a stale L1
+// line); the fence after the barrier's polling orders it.
 
-#define PRO_PLAIN 0
-#define PRO_NORM 1
-#define PRO_GATED 2
-#define EPI_STORE 0
-#define EPI_F32 1
-#define EPI_RESID 2
-#define GEMV_ROWS_PER_WARP 2
+#define STEP_THREADS 512
+#define STEP_WARPS (STEP_THREADS / 32)
+// A chunk: PF 16-byte pieces per lane; NST chunks in flight per warp.
+#define PF 4
+#define CH (32 * PF)
+#define NST 2
+#define M1_N 16
+#define M2_MAX_N 256
+// Epochs a launch may use (barriers per token, at most).
+#define EPOCHS 4096
 
-struct GemvParams {
-    const void* w;        // (out, inp) in T
-    const void* x;        // PRO_PLAIN: x (T); PRO_GATED: y (T)
-    const void* z;        // PRO_GATED: z (T)
-    const float* resid;   // PRO_NORM: input; EPI_RESID: output (added to)
+struct StepLayer {
     const float* norm_w;
-    const float* norm_b;  // PRO_NORM with a bias: LayerNorm
-    void* y;              // EPI_STORE (T) / EPI_F32 (float)
-    int out, inp, pro, epi, gsize;
+    const float* norm_b;      // null: RMSNorm
+    const void* in_proj;      // (rows, d_model) T
+    const float* conv_w;      // (W, C) tap-major
+    const float* conv_b;      // or null
+    const void* x_proj;       // Mamba-1: (R + 2N, E) T
+    const void* dt_proj;      // Mamba-1: (E, R) T
+    const float* dt_bias;
+    const float* a2;          // A·log2(e): (N, E) for Mamba-1, per head for Mamba-2
+    const float* d;
+    const float* gnorm_w;     // Mamba-2's gated norm
+    const void* out_proj;     // (d_model, E) T
+    float* conv_state;        // (W−1, C)
+    float* ssm_state;         // Mamba-1 (N, E); Mamba-2 (H, N, P)
     float eps;
 };
 
+struct StepParams {
+    const StepLayer* layers;
+    const void* embedding;    // (vocab, d_model) T
+    const void* head;         // (head_rows, d_model) T
+    const float* normf_w;
+    const float* normf_b;
+    const unsigned* token;    // this step's input
+    float* resid;             // (d_model)
+    void* act;                // in_proj outputs, conv applied (T)
+    float* part;              // Mamba-1 x_proj partial sums, (R + 2N, splits)
+    void* y;                  // (E) T
+    float* logits;            // (head_rows)
+    unsigned long long* best; // packed (logit, index), zero between steps
+    unsigned* ids;            // the argmax
+    unsigned* next_token;     // the argmax again, as the next step's input
+    unsigned* bar;            // grid barrier: a flag per block, then the launch's base epoch
+    int mamba2, n_layer, d_model, e, n, r, w, h, p, g, conv_dim, in_rows, d_per_channel;
+    int head_rows, limit, splits;
+    float normf_eps, gnorm_eps, dt_min, dt_max;
+};
+
+__device__ __forceinline__ unsigned ld_relaxed(const unsigned* a) {
+    unsigned v;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ float ld_cg(const float* a) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(a) : "memory");
+    return v;
+}
+// 16-bit types (f32 takes the overload above).
+template <typename T> __device__ __forceinline__ float ld_cg(const T* a) {
+    T v;
+    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v.bits) : "l"(a) : "memory");
+    return to_f32(v);
+}
 template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
 
-// 16-byte pieces of each of its rows that a lane loads before the prologue: the weight stream
-// starts at once instead of waiting for x (the rest of the row follows in the main loop).
-#define GEMV_PREFETCH 4
+__device__ __forceinline__ void st_release(unsigned* a, unsigned v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
+}
 
-// x is read as float4: lanes read 32 (or 16) bytes apart, and scalar reads at that stride would
-// fall into a few shared-memory banks.
+// Grid barrier number `epoch`: this block's writes are fenced and its flag set; one thread per
+// block polls each flag until all have reached the epoch (wrap-safe comparison).
+__device__ void grid_sync(const StepParams& p, unsigned& epoch) {
+    epoch++;
+    __syncthreads();
+    if (threadIdx.x == 0) st_release(p.bar + blockIdx.x, epoch);
+    if (threadIdx.x < gridDim.x) {
+        while ((int)(ld_relaxed(p.bar + threadIdx.x) - epoch) < 0) {}
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+__device__ __forceinline__ void cp16(void* s, const void* g) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(s)), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp4(void* s, const void* g) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(s)), "l"(g) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// x in shared memory as float4 against a 16-byte piece of a row (8 bf16/f16 or 4 f32).
 template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q, const float* x) {
     const T* e = (const T*)&q;
     float acc = 0.0f;
@@ -62,230 +145,431 @@ template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q,
     return acc;
 }
 
-template <typename T> __device__ void gemv(const GemvParams p) {
-    extern __shared__ float xs[];
+// A matrix-vector product spread over the grid's warps as `tasks`: task t is row t / splits,
+// pieces [s·pc, min((s+1)·pc, nv)) of it (s = t % splits). Warp gw takes tasks gw, gw + nw, …,
+// each as chunks of CH pieces; `Walk` is a position in that sequence.
+struct Rows {
+    const uint4* w;
+    int nv, splits, pc, tasks, gw, nw;
+    __device__ int begin(int t) const { return (t % splits) * pc; }
+    __device__ int len(int t) const { return min(pc, nv - begin(t)); }
+    __device__ const uint4* row(int t) const { return w + (long)(t / splits) * nv + begin(t); }
+};
+
+__device__ __forceinline__ Rows make_rows(const void* w, int out, int inp, int vec, int splits) {
+    Rows r;
+    r.w = (const uint4*)w;
+    r.nv = inp / vec;
+    r.splits = splits;
+    r.pc = (r.nv + splits - 1) / splits;
+    r.tasks = out * splits;
+    r.nw = gridDim.x * STEP_WARPS;
+    r.gw = blockIdx.x * STEP_WARPS + threadIdx.x / 32;
+    return r;
+}
+
+struct Walk {
+    int t, c;
+};
+
+__device__ __forceinline__ void advance(const Rows& r, Walk& w) {
+    if (++w.c * CH >= r.len(w.t)) {
+        w.t += r.nw;
+        w.c = 0;
+    }
+}
+
+// The warp's ring: chunk slot s holds piece k of lane l at buf[(s·PF + k)·32 + l], and a 16-byte
+// aux word per lane (the task's epilogue inputs, copied with its first chunk).
+struct Ring {
+    uint4* buf;
+    uint4* aux;
+    Walk next;  // the next chunk to issue
+    int slot;   // the slot of the next chunk to consume
+};
+
+// Issues the ring's next chunk into the slot it frees (one commit group per chunk, empty past
+// the end, so wait_group counts stay exact). aux(t, dst) may cp.async the task's aux word.
+template <typename Aux> __device__ __forceinline__ void issue(const Rows& r, Ring& g, int slot, Aux aux) {
+    const int lane = threadIdx.x % 32;
+    if (g.next.t < r.tasks) {
+        const uint4* src = r.row(g.next.t) + g.next.c * CH;
+        const int n = r.len(g.next.t) - g.next.c * CH;
+#pragma unroll
+        for (int k = 0; k < PF; k++)
+            if (lane + 32 * k < n) cp16(g.buf + (slot * PF + k) * 32 + lane, src + lane + 32 * k);
+        if (g.next.c == 0) aux(g.next.t, g.aux + slot * 32 + lane);
+        advance(r, g.next);
+    }
+    cp_commit();
+}
+
+// Fills the warp's ring with the first NST chunks of `r` (before the barrier).
+template <typename Aux> __device__ __forceinline__ Ring prefetch(const Rows& r, uint4* ring, Aux aux) {
+    const int warp = threadIdx.x / 32;
+    Ring g = {ring + warp * NST * PF * 32, ring + STEP_WARPS * NST * PF * 32 + warp * NST * 32, {r.gw, 0}, 0};
+#pragma unroll
+    for (int s = 0; s < NST; s++) issue(r, g, s, aux);
+    return g;
+}
+
+// Runs the warp's tasks against x (shared memory, f32), refilling the ring as chunks are used;
+// epi(t, acc, aux word) on every lane when a task's dot product is complete.
+template <typename T, typename Aux, typename Epi>
+__device__ __forceinline__ void run_rows(const Rows& r, Ring& g, const float* x, Aux aux, Epi epi) {
     constexpr int V = 16 / sizeof(T);
+    const int lane = threadIdx.x % 32;
+    float acc = 0.0f;
+    uint4 a = make_uint4(0, 0, 0, 0);
+    for (Walk w = {r.gw, 0}; w.t < r.tasks;) {
+        cp_wait<NST - 1>();
+        const int n = r.len(w.t) - w.c * CH;
+        const float* xt = x + (r.begin(w.t) + w.c * CH) * V;
+        const uint4* b = g.buf + g.slot * PF * 32 + lane;
+#pragma unroll
+        for (int k = 0; k < PF; k++)
+            if (lane + 32 * k < n) acc += dot_piece<T>(b[k * 32], xt + (lane + 32 * k) * V);
+        if (w.c == 0) a = g.aux[g.slot * 32 + lane];
+        issue(r, g, g.slot, aux);
+        g.slot = (g.slot + 1) % NST;
+        const int t = w.t;
+        advance(r, w);
+        if (w.c == 0) {
+            for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+            epi(t, acc, a);
+            acc = 0.0f;
+        }
+    }
+    cp_wait<0>();
+}
+
+// x ← norm(src)·w (+ b), rounded to T, in shared memory; src is f32 (the residual stream) or,
+// for the first layer, the embedding row in T (block 0 also starts the residual stream with it).
+// The weights are loaded with the row, so the whole prologue waits on one memory round trip.
+#define NORM_PT 8
+template <typename T>
+__device__ void norm_into(float* x, const StepParams& p, const float* w, const float* b, float eps, const T* emb) {
+    float v[NORM_PT], wv[NORM_PT], bv[NORM_PT];
+    float s = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NORM_PT; j++) {
+        const int i = threadIdx.x + j * STEP_THREADS;
+        if (i < p.d_model) {
+            v[j] = emb ? to_f32(emb[i]) : ld_cg(p.resid + i);
+            wv[j] = w[i];
+            bv[j] = b ? b[i] : 0.0f;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_PT; j++) {
+        const int i = threadIdx.x + j * STEP_THREADS;
+        if (i < p.d_model) {
+            if (emb && blockIdx.x == 0) p.resid[i] = v[j];
+            s += v[j];
+            s2 += v[j] * v[j];
+        }
+    }
+    float mean;
+    const float inv = norm_scale(s, s2, p.d_model, b != nullptr, eps, mean);
+#pragma unroll
+    for (int j = 0; j < NORM_PT; j++) {
+        const int i = threadIdx.x + j * STEP_THREADS;
+        if (i < p.d_model) x[i] = round_to<T>((v[j] - mean) * inv * wv[j] + bv[j]);
+    }
+    __syncthreads();
+}
+
+// The conv step's inputs for channel c as the task's aux word (x component): lane k < W holds
+// tap weight k, lane W + k the state value k, lane 31 the bias.
+__device__ __forceinline__ void conv_taps(const StepLayer& L, int C, int W, int c, uint4* dst) {
+    const int k = threadIdx.x % 32;
+    if (c < 0 || c >= C) return;
+    if (k < W) cp4(dst, L.conv_w + k * C + c);
+    else if (k < 2 * W - 1) cp4(dst, L.conv_state + (k - W) * C + c);
+    else if (k == 31 && L.conv_b) cp4(dst, L.conv_b + c);
+}
+
+// Finishes channel c's conv step with its new input x (every lane calls it): returns
+// SiLU(conv) and shifts the state (value k moves to slot k − 1, x into the last).
+__device__ __forceinline__ float conv_finish(const StepLayer& L, int C, int W, int c, float x, uint4 a) {
+    const int k = threadIdx.x % 32;
+    const float s = __shfl_sync(0xffffffffu, __uint_as_float(a.x), min(W + k, 31));
+    const float v = k == W - 1 ? x : s;
+    float acc = k < W ? __uint_as_float(a.x) * v : 0.0f;
+    for (int off = 4; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (k >= 1 && k < W) L.conv_state[(k - 1) * C + c] = v;
+    const float bias = __shfl_sync(0xffffffffu, __uint_as_float(a.x), 31);
+    return silu(acc + (L.conv_b ? bias : 0.0f));
+}
+
+// Mamba-1's per-channel phase: lane = channel within a group of 32; group gi belongs to block
+// gi % grid, warp gi / grid. Everything but x_proj's output is loaded before the barrier: the
+// states and A in registers, the dt_proj row into the (idle) ring, piece k at dw[k·32].
+template <typename T>
+__device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, uint4* ring, unsigned& epoch) {
+    constexpr int DV = 16 / sizeof(T);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * (blockDim.x / 32) + warp) * GEMV_ROWS_PER_WARP;
-    const bool vec = p.inp % V == 0;
-    const int nv = p.inp / V;
-    uint4 q[GEMV_ROWS_PER_WARP][GEMV_PREFETCH];
+    const int c = (warp * gridDim.x + blockIdx.x) * 32 + lane;
+    const int E = p.e, N = p.n, R = p.r;
+    const bool mine = c < E;
+    // dt_proj's row as 16-byte pieces when it divides into them (the published shapes do).
+    const bool vec = R % DV == 0;
+    const int rp = R / DV;
+    const T* act = (const T*)p.act;
+    uint4* dw = ring + warp * 32 * rp + lane;
+    float h[M1_N], a[M1_N];
+    float dtb = 0.0f, dd = 0.0f, u = 0.0f, z = 0.0f;
+    if (mine) {
 #pragma unroll
-    for (int j = 0; j < GEMV_ROWS_PER_WARP; j++)
-#pragma unroll
-        for (int k = 0; k < GEMV_PREFETCH; k++) {
-            const int i = lane + 32 * k;
-            if (vec && row0 + j < p.out && i < nv) q[j][k] = ((const uint4*)p.w)[(long)(row0 + j) * nv + i];
+        for (int j = 0; j < M1_N; j++)
+            if (j < N) {
+                h[j] = L.ssm_state[j * E + c];
+                a[j] = L.a2[j * E + c];
+            }
+        if (vec)
+            for (int k = 0; k < rp; k++) cp16(dw + k * 32, (const uint4*)((const T*)L.dt_proj + (long)c * R) + k);
+        dtb = L.dt_bias[c];
+        dd = L.d[c];
+        u = ld_cg(act + c);
+        z = ld_cg(act + E + c);
+    }
+    cp_commit();
+    grid_sync(p, epoch);
+    // Blocks with channels sum x_proj's partials: dt (R), B (N), C (N), rounded as stored.
+    if (blockIdx.x * 32 < E) {
+        for (int i = threadIdx.x; i < R + 2 * N; i += blockDim.x) {
+            float s = 0.0f;
+            for (int k = 0; k < p.splits; k++) s += ld_cg(p.part + i * p.splits + k);
+            sbc[i] = round_to<T>(s);
         }
-    // Weights never change: they were read above, before waiting for the previous kernel.
-    pdl_launch();
-    pdl_wait();
-    if (p.pro == PRO_PLAIN) {
-#pragma unroll 4
-        for (int i = threadIdx.x; i < p.inp; i += blockDim.x) xs[i] = to_f32(((const T*)p.x)[i]);
-    } else if (p.pro == PRO_NORM) {
-        float s = 0.0f, s2 = 0.0f;
-#pragma unroll 4
-        for (int i = threadIdx.x; i < p.inp; i += blockDim.x) {
-            const float v = p.resid[i];
-            xs[i] = v;
-            s += v;
-            s2 += v * v;
-        }
-        float mean;
-        const float inv = norm_scale(s, s2, p.inp, p.norm_b != nullptr, p.eps, mean);
-#pragma unroll 4
-        for (int i = threadIdx.x; i < p.inp; i += blockDim.x)
-            xs[i] = round_to<T>((xs[i] - mean) * inv * p.norm_w[i] + (p.norm_b ? p.norm_b[i] : 0.0f));
+        __syncthreads();
+    }
+    cp_wait<0>();
+    if (!mine) return;
+    float dt = 0.0f;
+    if (vec) {
+        for (int k = 0; k < rp; k++) dt += dot_piece<T>(dw[k * 32], sbc + k * DV);
     } else {
-        for (int g0 = 0; g0 < p.inp; g0 += p.gsize) {
-            float s2 = 0.0f;
-            for (int i = g0 + threadIdx.x; i < g0 + p.gsize; i += blockDim.x) {
-                const float v = to_f32(((const T*)p.x)[i]) * silu(to_f32(((const T*)p.z)[i]));
-                xs[i] = v;
-                s2 += v * v;
-            }
-            const float inv = rsqrtf(block_sum(s2) / p.gsize + p.eps);
-            for (int i = g0 + threadIdx.x; i < g0 + p.gsize; i += blockDim.x) xs[i] = round_to<T>(xs[i] * inv * p.norm_w[i]);
-        }
+        for (int k = 0; k < R; k++) dt += to_f32(((const T*)L.dt_proj)[(long)c * R + k]) * sbc[k];
     }
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < GEMV_ROWS_PER_WARP; j++) {
-        const int o = row0 + j;
-        if (o >= p.out) break;
-        float acc = 0.0f;
-        if (vec) {
-#pragma unroll
-            for (int k = 0; k < GEMV_PREFETCH; k++) {
-                const int i = lane + 32 * k;
-                if (i < nv) acc += dot_piece<T>(q[j][k], xs + i * V);
-            }
-            const uint4* w4 = (const uint4*)p.w + (long)o * nv;
-#pragma unroll 4
-            for (int i = lane + 32 * GEMV_PREFETCH; i < nv; i += 32) acc += dot_piece<T>(w4[i], xs + i * V);
-        } else {
-            const T* w = (const T*)p.w + (long)o * p.inp;
-            for (int i = lane; i < p.inp; i += 32) acc += to_f32(w[i]) * xs[i];
-        }
-        for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-        if (lane == 0) {
-            if (p.epi == EPI_STORE) ((T*)p.y)[o] = from_f32<T>(acc);
-            else if (p.epi == EPI_F32) ((float*)p.y)[o] = acc;
-            else ((float*)p.resid)[o] += round_to<T>(acc);
-        }
-    }
-}
-FOR_EACH_TYPE(gemv, GemvParams, 256)
-
-struct ConvStepParams {
-    const void* x;        // this step's input of channel c at x[c], T
-    const float* w;       // (W, C) tap-major
-    const float* bias;    // or null
-    float* state;         // (W−1, C)
-    void* y;              // (C) T
-    int C, W;
-};
-
-#define STEP_MAX_W 8
-
-template <typename T> __device__ void conv_step(const ConvStepParams p) {
-    pdl_launch();
-    pdl_wait();
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= p.C) return;
-    // Every load first (constant indices keep them in registers and in flight together).
-    float s[STEP_MAX_W], w[STEP_MAX_W];
-#pragma unroll
-    for (int k = 0; k < STEP_MAX_W; k++) {
-        s[k] = k < p.W - 1 ? p.state[k * p.C + c] : 0.0f;
-        w[k] = k < p.W ? p.w[k * p.C + c] : 0.0f;
-    }
-    const float x = to_f32(((const T*)p.x)[c]);
-    float acc = p.bias ? p.bias[c] : 0.0f;
-#pragma unroll
-    for (int k = 0; k < STEP_MAX_W; k++) {
-        if (k < p.W - 1) acc += w[k] * s[k];
-        if (k == p.W - 1) acc += w[k] * x;
-        if (k > 0 && k < p.W - 1) p.state[(k - 1) * p.C + c] = s[k];
-    }
-    if (p.W > 1) p.state[(p.W - 2) * p.C + c] = x;
-    ((T*)p.y)[c] = from_f32<T>(silu(acc));
-}
-FOR_EACH_TYPE(conv_step, ConvStepParams, 128)
-
-struct M1StepParams {
-    const void* u;        // conv output (E), T
-    const void* dt;       // dt_proj output (E), T: δ before bias and softplus
-    const void* bc;       // B (N) then C (N), T
-    const float* dt_bias;
-    const float* a2;      // A·log2(e), (N, E)
-    const float* d;
-    const void* z;        // gate (E), T
-    float* state;         // (N, E)
-    void* y;              // (E), T
-    int E, N;
-};
-
-#define M1_MAX_N 64
-
-template <typename T> __device__ void m1_step(const M1StepParams p) {
-    pdl_launch();
-    pdl_wait();
-    __shared__ float sbc[2 * M1_MAX_N];
-    for (int i = threadIdx.x; i < 2 * p.N; i += blockDim.x) sbc[i] = to_f32(((const T*)p.bc)[i]);
-    __syncthreads();
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= p.E) return;
-    const float dt = softplus(to_f32(((const T*)p.dt)[c]) + p.dt_bias[c]);
-    const float u = to_f32(((const T*)p.u)[c]);
+    dt = softplus(round_to<T>(dt) + dtb);
     const float du = dt * u;
     float acc = 0.0f;
-    // States in groups of 16: each group's loads are issued together before any is used.
-    for (int n0 = 0; n0 < p.N; n0 += 16) {
-        float h[16], a[16];
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            if (n0 + j < p.N) {
-                h[j] = p.state[(long)(n0 + j) * p.E + c];
-                a[j] = p.a2[(long)(n0 + j) * p.E + c];
-            }
+    for (int j = 0; j < M1_N; j++)
+        if (j < N) {
+            const float v = exp2f(dt * a[j]) * h[j] + du * sbc[R + j];
+            L.ssm_state[j * E + c] = v;
+            acc += sbc[R + N + j] * v;
         }
-#pragma unroll
-        for (int j = 0; j < 16; j++) {
-            if (n0 + j < p.N) {
-                const float v = exp2f(dt * a[j]) * h[j] + du * sbc[n0 + j];
-                p.state[(long)(n0 + j) * p.E + c] = v;
-                acc += sbc[p.N + n0 + j] * v;
-            }
-        }
-    }
-    const float y = (acc + p.d[c] * u) * silu(to_f32(((const T*)p.z)[c]));
-    ((T*)p.y)[c] = from_f32<T>(y);
+    ((T*)p.y)[c] = from_f32<T>((acc + dd * u) * silu(z));
 }
-FOR_EACH_TYPE(m1_step, M1StepParams, 128)
 
-struct M2StepParams {
-    const void* x;        // conv output: x (H·P) then B (G·N) then C (G·N), T
-    const void* dt;       // raw δ per head (H), T
-    const float* dt_bias;
-    const float* a2;      // A·log2(e) per head
-    const float* d;       // D per head, or per channel when d_per_channel
-    float* state;         // (H, N, P)
-    void* y;              // (H·P), T
-    int H, P, N, G, d_per_channel;
-    float dt_min, dt_max;
-};
-
-#define M2_THREADS 256
-#define M2_MAX_N 256
-
-// Mamba-2's step, one block per head: thread (p, n-slice) updates N/slices states of column p,
-// the partial readouts are summed in shared memory.
-template <typename T> __device__ void m2_step(const M2StepParams p) {
-    pdl_launch();
-    pdl_wait();
-    __shared__ float sb[M2_MAX_N], sc[M2_MAX_N], part[M2_THREADS];
-    const int hd = blockIdx.x, g = hd / (p.H / p.G);
-    const T* x = (const T*)p.x;
-    const T* b = x + p.H * p.P + g * p.N;
-    const T* cm = x + p.H * p.P + p.G * p.N + g * p.N;
-    for (int i = threadIdx.x; i < p.N; i += blockDim.x) {
-        sb[i] = to_f32(b[i]);
-        sc[i] = to_f32(cm[i]);
-    }
-    __syncthreads();
-    const float dt = fminf(fmaxf(softplus(to_f32(((const T*)p.dt)[hd]) + p.dt_bias[hd]), p.dt_min), p.dt_max);
-    const float decay = exp2f(dt * p.a2[hd]);
-    const int slices = blockDim.x / p.P;  // P divides the block (launcher's check)
-    const int col = threadIdx.x % p.P, sl = threadIdx.x / p.P;
-    const float xv = to_f32(x[hd * p.P + col]);
-    float* st = p.state + (long)hd * p.N * p.P + col;
-    float acc = 0.0f;
-    // This thread's states in groups of 8, loads first.
-    for (int n0 = sl; n0 < p.N; n0 += 8 * slices) {
-        float h[8];
+// Mamba-2's step over channels (head·P + column) in units of 32, one unit per block: lane =
+// channel, warp = a slice of the states (n ≡ warp mod 16); the slices' readouts meet in shared
+// memory. B and C of every group are staged once per block.
+template <typename T>
+__device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, float* red, unsigned& epoch) {
+    constexpr int NS = M2_MAX_N / STEP_WARPS;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int N = p.n, P = p.p, E = p.e, GN = p.g * p.n, units = (E + 31) / 32;
+    const T* act = (const T*)p.act;
+    float hs[NS], dtb = 0.0f, a2 = 0.0f, dskip = 0.0f;
+    const auto load = [&](int unit) {
+        const int ch = unit * 32 + lane;
+        if (ch >= E) return;
+        const int hd = ch / P;
+        const float* st = L.ssm_state + (long)hd * N * P + ch % P;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int n = n0 + j * slices;
-            if (n < p.N) h[j] = st[n * p.P];
-        }
+        for (int j = 0; j < NS; j++)
+            if (warp + STEP_WARPS * j < N) hs[j] = st[(warp + STEP_WARPS * j) * P];
+        dtb = L.dt_bias[hd];
+        a2 = L.a2[hd];
+        dskip = L.d[p.d_per_channel ? ch : hd];
+    };
+    int u = blockIdx.x;
+    if (u < units) load(u);
+    grid_sync(p, epoch);
+    if (u >= units) return;
+    for (int i = threadIdx.x; i < 2 * GN; i += blockDim.x) sbc[i] = ld_cg(act + 2 * E + i);
+    for (; u < units; u += gridDim.x) {
+        if (u != (int)blockIdx.x) load(u);
+        const int ch = u * 32 + lane;
+        const bool ok = ch < E;
+        const int hd = ok ? ch / P : 0, grp = hd / (p.h / p.g);
+        const float dt = fminf(fmaxf(softplus(ld_cg(act + p.e + p.conv_dim + hd) + dtb), p.dt_min), p.dt_max);
+        const float xv = ok ? ld_cg(act + E + ch) : 0.0f;
+        __syncthreads();  // sbc staged (first unit); red consumed (later units)
+        const float decay = exp2f(dt * a2);
+        const float* b = sbc + grp * N;
+        const float* cm = sbc + GN + grp * N;
+        float* st = L.ssm_state + (long)hd * N * P + ch % P;
+        float acc = 0.0f;
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const int n = n0 + j * slices;
-            if (n < p.N) {
-                const float v = decay * h[j] + dt * xv * sb[n];
-                st[n * p.P] = v;
-                acc += sc[n] * v;
+        for (int j = 0; j < NS; j++) {
+            const int n = warp + STEP_WARPS * j;
+            if (ok && n < N) {
+                const float v = decay * hs[j] + dt * xv * b[n];
+                st[n * P] = v;
+                acc += cm[n] * v;
             }
         }
-    }
-    part[threadIdx.x] = acc;
-    __syncthreads();
-    if (sl == 0) {
-        for (int k = 1; k < slices; k++) acc += part[k * p.P + col];
-        const float dskip = p.d[p.d_per_channel ? hd * p.P + col : hd];
-        ((T*)p.y)[hd * p.P + col] = from_f32<T>(acc + dskip * xv);
+        red[threadIdx.x] = acc;
+        __syncthreads();
+        if (warp == 0 && ok) {
+            for (int k = 1; k < STEP_WARPS; k++) acc += red[k * 32 + lane];
+            ((T*)p.y)[ch] = from_f32<T>(acc + dskip * xv);
+        }
     }
 }
-FOR_EACH_TYPE(m2_step, M2StepParams, 256)
+
+// x ← grouped RMSNorm of y·SiLU(z), rounded to T; the weights come with y and z (one round
+// trip), each group's scale goes through `ginv`.
+#define GNORM_PT 24
+template <typename T> __device__ void gated_norm_into(float* x, const StepParams& p, const StepLayer& L, float* ginv) {
+    const T* y = (const T*)p.y;
+    const T* z = (const T*)p.act;
+    const int gs = p.e / p.g;
+    float wv[GNORM_PT];
+#pragma unroll
+    for (int j = 0; j < GNORM_PT; j++) {
+        const int i = threadIdx.x + j * STEP_THREADS;
+        if (i < p.e) {
+            x[i] = ld_cg(y + i) * silu(ld_cg(z + i));
+            wv[j] = L.gnorm_w[i];
+        }
+    }
+    __syncthreads();
+    for (int g = 0; g < p.g; g++) {
+        float s2 = 0.0f;
+        for (int i = g * gs + threadIdx.x; i < (g + 1) * gs; i += blockDim.x) s2 += x[i] * x[i];
+        s2 = block_sum(s2);
+        if (threadIdx.x == 0) ginv[g] = rsqrtf(s2 / gs + p.gnorm_eps);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < GNORM_PT; j++) {
+        const int i = threadIdx.x + j * STEP_THREADS;
+        if (i < p.e) x[i] = round_to<T>(x[i] * ginv[i / gs] * wv[j]);
+    }
+    __syncthreads();
+}
+
+template <typename T> __device__ void load_into(float* x, const T* src, int n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = ld_cg(src + i);
+    __syncthreads();
+}
+
+// Orders floats as unsigned integers (larger float → larger key).
+__device__ __forceinline__ unsigned order_key(float v) {
+    const unsigned b = __float_as_uint(v);
+    return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+}
+
+// Shared memory: the warps' rings, their aux words, then x (f32).
+#define RING_PIECES (STEP_WARPS * NST * PF * 32)
+#define AUX_WORDS (STEP_WARPS * NST * 32)
+
+template <typename T> __device__ void decode_step(const StepParams& p) {
+    constexpr int V = 16 / sizeof(T);
+    extern __shared__ uint4 dyn[];
+    uint4* ring = dyn;
+    float* xs = (float*)(dyn + RING_PIECES + AUX_WORDS);
+    __shared__ __align__(16) float sbc[2 * M2_MAX_N];
+    __shared__ float red[STEP_THREADS];
+    __shared__ unsigned long long sbest;
+    const int lane = threadIdx.x % 32;
+    unsigned* base = p.bar + gridDim.x;
+    unsigned epoch = *(volatile unsigned*)base;
+    const T* emb = (const T*)p.embedding + (long)*p.token * p.d_model;
+    T* act = (T*)p.act;
+    const auto no_aux = [](int, uint4*) {};
+    // Each layer's table entry is read into shared memory a layer ahead (its pointers are used
+    // right after barriers, when a global load would cost a round trip).
+    __shared__ StepLayer sl[2];
+    constexpr int LW = sizeof(StepLayer) / 8;
+    if (threadIdx.x < LW) ((unsigned long long*)sl)[threadIdx.x] = ((const unsigned long long*)p.layers)[threadIdx.x];
+    for (int l = 0; l < p.n_layer; l++) {
+        __syncthreads();
+        const StepLayer& L = sl[l & 1];
+        const bool more = l + 1 < p.n_layer && threadIdx.x < LW;
+        const unsigned long long nxt = more ? ((const unsigned long long*)(p.layers + l + 1))[threadIdx.x] : 0;
+        // in_proj, its x (Mamba-1) or xBC (Mamba-2) rows through the conv step.
+        const int conv0 = p.mamba2 ? p.e : 0;
+        const int C = p.conv_dim, W = p.w;
+        const auto taps = [&](int t, uint4* dst) { conv_taps(L, C, W, t - conv0, dst); };
+        Rows r = make_rows(L.in_proj, p.in_rows, p.d_model, V, 1);
+        Ring g = prefetch(r, ring, taps);
+        if (l > 0) grid_sync(p, epoch);
+        norm_into<T>(xs, p, L.norm_w, L.norm_b, L.eps, l == 0 ? emb : nullptr);
+        run_rows<T>(r, g, xs, taps, [&](int t, float acc, uint4 a) {
+            const float v = round_to<T>(acc);
+            const int c = t - conv0;
+            if (c >= 0 && c < C) {
+                const float u = conv_finish(L, C, W, c, v, a);
+                if (lane == 0) act[t] = from_f32<T>(u);
+            } else if (lane == 0) {
+                act[t] = from_f32<T>(v);
+            }
+        });
+        if (!p.mamba2) {
+            r = make_rows(L.x_proj, p.r + 2 * p.n, p.e, V, p.splits);
+            g = prefetch(r, ring, no_aux);
+            grid_sync(p, epoch);
+            load_into(xs, act, p.e);
+            run_rows<T>(r, g, xs, no_aux, [&](int t, float acc, uint4) {
+                if (lane == 0) p.part[t] = acc;
+            });
+            m1_scan<T>(p, L, sbc, ring, epoch);
+        } else {
+            m2_ssd<T>(p, L, sbc, red, epoch);
+        }
+        // out_proj; the aux word is the 16 bytes of the residual stream holding row t.
+        const auto resid4 = [&](int t, uint4* dst) {
+            if (lane == 0) cp16(dst, p.resid + (t & ~3));
+        };
+        r = make_rows(L.out_proj, p.d_model, p.e, V, 1);
+        g = prefetch(r, ring, resid4);
+        grid_sync(p, epoch);
+        if (p.mamba2) gated_norm_into<T>(xs, p, L, red);
+        else load_into(xs, (const T*)p.y, p.e);
+        run_rows<T>(r, g, xs, resid4, [&](int t, float acc, uint4 a) {
+            const unsigned r = (t & 3) == 0 ? a.x : (t & 3) == 1 ? a.y : (t & 3) == 2 ? a.z : a.w;
+            if (lane == 0) p.resid[t] = __uint_as_float(r) + round_to<T>(acc);
+        });
+        if (more) ((unsigned long long*)&sl[(l + 1) & 1])[threadIdx.x] = nxt;
+    }
+    // LM head: logits and each warp's best index below `limit` (ties to the lowest index).
+    Rows r = make_rows(p.head, p.head_rows, p.d_model, V, 1);
+    Ring g = prefetch(r, ring, no_aux);
+    grid_sync(p, epoch);
+    if (threadIdx.x == 0) sbest = 0;
+    norm_into<T>(xs, p, p.normf_w, p.normf_b, p.normf_eps, nullptr);
+    unsigned long long best = 0;
+    run_rows<T>(r, g, xs, no_aux, [&](int t, float acc, uint4) {
+        if (lane == 0) {
+            p.logits[t] = acc;
+            if (t < p.limit && acc == acc) {
+                const unsigned long long k = ((unsigned long long)order_key(acc) << 32) | (0xffffffffu - (unsigned)t);
+                best = k > best ? k : best;
+            }
+        }
+    });
+    if (lane == 0 && best) atomicMax(&sbest, best);
+    __syncthreads();
+    if (threadIdx.x == 0 && sbest) atomicMax(p.best, sbest);
+    grid_sync(p, epoch);
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const unsigned long long k = *(volatile unsigned long long*)p.best;
+        const unsigned id = k ? 0xffffffffu - (unsigned)k : 0u;
+        *p.ids = id;
+        *p.next_token = id;
+        *p.best = 0;
+        *base += EPOCHS;  // every block read it at its start, before the barriers
+    }
+}
+
+// One instance per compilation (the loader appends STEP_KERNEL(type)): a model compiles only its
+// own type of this large kernel.
+#define STEP_KERNEL(T) \
+    extern "C" __global__ void __launch_bounds__(STEP_THREADS, 1) decode_step_##T(const StepParams p) { decode_step<T>(p); }

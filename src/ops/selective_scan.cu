@@ -32,6 +32,7 @@ struct ScanParams {
     long state_stride;
     int u_rs, dt_rs, dt_div, a_ns, a_div, bc_rs, g_ch, d_div, z_rs, p_blk, y_rs;
     int L, E, N, chunk;
+    int bc_vec;             // B and C rows are 16-byte aligned and N fills whole 16-byte pieces
     float dt_min, dt_max;
 };
 
@@ -41,32 +42,49 @@ __device__ __forceinline__ long state_index(const ScanParams& p, int c, int n) {
 
 // Steps per tile: each thread loads its u, δ, z for a tile of steps before using any, so the
 // loads' latencies overlap instead of stalling every step. B and C (one row per step, the same
-// for every channel of a group) are read through L1, where the block's warps share them.
-#define TILE 8
+// for every channel of a group) are read through L1, where the block's warps share them, in
+// 16-byte pieces when aligned: the load instructions, not bytes, bound this loop.
+// Mamba-1's instance (N ≤ 16) is latency-bound: a short tile and a 64-register cap (8 blocks of
+// 128 threads per SM) beat deeper prefetch at lower occupancy (measured: 1.5× at L = 64K).
+// Mamba-2's (N up to 128) keeps its states in registers uncapped.
+#define SCAN_TILE(NMAX) ((NMAX) <= 16 ? 4 : 8)
+#define SCAN_MIN_BLOCKS(NMAX) ((NMAX) <= 16 ? 8 : 1)
 
 // NMAX: the largest N the instance handles (register arrays need a constant size). SCALAR_A: A
-// is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N.
+// is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N, and the
+// states are split over SCAN_SLICES(NMAX) adjacent lanes (16 each): more threads in flight for
+// the same work, the readout summed by warp shuffles. A channel's lanes share its δ and u.
+#define SCAN_SLICES(NMAX, SCALAR) ((SCALAR) ? (NMAX) / 16 : 1)
 template <typename T, int NMAX, bool SCALAR_A, bool OUT> __device__ void scan_chunk(const ScanParams& p) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= p.E) return;
+    constexpr int VB = 16 / sizeof(T);
+    constexpr int TILE = SCAN_TILE(NMAX);
+    constexpr int S = SCAN_SLICES(NMAX, SCALAR_A), NS = NMAX / S;
+    const int c = (blockIdx.x * blockDim.x + threadIdx.x) / S, n0 = threadIdx.x % S * NS;
+    // Lanes past the last channel run along (guarded) so the shuffles see whole groups.
+    const bool on = c < p.E;
     const int k = blockIdx.y, K = gridDim.y, s = blockIdx.z, N = p.N;
     const int t0 = k * p.chunk, t1 = min(t0 + p.chunk, p.L);
-    float a2[SCALAR_A ? 1 : NMAX], h[NMAX];
+    float a2[SCALAR_A ? 1 : NS], h[NS];
     float* st = p.state + s * p.state_stride;
     float* ch = p.chunk_h + ((long)(s * K + k) * N) * p.E + c;
 #pragma unroll
-    for (int n = 0; n < NMAX; n++) {
-        if (n < N) {
-            if (!SCALAR_A || n == 0) a2[SCALAR_A ? 0 : n] = p.a2[n * p.a_ns + c / p.a_div];
-            h[n] = !OUT ? 0.0f : (K == 1 ? st[state_index(p, c, n)] : ch[(long)n * p.E]);
+    for (int j = 0; j < NS; j++) {
+        const int n = n0 + j;
+        if (on && n < N) {
+            if (!SCALAR_A || j == 0) a2[SCALAR_A ? 0 : j] = p.a2[n * p.a_ns + c / p.a_div];
+            h[j] = !OUT ? 0.0f : (K == 1 ? st[state_index(p, c, n)] : ch[(long)n * p.E]);
+        } else {
+            if (!SCALAR_A || j == 0) a2[SCALAR_A ? 0 : j] = 0.0f;
+            h[j] = 0.0f;
         }
     }
-    const float bias = p.dt_bias[c / p.dt_div];
-    const float dskip = p.d ? p.d[c / p.d_div] : 0.0f;
-    const long g = (long)(c / p.g_ch) * N;
-    const T* up = (const T*)p.u + c;
-    const T* dtp = (const T*)p.dt + c / p.dt_div;
-    const T* zp = (const T*)p.z + c;
+    const int cc = on ? c : 0;  // loads of idle lanes stay in bounds
+    const float bias = p.dt_bias[cc / p.dt_div];
+    const float dskip = p.d ? p.d[cc / p.d_div] : 0.0f;
+    const long g = (long)(cc / p.g_ch) * N + n0;
+    const T* up = (const T*)p.u + cc;
+    const T* dtp = (const T*)p.dt + cc / p.dt_div;
+    const T* zp = (const T*)p.z + cc;
     T* yp = (T*)p.y + c;
     float dtsum = 0.0f;
     for (int tt = t0; tt < t1; tt += TILE) {
@@ -93,29 +111,54 @@ template <typename T, int NMAX, bool SCALAR_A, bool OUT> __device__ void scan_ch
                 const float decay = SCALAR_A ? exp2f(d * a2[0]) : 0.0f;
                 float acc = 0.0f;
 #pragma unroll
-                for (int n = 0; n < NMAX; n++) {
-                    if (n < N) {
-                        h[n] = (SCALAR_A ? decay : exp2f(d * a2[SCALAR_A ? 0 : n])) * h[n] + du * to_f32(bt[n]);
-                        if (OUT) acc += to_f32(ct[n]) * h[n];
+                for (int i0 = 0; i0 < NS; i0 += VB) {
+                    if (n0 + i0 < N) {
+                        float bb[VB], cc2[VB];
+                        if (p.bc_vec) {
+                            const uint4 qb = *(const uint4*)(bt + i0);
+                            const uint4 qc = OUT ? *(const uint4*)(ct + i0) : qb;
+#pragma unroll
+                            for (int i = 0; i < VB; i++) {
+                                bb[i] = to_f32(((const T*)&qb)[i]);
+                                cc2[i] = to_f32(((const T*)&qc)[i]);
+                            }
+                        } else {
+#pragma unroll
+                            for (int i = 0; i < VB; i++) {
+                                bb[i] = n0 + i0 + i < N ? to_f32(bt[i0 + i]) : 0.0f;
+                                cc2[i] = OUT && n0 + i0 + i < N ? to_f32(ct[i0 + i]) : 0.0f;
+                            }
+                        }
+#pragma unroll
+                        for (int i = 0; i < VB; i++) {
+                            const int j2 = i0 + i;
+                            if (n0 + j2 < N) {
+                                h[j2] = (SCALAR_A ? decay : exp2f(d * a2[SCALAR_A ? 0 : j2])) * h[j2] + du * bb[i];
+                                if (OUT) acc += cc2[i] * h[j2];
+                            }
+                        }
                     }
                 }
                 if (OUT) {
+#pragma unroll
+                    for (int o = S / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                     float y = acc + dskip * u[j];
                     if (p.z) y *= silu(z[j]);
-                    yp[r * p.y_rs] = from_f32<T>(y);
+                    if (on && n0 == 0) yp[r * p.y_rs] = from_f32<T>(y);
                 }
                 dtsum += d;
             }
         }
     }
 #pragma unroll
-    for (int n = 0; n < NMAX; n++) {
-        if (n < N) {
-            if (!OUT) ch[(long)n * p.E] = h[n];
-            else if (K == 1) st[state_index(p, c, n)] = h[n];
+    for (int j = 0; j < NS; j++) {
+        const int n = n0 + j;
+        if (on && n < N) {
+            if (!OUT) ch[(long)n * p.E] = h[j];
+            else if (K == 1) st[state_index(p, c, n)] = h[j];
         }
     }
-    if (!OUT) p.chunk_dt[(long)(s * K + k) * p.E + c] = dtsum;
+    if (!OUT && on && n0 == 0) p.chunk_dt[(long)(s * K + k) * p.E + c] = dtsum;
 }
 
 extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p, int K) {
@@ -136,10 +179,10 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
 }
 
 #define SCAN_KERNELS(T, NMAX, A, SCALAR)                                                              \
-    extern "C" __global__ void __launch_bounds__(128) scan_end_##T##_##NMAX##A(const ScanParams p) {   \
+    extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS(NMAX)) scan_end_##T##_##NMAX##A(const ScanParams p) {   \
         scan_chunk<T, NMAX, SCALAR, false>(p);                                                        \
     }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) scan_out_##T##_##NMAX##A(const ScanParams p) {   \
+    extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS(NMAX)) scan_out_##T##_##NMAX##A(const ScanParams p) {   \
         scan_chunk<T, NMAX, SCALAR, true>(p);                                                         \
     }
 // Instances are made by the loader, one compilation each: SCAN_KERNELS(type, NMAX, v|s, bool),
