@@ -26,7 +26,18 @@ pub struct Unit {
 /// is compiled on its own when a model first needs it, so a start compiles one instance of each
 /// rather than all of them.
 const TYPES: [&str; 3] = ["f32", "bf16", "f16"];
-const SCAN_SIZES: [(u32, char); 5] = [(16, 'v'), (64, 'v'), (16, 's'), (64, 's'), (128, 's')];
+const SCAN_SIZES: [(u32, char); 7] = [(16, 'v'), (64, 'v'), (16, 'w'), (64, 'w'), (16, 's'), (64, 's'), (128, 's')];
+
+/// Lanes per channel of a scan instance (`S` in selective_scan.cu): kind `v` one, `w` two (Mamba-1
+/// on short sequences), `s` (Mamba-2) one per 16 states.
+pub fn scan_lanes(kind: char, nmax: u32) -> Option<u32> {
+    match kind {
+        'v' => Some(1),
+        'w' => Some(2),
+        's' => Some(nmax / 16),
+        _ => None,
+    }
+}
 
 fn unit(name: &str, src: &str) -> Unit {
     Unit { name: name.into(), src: src.into() }
@@ -37,12 +48,10 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
     if let Some(inst) = kernel.strip_prefix("scan_end_").or_else(|| kernel.strip_prefix("scan_out_")) {
         let (t, size) = inst.split_once('_')?;
         let (nmax, kind) = size.split_at(size.len().checked_sub(1)?);
-        let scalar = match kind {
-            "v" => "false",
-            "s" => "true",
-            _ => return None,
-        };
-        return Some(unit(&format!("scan_{inst}"), &format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar})\n")));
+        let lanes = scan_lanes(kind.chars().next()?, nmax.parse().ok()?)?;
+        let scalar = kind == "s";
+        let src = format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar}, {lanes})\n");
+        return Some(unit(&format!("scan_{inst}"), &src));
     }
     if let Some(t) = kernel.strip_prefix("decode_step_") {
         return Some(unit(&format!("decode_{t}"), &format!("{DECODE}\nSTEP_KERNEL({t})\n")));

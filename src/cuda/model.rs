@@ -219,11 +219,18 @@ pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scal
     };
     let es = t.size() as u64;
     p.bc_vec = [p.b, p.c, p.bc_rs as u64 * es, p.n as u64 * es].iter().all(|v| v.is_multiple_of(16)) as i32;
-    let kind = format!("{}_{nmax}{}", suffix(t), if scalar_a { "s" } else { "v" });
+    // Mamba-1 splits each channel over two lanes when chunking leaves the GPU short of threads
+    // (short prompts: measured faster at L ≤ 2K, slower from 4K at D = 1024); Mamba-2 always
+    // splits (see selective_scan.cu).
+    let kind = match (scalar_a, seqs * p.e as usize * k < SCAN_THREADS / 2) {
+        (true, _) => 's',
+        (false, true) => 'w',
+        (false, false) => 'v',
+    };
+    let lanes = super::kernels::scan_lanes(kind, nmax).expect("a scan kind");
+    let kind = format!("{}_{nmax}{kind}", suffix(t));
     let block = 128;
-    // Lanes per channel: Mamba-2's states are split 16 to a lane (SCAN_SLICES in the kernel).
-    let slices = if scalar_a { nmax / 16 } else { 1 };
-    let grid = ((p.e as u32 * slices).div_ceil(block), k as u32, seqs as u32);
+    let grid = ((p.e as u32 * lanes).div_ceil(block), k as u32, seqs as u32);
     if k > 1 {
         gpu.launch(&format!("scan_end_{kind}"), grid, block, p, None)?;
         let carry_grid = (((p.e * p.n) as u32).div_ceil(128), seqs as u32, 1);

@@ -31,26 +31,34 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 // log(1 + e^x), linear above 20 as in the official kernels.
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 
-// Sum over a block of `blockDim.x` threads (a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sums of two values over a block of `blockDim.x` threads (a multiple of 32, at most 1024), in
+// one pass; every thread gets them.
+__device__ __forceinline__ float2 block_sum2(float a, float b) {
+    __shared__ float2 part[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
     __syncthreads();  // `part` may still be read by a previous call
-    if (lane == 0) part[warp] = v;
+    if (lane == 0) part[warp] = make_float2(a, b);
     __syncthreads();
-    v = lane < nwarps ? part[lane] : 0.0f;
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    float2 v = lane < nwarps ? part[lane] : make_float2(0.0f, 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
     return v;
 }
+
+__device__ __forceinline__ float block_sum(float v) { return block_sum2(v, 0.0f).x; }
 
 // The normalisation of a row from its per-thread partial sums of x and x²: returns 1/σ and sets
 // the mean (zero for RMSNorm; LayerNorm when `with_mean`). Every thread of the block calls it.
 __device__ __forceinline__ float norm_scale(float s, float s2, int d, bool with_mean, float eps, float& mean) {
-    s = block_sum(s);
-    s2 = block_sum(s2);
-    mean = with_mean ? s / d : 0.0f;
-    const float var = with_mean ? fmaxf(s2 / d - mean * mean, 0.0f) : s2 / d;
+    const float2 t = block_sum2(s, s2);
+    mean = with_mean ? t.x / d : 0.0f;
+    const float var = with_mean ? fmaxf(t.y / d - mean * mean, 0.0f) : t.y / d;
     return rsqrtf(var + eps);
 }
 

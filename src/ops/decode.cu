@@ -114,7 +114,7 @@ __device__ void grid_sync(const StepParams& p, unsigned& epoch) {
     if (threadIdx.x == 0) st_release(p.bar + blockIdx.x, epoch);
     if (threadIdx.x < gridDim.x) {
         while ((int)(ld_relaxed(p.bar + threadIdx.x) - epoch) < 0) {}
-        __threadfence();
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // with the relaxed reads: an acquire
     }
     __syncthreads();
 }

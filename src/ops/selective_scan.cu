@@ -51,14 +51,15 @@ __device__ __forceinline__ long state_index(const ScanParams& p, int c, int n) {
 #define SCAN_MIN_BLOCKS(NMAX) ((NMAX) <= 16 ? 8 : 1)
 
 // NMAX: the largest N the instance handles (register arrays need a constant size). SCALAR_A: A
-// is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N, and the
-// states are split over SCAN_SLICES(NMAX) adjacent lanes (16 each): more threads in flight for
-// the same work, the readout summed by warp shuffles. A channel's lanes share its δ and u.
-#define SCAN_SLICES(NMAX, SCALAR) ((SCALAR) ? (NMAX) / 16 : 1)
-template <typename T, int NMAX, bool SCALAR_A, bool OUT> __device__ void scan_chunk(const ScanParams& p) {
+// is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N. S: each
+// channel's states are split over S adjacent lanes (NMAX / S each, a multiple of 8): more
+// threads in flight for the same work, the readout summed by warp shuffles; the lanes share the
+// channel's δ and u (so Mamba-1, whose softplus they then repeat, splits only when the sequence
+// is too short for chunks to fill the GPU). Mamba-2 always splits, 16 states to a lane.
+template <typename T, int NMAX, bool SCALAR_A, int S, bool OUT> __device__ void scan_chunk(const ScanParams& p) {
     constexpr int VB = 16 / sizeof(T);
     constexpr int TILE = SCAN_TILE(NMAX);
-    constexpr int S = SCAN_SLICES(NMAX, SCALAR_A), NS = NMAX / S;
+    constexpr int NS = NMAX / S;
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) / S, n0 = threadIdx.x % S * NS;
     // Lanes past the last channel run along (guarded) so the shuffles see whole groups.
     const bool on = c < p.E;
@@ -178,12 +179,13 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
     *st = carry;
 }
 
-#define SCAN_KERNELS(T, NMAX, A, SCALAR)                                                              \
+#define SCAN_KERNELS(T, NMAX, A, SCALAR, S)                                                           \
     extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS(NMAX)) scan_end_##T##_##NMAX##A(const ScanParams p) {   \
-        scan_chunk<T, NMAX, SCALAR, false>(p);                                                        \
+        scan_chunk<T, NMAX, SCALAR, S, false>(p);                                                     \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS(NMAX)) scan_out_##T##_##NMAX##A(const ScanParams p) {   \
-        scan_chunk<T, NMAX, SCALAR, true>(p);                                                         \
+        scan_chunk<T, NMAX, SCALAR, S, true>(p);                                                      \
     }
-// Instances are made by the loader, one compilation each: SCAN_KERNELS(type, NMAX, v|s, bool),
-// suffix v for A per (channel, state) (Mamba-1), s for A per channel (Mamba-2).
+// Instances are made by the loader, one compilation each: SCAN_KERNELS(type, NMAX, kind, bool,
+// lanes), kind v for A per (channel, state) (Mamba-1), w for the same on 2 lanes per channel, s
+// for A per channel (Mamba-2, NMAX / 16 lanes).
