@@ -702,15 +702,20 @@ impl GpuModel {
         self.gemm(head, h, dm, seqs * n_logits, g.ptr(&b.logits), c.vocab_padded, true)
     }
 
+    /// Channels of the selective scan: d_inner for Mamba-1, d_ssm (heads × headdim) for Mamba-2.
+    fn scan_channels(&self) -> usize {
+        match self.cfg.arch {
+            Arch::Mamba1 => self.cfg.d_inner,
+            Arch::Mamba2 => self.cfg.d_ssm,
+        }
+    }
+
     /// Whether the batch-1 step fits decode.cu's persistent kernel (its register and
     /// shared-memory layouts); other shapes decode through the general path.
     fn step_kernel_ok(&self) -> bool {
         let c = &self.cfg;
         let v = 16 / self.dtype.size();
-        let e = match c.arch {
-            Arch::Mamba1 => c.d_inner,
-            Arch::Mamba2 => c.d_ssm,
-        };
+        let e = self.scan_channels();
         let mixer_ok = match c.arch {
             Arch::Mamba1 => c.d_state <= STEP_M1_N && c.dt_rank + 2 * c.d_state <= 2 * STEP_M2_MAX_N,
             Arch::Mamba2 => c.d_state <= STEP_M2_MAX_N && c.ngroups * c.d_state <= STEP_M2_MAX_N,
@@ -734,10 +739,7 @@ impl GpuModel {
         let g = &self.gpu;
         let opt = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(0, |x| g.ptr(x));
         let v = 16 / self.dtype.size();
-        let e = match c.arch {
-            Arch::Mamba1 => c.d_inner,
-            Arch::Mamba2 => c.d_ssm,
-        };
+        let e = self.scan_channels();
         let mut table = Vec::with_capacity(self.layers.len());
         for (i, (norm, mixer)) in self.layers.iter().enumerate() {
             let at = i * st.seqs;
@@ -938,11 +940,7 @@ enum Replay {
 
 impl Buffers {
     fn fits_scan(&self, m: &GpuModel, seqs: usize, l: usize) -> bool {
-        let (e, n) = match m.cfg.arch {
-            Arch::Mamba1 => (m.cfg.d_inner, m.cfg.d_state),
-            Arch::Mamba2 => (m.cfg.d_ssm, m.cfg.d_state),
-        };
-        self.scan.len() >= scan_workspace(seqs, e, n, l)
+        self.scan.len() >= scan_workspace(seqs, m.scan_channels(), m.cfg.d_state, l)
     }
 }
 
