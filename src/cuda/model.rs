@@ -178,6 +178,7 @@ const STEP_M1_N: usize = 16;
 const STEP_NORM_PT: usize = 8;
 const STEP_M2_MAX_N: usize = 256;
 const STEP_MAX_WIDTH: usize = 12288;
+const STEP_EPOCHS: usize = 4096;
 
 unsafe impl DeviceRepr for StepLayer {}
 unsafe impl DeviceRepr for StepParams {}
@@ -723,7 +724,9 @@ impl GpuModel {
         // Mamba-1's dt_proj rows for the warps with channels fit the rings (decode.cu's m1_scan).
         let grid = self.gpu.sm_count().unwrap_or(1) as usize;
         let dt_rows = e.div_ceil(32 * grid) * 32 * (c.dt_rank * self.dtype.size()).div_ceil(16) * 16;
+        // Barriers per token (4 per layer at most, and the head's) within the kernel's EPOCHS.
         mixer_ok
+            && 4 * c.n_layer + 2 <= STEP_EPOCHS
             && dt_rows <= 16 * STEP_NST * STEP_PF * 32 * 16
             && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
             && c.d_model.is_multiple_of(v)
