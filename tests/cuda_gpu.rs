@@ -9,9 +9,8 @@ use mamba_lm::backend::{Backend, Cpu};
 use mamba_lm::config::Config;
 use mamba_lm::cuda::model::{GpuModel, GpuRun};
 use mamba_lm::cuda::Gpu;
-use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
+use mamba_lm::generate::{generate_on, Control, Start};
 use mamba_lm::init::random_model;
-use mamba_lm::sampling::Sampling;
 use mamba_lm::state::State;
 use mamba_lm::tensor::DType;
 use mamba_lm::Model;
@@ -66,13 +65,7 @@ fn fixtures_greedy_tokens_identical() {
         let m = load(name, DType::F32);
         let g = gpu_model(&m);
         let e = expected(name);
-        let opts = GenerateOptions {
-            max_new_tokens: e.greedy_new.len(),
-            sampling: Sampling::default(),
-            seed: 0,
-            eos: None,
-            vocab_limit: m.cfg.vocab_padded,
-        };
+        let opts = e.greedy_options(m.cfg.vocab_padded);
         let start = || vec![Start { prompt: e.greedy_prompt.clone(), resume: None }];
         let out = generate_on(&mut GpuRun::new(&g), start(), &opts, |_, _| Control::Continue).unwrap();
         assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");

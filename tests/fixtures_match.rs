@@ -4,9 +4,8 @@
 
 mod common;
 use common::*;
-use mamba_lm::generate::{generate, Control, GenerateOptions, Start};
+use mamba_lm::generate::{generate, Control, Start};
 use mamba_lm::ops::simd::{set_isa, Isa};
-use mamba_lm::sampling::Sampling;
 use mamba_lm::tensor::DType;
 use mamba_lm::Model;
 
@@ -72,13 +71,7 @@ fn greedy_tokens_match_reference() {
     for name in FIXTURES {
         let m = load(name);
         let e = expected(name);
-        let opts = GenerateOptions {
-            max_new_tokens: e.greedy_new.len(),
-            sampling: Sampling::default(),
-            seed: 0,
-            eos: None,
-            vocab_limit: m.cfg.vocab_padded,
-        };
+        let opts = e.greedy_options(m.cfg.vocab_padded);
         let start = Start { prompt: e.greedy_prompt.clone(), resume: None };
         let out = generate(&m, vec![start], &opts, |_, _| Control::Continue).unwrap();
         assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");

@@ -43,6 +43,19 @@ pub struct Expected {
     pub greedy_new: Vec<u32>,
 }
 
+impl Expected {
+    /// Greedy generation of the reference's new tokens, as the reference made them.
+    pub fn greedy_options(&self, vocab_limit: usize) -> mamba_lm::generate::GenerateOptions {
+        mamba_lm::generate::GenerateOptions {
+            max_new_tokens: self.greedy_new.len(),
+            sampling: mamba_lm::sampling::Sampling::default(),
+            seed: 0,
+            eos: None,
+            vocab_limit,
+        }
+    }
+}
+
 pub fn expected(name: &str) -> Expected {
     let dir = fixture(name);
     let (ids, shape) = read_tensor(&dir.join("expected.safetensors"), "input_ids");
