@@ -123,21 +123,28 @@ impl Gpu {
         Ok(())
     }
 
-    /// Launches kernel `name` (one parameter struct) cooperatively: the driver checks that every
-    /// block can be resident at once, as a kernel with grid barriers needs.
-    pub fn launch_cooperative<P: DeviceRepr>(
-        &self,
-        name: &str,
-        grid: (u32, u32, u32),
-        block: u32,
-        smem: u32,
-        p: &P,
-    ) -> Result<()> {
+    /// Kernel `name`, loaded (compiled on first use) and allowed `smem` bytes of dynamic shared
+    /// memory, for launching many times without a look-up.
+    pub fn kernel(&self, name: &str, smem: u32) -> Result<CudaFunction> {
         let f = self.func(name)?;
         if smem > 48 << 10 {
             let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             f.set_attribute(a, smem as i32).map_err(|e| anyhow!("{name}: {smem} bytes of shared memory: {e:?}"))?;
         }
+        Ok(f)
+    }
+
+    /// Launches kernel `f` (named `name`, one parameter struct) cooperatively: the driver checks
+    /// that every block can be resident at once, as a kernel with grid barriers needs.
+    pub fn launch_cooperative<P: DeviceRepr>(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> Result<()> {
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
         attr.value.cooperative = 1;

@@ -11,7 +11,7 @@ use crate::model::{Linear, Mixer, Model, Norm};
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
 use anyhow::{bail, Result};
-use cudarc::driver::{CudaGraph, CudaSlice, DeviceRepr};
+use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DeviceRepr};
 use std::sync::Mutex;
 
 /// Scan threads wanted in flight before the sequence is cut into chunks (about two per core).
@@ -827,15 +827,10 @@ impl GpuModel {
             dt_min: c.dt_limit.0,
             dt_max: c.dt_limit.1,
         };
-        let k = StepKernel {
-            name: format!("decode_step_{}", suffix(self.dtype)),
-            grid,
-            smem: (STEP_RING_BYTES + 4 * c.d_model.max(e)) as u32,
-            p,
-            _layers: layers,
-            _part: part,
-            _sync: sync,
-        };
+        let name = format!("decode_step_{}", suffix(self.dtype));
+        let smem = (STEP_RING_BYTES + 4 * c.d_model.max(e)) as u32;
+        let k =
+            StepKernel { func: g.kernel(&name, smem)?, name, grid, smem, p, _layers: layers, _part: part, _sync: sync };
         Ok(k)
     }
 
@@ -921,6 +916,7 @@ impl GpuModel {
 /// beyond the model and the decoder's buffers.
 struct StepKernel {
     name: String,
+    func: CudaFunction,
     grid: u32,
     smem: u32,
     p: StepParams,
@@ -931,7 +927,7 @@ struct StepKernel {
 
 impl StepKernel {
     fn launch(&self, g: &Gpu) -> Result<()> {
-        g.launch_cooperative(&self.name, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p)
+        g.launch_cooperative(&self.name, &self.func, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p)
     }
 }
 
