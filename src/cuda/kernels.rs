@@ -12,6 +12,7 @@ const COMMON: &str = include_str!("../ops/common.cuh");
 const RMS_NORM: &str = include_str!("../ops/rms_norm.cu");
 const CONV: &str = include_str!("../ops/causal_conv1d.cu");
 const SCAN: &str = include_str!("../ops/selective_scan.cu");
+const SSD: &str = include_str!("../ops/ssd.cu");
 const SAMPLING: &str = include_str!("../ops/sampling.cu");
 const DECODE: &str = include_str!("../ops/decode.cu");
 
@@ -53,6 +54,9 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         let src = format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar}, {lanes})\n");
         return Some(unit(&format!("scan_{inst}"), &src));
     }
+    if let Some(t) = kernel.strip_prefix("ssd_state_").or_else(|| kernel.strip_prefix("ssd_out_")) {
+        return Some(unit(&format!("ssd_{t}"), &format!("{SCAN}\n{SSD}\nSSD_KERNELS({t})\n")));
+    }
     if let Some(t) = kernel.strip_prefix("decode_step_") {
         return Some(unit(&format!("decode_{t}"), &format!("{DECODE}\nSTEP_KERNEL({t})\n")));
     }
@@ -80,6 +84,7 @@ pub fn all_units() -> Vec<Unit> {
         }
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
+    v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));
     v
 }
 

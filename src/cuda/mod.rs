@@ -29,6 +29,8 @@ pub struct Gpu {
     pub arch: String,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
+    /// Dynamic shared memory each kernel has been allowed beyond the default.
+    smem_allowed: Mutex<HashMap<String, u32>>,
     pub gemm: Gemm,
     _workspace: CudaSlice<u8>,
 }
@@ -68,6 +70,7 @@ impl Gpu {
             arch,
             modules: Mutex::default(),
             funcs: Mutex::default(),
+            smem_allowed: Mutex::default(),
             gemm,
             _workspace: workspace,
         };
@@ -111,9 +114,22 @@ impl Gpu {
         p: &P,
         q: Option<&i32>,
     ) -> Result<()> {
+        self.launch_smem(name, grid, block, 0, p, q)
+    }
+
+    /// [`Gpu::launch`] with `smem` bytes of dynamic shared memory.
+    pub fn launch_smem<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+        q: Option<&i32>,
+    ) -> Result<()> {
         use cudarc::driver::{LaunchConfig, PushKernelArg};
-        let f = self.func(name)?;
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let f = self.kernel(name, smem)?;
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         let mut b = self.stream.launch_builder(&f);
         b.arg(p);
         if let Some(q) = q {
@@ -124,12 +140,14 @@ impl Gpu {
     }
 
     /// Kernel `name`, loaded (compiled on first use) and allowed `smem` bytes of dynamic shared
-    /// memory, for launching many times without a look-up.
+    /// memory (the attribute is set once, on the first request above the default 48 KiB).
     pub fn kernel(&self, name: &str, smem: u32) -> Result<CudaFunction> {
         let f = self.func(name)?;
-        if smem > 48 << 10 {
+        let mut allowed = self.smem_allowed.lock().unwrap();
+        if smem > 48 << 10 && allowed.get(name).is_none_or(|&a| a < smem) {
             let a = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             f.set_attribute(a, smem as i32).map_err(|e| anyhow!("{name}: {smem} bytes of shared memory: {e:?}"))?;
+            allowed.insert(name.into(), smem);
         }
         Ok(f)
     }

@@ -210,8 +210,7 @@ pub fn scan_chunks(seqs: usize, channels: usize, l: usize) -> (usize, usize) {
 pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scalar_a: bool, work: u64) -> Result<()> {
     let (k, len) = scan_chunks(seqs, p.e as usize, p.l as usize);
     p.chunk = len as i32;
-    p.chunk_h = work;
-    p.chunk_dt = work + 4 * (seqs * k * p.e as usize * p.n as usize) as u64;
+    set_chunk_work(p, seqs, k, work);
     let nmax = match (scalar_a, p.n) {
         (_, 0..=16) => 16,
         (_, 17..=64) => 64,
@@ -234,10 +233,66 @@ pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scal
     let grid = ((p.e as u32 * lanes).div_ceil(block), k as u32, seqs as u32);
     if k > 1 {
         gpu.launch(&format!("scan_end_{kind}"), grid, block, p, None)?;
-        let carry_grid = (((p.e * p.n) as u32).div_ceil(128), seqs as u32, 1);
-        gpu.launch("scan_carry", carry_grid, 128, p, Some(&(k as i32)))?;
+        scan_carry(gpu, p, seqs, k)?;
     }
     gpu.launch(&format!("scan_out_{kind}"), grid, block, p, None)
+}
+
+/// Points the chunk summaries of `p` at `work`: `seqs · k · e · n` states, then `seqs · k · e` Σδ.
+fn set_chunk_work(p: &mut ScanParams, seqs: usize, k: usize, work: u64) {
+    p.chunk_h = work;
+    p.chunk_dt = work + 4 * (seqs * k * p.e as usize * p.n as usize) as u64;
+}
+
+/// Passes the states between the `k` chunks of each sequence (selective_scan.cu's scan_carry).
+fn scan_carry(gpu: &Gpu, p: &ScanParams, seqs: usize, k: usize) -> Result<()> {
+    let grid = (((p.e * p.n) as u32).div_ceil(128), seqs as u32, 1);
+    gpu.launch("scan_carry", grid, 128, p, Some(&(k as i32)))
+}
+
+/// Chunk length and tile limits of the tensor-core SSD (ssd.cu's SSD_Q, SSD_NMAX, SSD_PMAX).
+const SSD_Q: usize = 64;
+const SSD_NMAX: usize = 128;
+const SSD_PMAX: usize = 64;
+/// Dynamic shared memory of ssd_state and ssd_out (SSD_STATE_SMEM, SSD_OUT_SMEM).
+const SSD_SMEM: (u32, u32) = {
+    let (q, ns, ps, qs) = (SSD_Q, SSD_NMAX + 8, SSD_PMAX + 8, SSD_Q + 8);
+    let state = 3 * q * 4 + q * (ns + ps) * 2;
+    let out = 2 * q * 4 + (2 * q * ns + (SSD_NMAX + q) * ps + q * qs) * 2;
+    (state as u32, out as u32)
+};
+/// Prompt pieces shorter than this take the recurrence, whose one launch costs less.
+const SSD_MIN_LEN: usize = 16;
+
+/// Whether Mamba-2's pass over `l` steps runs as the chunked SSD on tensor cores: in 16-bit
+/// types (the f32 mode keeps the exact recurrence) and when N and P fit its tiles.
+pub fn ssd_fits(cfg: &Config, t: DType, l: usize) -> bool {
+    let (n, hp) = (cfg.d_state, cfg.headdim);
+    cfg.arch == Arch::Mamba2
+        && t != DType::F32
+        && l >= SSD_MIN_LEN
+        && n.is_multiple_of(16)
+        && n <= SSD_NMAX
+        && hp.is_multiple_of(16)
+        && hp <= SSD_PMAX
+}
+
+/// Floats of SSD workspace for `seqs` sequences of `l` steps over `e` channels, `n` states.
+pub fn ssd_workspace(seqs: usize, e: usize, n: usize, l: usize) -> usize {
+    seqs * l.div_ceil(SSD_Q) * e * (n + 1)
+}
+
+/// Enqueues Mamba-2's SSD of `p` (as [`GpuModel::m2_scan_params`] makes it) for `seqs`
+/// sequences in its chunked matrix form (ssd.cu): chunk states, the carry between chunks, the
+/// outputs. `work` must hold [`ssd_workspace`] floats.
+pub fn ssd(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, work: u64) -> Result<()> {
+    let k = (p.l as usize).div_ceil(SSD_Q);
+    set_chunk_work(p, seqs, k, work);
+    let grid = ((p.e / p.p_blk) as u32, k as u32, seqs as u32);
+    let t = suffix(t);
+    gpu.launch_smem(&format!("ssd_state_{t}"), grid, 128, SSD_SMEM.0, p, None)?;
+    scan_carry(gpu, p, seqs, k)?;
+    gpu.launch_smem(&format!("ssd_out_{t}"), grid, 128, SSD_SMEM.1, p, None)
 }
 
 /// Floats of scan workspace for `seqs` sequences of `l` steps over `e` channels, `n` states.
@@ -470,13 +525,11 @@ impl GpuModel {
         let rows = seqs * l;
         let es = self.dtype.size();
         let g = &self.gpu;
-        let (xz_w, xc_w, xdbl_w, dt_w, y_w, scan) = match c.arch {
-            Arch::Mamba1 => {
-                let xd = c.dt_rank + 2 * c.d_state;
-                (2 * c.d_inner, c.d_inner, xd, c.d_inner, c.d_inner, scan_workspace(seqs, c.d_inner, c.d_state, l))
-            }
-            Arch::Mamba2 => (c.d_in_proj(), c.conv_dim(), 0, 0, c.d_ssm, scan_workspace(seqs, c.d_ssm, c.d_state, l)),
+        let (xz_w, xc_w, xdbl_w, dt_w, y_w) = match c.arch {
+            Arch::Mamba1 => (2 * c.d_inner, c.d_inner, c.dt_rank + 2 * c.d_state, c.d_inner, c.d_inner),
+            Arch::Mamba2 => (c.d_in_proj(), c.conv_dim(), 0, 0, c.d_ssm),
         };
+        let scan = self.scan_work(seqs, l);
         Ok(Buffers {
             rows,
             seqs,
@@ -674,7 +727,11 @@ impl GpuModel {
                     self.gemm(&m.in_proj, h, dm, rows, zx, w_in, false)?;
                     self.conv(zx + es * ds as u64, w_in, &m.conv_w, &m.conv_b, conv_state, xbc, seqs, l, cd)?;
                     let mut p = self.m2_scan_params(m, zx, xbc, ssm_state, y, st, l);
-                    selective_scan(g, self.dtype, &mut p, seqs, true, g.ptr(&b.scan))?;
+                    if ssd_fits(c, self.dtype, l) {
+                        ssd(g, self.dtype, &mut p, seqs, g.ptr(&b.scan))?;
+                    } else {
+                        selective_scan(g, self.dtype, &mut p, seqs, true, g.ptr(&b.scan))?;
+                    }
                     let gp = GatedNormParams {
                         y,
                         z: zx,
@@ -701,6 +758,13 @@ impl GpuModel {
         self.add_norm(&self.norm_f, b, seqs, Some(out), false, l, n_logits, h)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
         self.gemm(head, h, dm, seqs * n_logits, g.ptr(&b.logits), c.vocab_padded, true)
+    }
+
+    /// Floats of scan workspace a pass of `seqs` sequences of `l` steps needs.
+    fn scan_work(&self, seqs: usize, l: usize) -> usize {
+        let (e, n) = (self.scan_channels(), self.cfg.d_state);
+        let ssd = if ssd_fits(&self.cfg, self.dtype, l) { ssd_workspace(seqs, e, n, l) } else { 0 };
+        scan_workspace(seqs, e, n, l).max(ssd)
     }
 
     /// Channels of the selective scan: d_inner for Mamba-1, d_ssm (heads × headdim) for Mamba-2.
@@ -939,7 +1003,7 @@ enum Replay {
 
 impl Buffers {
     fn fits_scan(&self, m: &GpuModel, seqs: usize, l: usize) -> bool {
-        self.scan.len() >= scan_workspace(seqs, m.scan_channels(), m.cfg.d_state, l)
+        self.scan.len() >= m.scan_work(seqs, l)
     }
 }
 

@@ -169,12 +169,25 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
     const float a2 = p.a2[n * p.a_ns + c / p.a_div];
     float* st = p.state + s * p.state_stride + state_index(p, c, n);
     float carry = *st;
-    for (int k = 0; k < K; k++) {
-        const long at = (long)(s * K + k) * p.E + c;
-        float* hk = p.chunk_h + (long)(s * K + k) * p.N * p.E + (long)n * p.E + c;
-        const float end = *hk;
-        *hk = carry;
-        carry = exp2f(a2 * p.chunk_dt[at]) * carry + end;
+    // Loads a batch of chunks ahead of the (dependent) carry chain, so their latencies overlap.
+    constexpr int B = 8;
+    for (int k0 = 0; k0 < K; k0 += B) {
+        float end[B], dsum[B];
+#pragma unroll
+        for (int j = 0; j < B; j++) {
+            if (k0 + j < K) {
+                const long sk = s * K + k0 + j;
+                end[j] = p.chunk_h[sk * p.N * p.E + (long)n * p.E + c];
+                dsum[j] = p.chunk_dt[sk * p.E + c];
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < B; j++) {
+            if (k0 + j < K) {
+                p.chunk_h[(s * K + k0 + j) * p.N * p.E + (long)n * p.E + c] = carry;
+                carry = exp2f(a2 * dsum[j]) * carry + end[j];
+            }
+        }
     }
     *st = carry;
 }
