@@ -9,7 +9,9 @@ pub mod kernels;
 pub mod model;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+};
 use gemm::Gemm;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -183,6 +185,18 @@ impl Gpu {
         unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
             .map_err(|e| anyhow!("launching {name}: {e:?}"))
+    }
+
+    /// The work `f` enqueues on the stream, captured (not run) as a CUDA graph, uploaded.
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        let s = &self.stream;
+        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(err)?;
+        let captured = f();
+        let graph = s.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(err);
+        captured?;
+        let graph = graph?.ok_or_else(|| anyhow!("CUDA graph capture produced no graph"))?;
+        graph.upload().map_err(err)?;
+        Ok(graph)
     }
 
     pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {

@@ -12,9 +12,10 @@
 //              chunk k+1 is exp(A·Σδ_k)·h_in,k + h_end,k (A is constant over the chunk);
 //   scan_out   each (channel, chunk) rescans from its true entering state and writes y.
 // With K = 1 (decode, short prompts, big batches) scan_out alone runs, reading and writing the
-// state. Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group and
-// hit in L1), twice u and δ when chunked. FLOPs: ~6N per (t, c) plus N exp2 — at N = 16 the
-// special-function unit (16 exp2/clk/SM) is the roof for long sequences, not HBM.
+// state. Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group,
+// read once per block), twice u and δ when chunked. Work per (t, c, state): one exp2 and ~5
+// other instructions per pass — at N = 16 the special-function unit (16 exp2/clk/SM: 4.2e12/s
+// on an H100) and the issue rate are the roof for long sequences, not HBM.
 
 struct ScanParams {
     const void* u;          // u of row r (= s·L + t), channel c at u[r·u_rs + c], T
@@ -32,7 +33,7 @@ struct ScanParams {
     long state_stride;
     int u_rs, dt_rs, dt_div, a_ns, a_div, bc_rs, g_ch, d_div, z_rs, p_blk, y_rs;
     int L, E, N, chunk;
-    int bc_vec;             // B and C rows are 16-byte aligned and N fills whole 16-byte pieces
+    int gpb;                // groups a block of scan_chunk may touch (its staged B, C rows)
     float dt_min, dt_max;
 };
 
@@ -42,13 +43,15 @@ __device__ __forceinline__ long state_index(const ScanParams& p, int c, int n) {
 
 // Steps per tile: each thread loads its u, δ, z for a tile of steps before using any, so the
 // loads' latencies overlap instead of stalling every step. B and C (one row per step, the same
-// for every channel of a group) are read through L1, where the block's warps share them, in
-// 16-byte pieces when aligned: the load instructions, not bytes, bound this loop.
-// Mamba-1's instance (N ≤ 16) is latency-bound: a short tile and a 64-register cap (8 blocks of
-// 128 threads per SM) beat deeper prefetch at lower occupancy (measured: 1.5× at L = 64K).
-// Mamba-2's (N up to 128) keeps its states in registers uncapped.
-#define SCAN_TILE(NMAX) ((NMAX) <= 16 ? 4 : 8)
+// for every channel of a group) are staged by the block into shared memory, SCAN_STAGE steps at
+// a time and already in f32, so the inner loop reads them as broadcast 16-byte loads with no
+// conversions. The loop is then bound by the special-function unit (one exp2 per state) and the
+// issue rate; Mamba-1's instance (N ≤ 16) is latency-bound at its 64-register cap (8 blocks of
+// 128 threads per SM), which beats deeper prefetch at lower occupancy. Mamba-2's (N up to 128)
+// keeps its states in registers uncapped.
+#define SCAN_TILE(NMAX) ((NMAX) <= 16 ? 2 : 8)
 #define SCAN_MIN_BLOCKS(NMAX) ((NMAX) <= 16 ? 8 : 1)
+#define SCAN_STAGE(NMAX) ((NMAX) <= 16 ? 32 : 8)
 
 // NMAX: the largest N the instance handles (register arrays need a constant size). SCALAR_A: A
 // is one value per channel (Mamba-2), so the decay is one exp2 per step instead of N. S: each
@@ -56,9 +59,11 @@ __device__ __forceinline__ long state_index(const ScanParams& p, int c, int n) {
 // threads in flight for the same work, the readout summed by warp shuffles; the lanes share the
 // channel's δ and u (so Mamba-1, whose softplus they then repeat, splits only when the sequence
 // is too short for chunks to fill the GPU). Mamba-2 always splits, 16 states to a lane.
+// Shared memory: SCAN_STAGE steps × gpb groups × (B, C) × NMAX floats, zero past N.
 template <typename T, int NMAX, bool SCALAR_A, int S, bool OUT> __device__ void scan_chunk(const ScanParams& p) {
-    constexpr int VB = 16 / sizeof(T);
-    constexpr int TILE = SCAN_TILE(NMAX);
+    extern __shared__ float4 stage4[];
+    float* stage = (float*)stage4;
+    constexpr int TILE = SCAN_TILE(NMAX), STAGE = SCAN_STAGE(NMAX);
     constexpr int NS = NMAX / S;
     const int c = (blockIdx.x * blockDim.x + threadIdx.x) / S, n0 = threadIdx.x % S * NS;
     // Lanes past the last channel run along (guarded) so the shuffles see whole groups.
@@ -82,72 +87,77 @@ template <typename T, int NMAX, bool SCALAR_A, int S, bool OUT> __device__ void 
     const int cc = on ? c : 0;  // loads of idle lanes stay in bounds
     const float bias = p.dt_bias[cc / p.dt_div];
     const float dskip = p.d ? p.d[cc / p.d_div] : 0.0f;
-    const long g = (long)(cc / p.g_ch) * N + n0;
+    const int g0 = blockIdx.x * blockDim.x / S / p.g_ch;  // the block's first group
+    const int slot = (cc / p.g_ch - g0) * 2 * NMAX + n0;   // this lane's B row in a staged step
+    const int row = p.gpb * 2 * NMAX;                       // floats per staged step
     const T* up = (const T*)p.u + cc;
     const T* dtp = (const T*)p.dt + cc / p.dt_div;
     const T* zp = (const T*)p.z + cc;
     T* yp = (T*)p.y + c;
     float dtsum = 0.0f;
-    for (int tt = t0; tt < t1; tt += TILE) {
-        const int nt = min(TILE, t1 - tt);
-        const long r0 = (long)s * p.L + tt;
-        float u[TILE], dt[TILE], z[TILE];
-#pragma unroll
-        for (int j = 0; j < TILE; j++) {
-            if (j < nt) {
-                const long r = r0 + j;
-                u[j] = to_f32(up[r * p.u_rs]);
-                dt[j] = to_f32(dtp[r * p.dt_rs]);
-                z[j] = OUT && p.z ? to_f32(zp[r * p.z_rs]) : 0.0f;
+    for (int ts = t0; ts < t1; ts += STAGE) {
+        const int ns = min(STAGE, t1 - ts);
+        // Stage B, C of steps ts … ts + ns − 1 for the block's groups (past G: zeros, unused).
+        __syncthreads();  // the previous stage has been read
+        for (int i = threadIdx.x; i < ns * row; i += blockDim.x) {
+            const int j = i / row, w = i % row, gi = w / (2 * NMAX), bc = w / NMAX % 2, n = w % NMAX;
+            const int gg = g0 + gi;
+            float v = 0.0f;
+            if (n < N && gg * p.g_ch < p.E) {
+                const T* src = (const T*)(bc ? p.cm : p.b);
+                if (OUT || bc == 0) v = to_f32(src[((long)s * p.L + ts + j) * p.bc_rs + (long)gg * N + n]);
             }
+            stage[i] = v;
         }
+        __syncthreads();
+        for (int tt = ts; tt < ts + ns; tt += TILE) {
+            const int nt = min(TILE, ts + ns - tt);
+            const long r0 = (long)s * p.L + tt;
+            float u[TILE], dt[TILE], z[TILE];
 #pragma unroll
-        for (int j = 0; j < TILE; j++) {
-            if (j < nt) {
-                const long r = r0 + j;
-                const T* bt = (const T*)p.b + r * p.bc_rs + g;
-                const T* ct = (const T*)p.cm + r * p.bc_rs + g;
-                const float d = fminf(fmaxf(softplus(dt[j] + bias), p.dt_min), p.dt_max);
-                const float du = d * u[j];
-                const float decay = SCALAR_A ? exp2f(d * a2[0]) : 0.0f;
-                float acc = 0.0f;
+            for (int j = 0; j < TILE; j++) {
+                if (j < nt) {
+                    const long r = r0 + j;
+                    u[j] = to_f32(up[r * p.u_rs]);
+                    dt[j] = to_f32(dtp[r * p.dt_rs]);
+                    z[j] = OUT && p.z ? to_f32(zp[r * p.z_rs]) : 0.0f;
+                }
+            }
 #pragma unroll
-                for (int i0 = 0; i0 < NS; i0 += VB) {
-                    if (n0 + i0 < N) {
-                        float bb[VB], cc2[VB];
-                        if (p.bc_vec) {
-                            const uint4 qb = *(const uint4*)(bt + i0);
-                            const uint4 qc = OUT ? *(const uint4*)(ct + i0) : qb;
+            for (int j = 0; j < TILE; j++) {
+                if (j < nt) {
+                    const float* bs = stage + (tt - ts + j) * row + slot;
+                    const float d = fminf(fmaxf(softplus(dt[j] + bias), p.dt_min), p.dt_max);
+                    const float du = d * u[j];
+                    const float decay = SCALAR_A ? exp2_ftz(d * a2[0]) : 0.0f;
+                    float acc = 0.0f;
+                    // Branch-free over the states, so their chains interleave: states past N
+                    // have A = 0 and B = C = 0, so they stay zero and add nothing.
 #pragma unroll
-                            for (int i = 0; i < VB; i++) {
-                                bb[i] = to_f32(((const T*)&qb)[i]);
-                                cc2[i] = to_f32(((const T*)&qc)[i]);
-                            }
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < VB; i++) {
-                                bb[i] = n0 + i0 + i < N ? to_f32(bt[i0 + i]) : 0.0f;
-                                cc2[i] = OUT && n0 + i0 + i < N ? to_f32(ct[i0 + i]) : 0.0f;
-                            }
+                    for (int i0 = 0; i0 < NS; i0 += 4) {
+                        const float4 b4 = *(const float4*)(bs + i0);
+                        const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+                        float cc4[4] = {};
+                        if (OUT) {
+                            const float4 c4 = *(const float4*)(bs + NMAX + i0);
+                            cc4[0] = c4.x, cc4[1] = c4.y, cc4[2] = c4.z, cc4[3] = c4.w;
                         }
 #pragma unroll
-                        for (int i = 0; i < VB; i++) {
+                        for (int i = 0; i < 4; i++) {
                             const int j2 = i0 + i;
-                            if (n0 + j2 < N) {
-                                h[j2] = (SCALAR_A ? decay : exp2f(d * a2[SCALAR_A ? 0 : j2])) * h[j2] + du * bb[i];
-                                if (OUT) acc += cc2[i] * h[j2];
-                            }
+                            h[j2] = fmaf(SCALAR_A ? decay : exp2_ftz(d * a2[SCALAR_A ? 0 : j2]), h[j2], du * bb[i]);
+                            if (OUT) acc = fmaf(cc4[i], h[j2], acc);
                         }
                     }
-                }
-                if (OUT) {
+                    if (OUT) {
 #pragma unroll
-                    for (int o = S / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-                    float y = acc + dskip * u[j];
-                    if (p.z) y *= silu(z[j]);
-                    if (on && n0 == 0) yp[r * p.y_rs] = from_f32<T>(y);
+                        for (int o = S / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                        float y = acc + dskip * u[j];
+                        if (p.z) y *= silu(z[j]);
+                        if (on && n0 == 0) yp[(r0 + j) * p.y_rs] = from_f32<T>(y);
+                    }
+                    dtsum += d;
                 }
-                dtsum += d;
             }
         }
     }
@@ -185,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
         for (int j = 0; j < B; j++) {
             if (k0 + j < K) {
                 p.chunk_h[(s * K + k0 + j) * p.N * p.E + (long)n * p.E + c] = carry;
-                carry = exp2f(a2 * dsum[j]) * carry + end[j];
+                carry = exp2_ftz(a2 * dsum[j]) * carry + end[j];
             }
         }
     }
