@@ -95,6 +95,21 @@ template <typename T, int NMAX, bool SCALAR_A, int S, bool OUT> __device__ void 
     const T* zp = (const T*)p.z + cc;
     T* yp = (T*)p.y + c;
     float dtsum = 0.0f;
+    // Raw u, δ, z of the next tile, loaded a tile ahead so their latency hides behind a tile
+    // of work.
+    T nu[TILE] = {}, ndt[TILE] = {}, nz[TILE] = {};
+    auto fetch = [&](int tt) {
+#pragma unroll
+        for (int j = 0; j < TILE; j++) {
+            if (tt + j < t1) {
+                const long r = (long)s * p.L + tt + j;
+                nu[j] = up[r * p.u_rs];
+                ndt[j] = dtp[r * p.dt_rs];
+                if (OUT && p.z) nz[j] = zp[r * p.z_rs];
+            }
+        }
+    };
+    fetch(t0);
     for (int ts = t0; ts < t1; ts += STAGE) {
         const int ns = min(STAGE, t1 - ts);
         // Stage B, C of steps ts … ts + ns − 1 for the block's groups (past G: zeros, unused).
@@ -116,13 +131,11 @@ template <typename T, int NMAX, bool SCALAR_A, int S, bool OUT> __device__ void 
             float u[TILE], dt[TILE], z[TILE];
 #pragma unroll
             for (int j = 0; j < TILE; j++) {
-                if (j < nt) {
-                    const long r = r0 + j;
-                    u[j] = to_f32(up[r * p.u_rs]);
-                    dt[j] = to_f32(dtp[r * p.dt_rs]);
-                    z[j] = OUT && p.z ? to_f32(zp[r * p.z_rs]) : 0.0f;
-                }
+                u[j] = to_f32(nu[j]);
+                dt[j] = to_f32(ndt[j]);
+                z[j] = to_f32(nz[j]);
             }
+            if (tt + TILE < t1) fetch(tt + TILE);
 #pragma unroll
             for (int j = 0; j < TILE; j++) {
                 if (j < nt) {
