@@ -105,7 +105,7 @@ fn gpu_bf16_matches_cpu_on_random_130m_models() {
 /// Logits and final states of a random `cfg` model in `dtype` on the GPU against the CPU, for
 /// prompts of 3001 tokens at batch 1 and 3: the worst relative L2 error of the logits and of
 /// the SSM states, and the largest conv-state difference.
-fn long_prompt_errors(cfg: &Config, dtype: DType) -> (f64, f64, f32) {
+fn long_prompt_errors(preset: &str, cfg: &Config, dtype: DType) -> (f64, f64, f32) {
     let cpu = random_model(cfg, 11, dtype).unwrap();
     let g = gpu_model(&cpu);
     let mut worst = (0.0f64, 0.0f64, 0.0f32);
@@ -129,7 +129,7 @@ fn long_prompt_errors(cfg: &Config, dtype: DType) -> (f64, f64, f32) {
                 worst.2 = worst.2.max(c);
             }
         }
-        println!("{dtype} batch {batch} L {l}: logits rel L2 {:.2e}, states rel L2 {:.2e}", worst.0, worst.1);
+        println!("{preset} {dtype} batch {batch} L {l}: logits rel L2 {:.2e}, states rel L2 {:.2e}", worst.0, worst.1);
     }
     worst
 }
@@ -146,8 +146,7 @@ fn chunked_scan_matches_cpu_on_long_sequences() {
         if let Some(n) = layers {
             cfg.n_layer = n;
         }
-        let (logits, ssm, conv) = long_prompt_errors(&cfg, DType::F32);
-        println!("{preset}: f32 long prompts");
+        let (logits, ssm, conv) = long_prompt_errors(preset, &cfg, DType::F32);
         assert!(logits <= 1e-4, "{preset}: logits rel L2 {logits:e}");
         assert!(ssm <= 1e-4 && conv <= 1e-5, "{preset}: states differ by {ssm:e} (ssm, rel L2), {conv} (conv)");
     }
@@ -164,8 +163,7 @@ fn tensor_core_ssd_matches_cpu_on_long_sequences() {
             cfg.n_layer = n;
         }
         for dtype in [DType::BF16, DType::F16] {
-            let (logits, ssm, _) = long_prompt_errors(&cfg, dtype);
-            println!("{preset}: {dtype} long prompts");
+            let (logits, ssm, _) = long_prompt_errors(preset, &cfg, dtype);
             assert!(logits <= 2e-2 && ssm <= 2e-2, "{preset} {dtype}: rel L2 {logits:e} (logits), {ssm:e} (states)");
         }
     }
