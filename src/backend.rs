@@ -4,7 +4,7 @@
 use crate::config::Config;
 use crate::model::Model;
 use crate::state::State;
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 pub trait Backend {
     fn cfg(&self) -> &Config;
@@ -16,6 +16,17 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>>;
     /// The state of slot `i` now.
     fn state(&mut self, i: usize) -> Result<State>;
+    /// [`Backend::forward`] of one token per slot that hands back each slot's greedy next
+    /// token (the argmax of its logits below `limit`, the first on ties) instead of the logits,
+    /// where the backend picks it without copying the logits out (the GPU); `None` where it
+    /// has no cheaper way, and then nothing was fed.
+    fn forward_greedy(&mut self, _tokens: &[u32], _slots: &[usize], _limit: usize) -> Result<Option<Vec<u32>>> {
+        Ok(None)
+    }
+    /// The logits after the last [`Backend::forward_greedy`] step of slot `i`.
+    fn greedy_logits(&mut self, _i: usize) -> Result<Vec<f32>> {
+        bail!("this backend does not pick greedy tokens itself")
+    }
 }
 
 /// The CPU model with its states in host memory.

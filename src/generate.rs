@@ -127,12 +127,19 @@ pub fn generate_on(
     let mut decode_time = vec![0.0f64; n];
     // A sequence's state once it has consumed everything (taken when it finishes).
     let mut finals: Vec<Option<State>> = vec![None; n];
+    // Greedy decoding without a repetition penalty lets the backend pick the tokens itself
+    // (on the GPU: no logits copied out per step); `next` holds what it picked.
+    let on_device = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
+    let mut next: Vec<Option<u32>> = vec![None; n];
     while !live.is_empty() {
         let mut feed = Vec::with_capacity(live.len());
         let mut toks = Vec::with_capacity(live.len());
         let mut done = Vec::new();
         for &i in &live {
-            let tok = sample(&mut logits[i][..limit], &history[i], &opts.sampling, &mut rng);
+            let tok = match next[i].take() {
+                Some(t) => t,
+                None => sample(&mut logits[i][..limit], &history[i], &opts.sampling, &mut rng),
+            };
             new_ids[i].push(tok);
             history[i].push(tok);
             if Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop {
@@ -143,14 +150,24 @@ pub fn generate_on(
             toks.push(tok);
         }
         let t0 = Instant::now();
-        let out = be.forward(&toks, 1, &feed, 1)?;
-        let dt = t0.elapsed().as_secs_f64() * 1e3;
-        for (j, &i) in live.iter().enumerate() {
-            logits[i] = out[j * v..(j + 1) * v].to_vec();
-            decode_time[i] += dt;
+        let picked = if on_device { be.forward_greedy(&toks, &feed, limit)? } else { None };
+        let by_device = picked.is_some();
+        match picked {
+            Some(ids) => live.iter().zip(ids).for_each(|(&i, t)| next[i] = Some(t)),
+            None => {
+                let out = be.forward(&toks, 1, &feed, 1)?;
+                for (j, &i) in live.iter().enumerate() {
+                    logits[i] = out[j * v..(j + 1) * v].to_vec();
+                }
+            }
         }
+        let dt = t0.elapsed().as_secs_f64() * 1e3;
+        live.iter().for_each(|&i| decode_time[i] += dt);
         for &i in &done {
             finals[i] = Some(be.state(slot[i])?);
+            if by_device {
+                logits[i] = be.greedy_logits(slot[i])?;
+            }
         }
         live.retain(|i| !done.contains(i));
     }

@@ -66,16 +66,26 @@ fn fixtures_greedy_tokens_identical() {
         let g = gpu_model(&m);
         let e = expected(name);
         let opts = e.greedy_options(m.cfg.vocab_padded);
-        let start = || vec![Start { prompt: e.greedy_prompt.clone(), resume: None }];
-        let out = generate_on(&mut GpuRun::new(&g), start(), &opts, |_, _| Control::Continue).unwrap();
-        assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");
-        // The session the GPU hands back continues on the CPU exactly as the CPU's own would.
-        let cpu = generate_on(&mut Cpu::new(&m), start(), &opts, |_, _| Control::Continue).unwrap();
-        let (a, b) = (&out[0].snapshot.state, &cpu[0].snapshot.state);
-        assert_eq!(a.pos, b.pos);
-        for (la, lb) in a.layers.iter().zip(&b.layers) {
-            let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-            assert!(d <= 1e-4, "{name}: final state differs by {d}");
+        // Alone (the persistent step kernel), then beside a shorter prompt (the batch graph).
+        let short = e.greedy_prompt[..e.greedy_prompt.len() - 3].to_vec();
+        for prompts in [vec![e.greedy_prompt.clone()], vec![e.greedy_prompt.clone(), short]] {
+            let starts = || prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect::<Vec<_>>();
+            let out = generate_on(&mut GpuRun::new(&g), starts(), &opts, |_, _| Control::Continue).unwrap();
+            assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");
+            // The session the GPU hands back continues on the CPU exactly as the CPU's own would.
+            let cpu = generate_on(&mut Cpu::new(&m), starts(), &opts, |_, _| Control::Continue).unwrap();
+            for (o, c) in out.iter().zip(&cpu) {
+                assert_eq!(o.new_ids, c.new_ids, "{name}: greedy tokens of a batch");
+                let (a, b) = (&o.snapshot.state, &c.snapshot.state);
+                assert_eq!(a.pos, b.pos);
+                for (la, lb) in a.layers.iter().zip(&b.layers) {
+                    let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                    assert!(d <= 1e-4, "{name}: final state differs by {d}");
+                }
+                let want: Vec<f64> = c.snapshot.next_logits.iter().map(|&x| x as f64).collect();
+                let err = rel_l2(&o.snapshot.next_logits, &want);
+                assert!(err <= 1e-4, "{name}: the session's next logits differ by {err:e}");
+            }
         }
     }
 }

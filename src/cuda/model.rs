@@ -950,7 +950,7 @@ impl GpuModel {
             g.sync()?;
             drop(warm);
             let k = self.step_kernel(&bufs, st, vocab_limit)?;
-            return Ok(Decoder { model: self, bufs, replay: Replay::Kernel(Box::new(k)), seqs });
+            return Ok(Decoder { model: self, bufs, replay: Replay::Kernel(Box::new(k)), seqs, vocab_limit });
         }
         // Create every cuBLASLt plan and load every kernel before capture, on scratch states
         // (capture records work without running it; this warm-up runs it).
@@ -969,7 +969,7 @@ impl GpuModel {
             // device without the host in the loop.
             g.stream.memcpy_dtod(&bufs.ids, &mut bufs.tokens).map_err(err)
         })?;
-        Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs })
+        Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs, vocab_limit })
     }
 }
 
@@ -1010,6 +1010,8 @@ pub struct Decoder<'a> {
     bufs: Buffers,
     replay: Replay,
     pub seqs: usize,
+    /// The greedy pick is below this token id.
+    pub vocab_limit: usize,
 }
 
 impl Decoder<'_> {
@@ -1083,15 +1085,9 @@ impl Backend for GpuRun<'_> {
         slots.iter().for_each(|&i| self.pos[i] += l as u64);
         let v = self.model.cfg.vocab_padded;
         if l == 1 && n_logits == 1 {
-            if self.decoder.is_none() {
-                // The graph holds `st`'s device addresses: `begin` drops it before the states.
-                self.decoder = Some(self.model.decoder(st, self.model.cfg.vocab_size)?);
-            }
-            let dec = self.decoder.as_mut().unwrap();
-            let mut all = vec![0u32; dec.seqs];
-            slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
-            dec.step(&all)?;
-            let logits = dec.logits()?;
+            let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
+            self.step(tokens, slots, limit)?;
+            let logits = self.decoder.as_ref().unwrap().logits()?;
             return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
         }
         if slots.windows(2).any(|w| w[1] != w[0] + 1) {
@@ -1103,5 +1099,35 @@ impl Backend for GpuRun<'_> {
     fn state(&mut self, i: usize) -> Result<State> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         self.model.get_state(st, i, self.pos[i])
+    }
+
+    fn forward_greedy(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<Option<Vec<u32>>> {
+        slots.iter().for_each(|&i| self.pos[i] += 1);
+        self.step(tokens, slots, limit)?;
+        let ids = self.decoder.as_ref().unwrap().argmax()?;
+        Ok(Some(slots.iter().map(|&i| ids[i]).collect()))
+    }
+
+    fn greedy_logits(&mut self, i: usize) -> Result<Vec<f32>> {
+        let dec = self.decoder.as_ref().ok_or_else(|| anyhow::anyhow!("no GPU decode step was run"))?;
+        let v = self.model.cfg.vocab_padded;
+        Ok(dec.logits()?[i * v..(i + 1) * v].to_vec())
+    }
+}
+
+impl GpuRun<'_> {
+    /// One decode step of every slot (those not in `slots` get a placeholder token), through a
+    /// decoder whose greedy pick stays below `limit` (rebuilt if it was made for another).
+    fn step(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<()> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        if self.decoder.as_ref().is_none_or(|d| d.vocab_limit != limit) {
+            self.decoder = None;
+            // The graph holds `st`'s device addresses: `begin` drops it before the states.
+            self.decoder = Some(self.model.decoder(st, limit)?);
+        }
+        let dec = self.decoder.as_mut().unwrap();
+        let mut all = vec![0u32; dec.seqs];
+        slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
+        dec.step(&all)
     }
 }
