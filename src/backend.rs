@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::model::Model;
+use crate::sampling::Sampling;
 use crate::state::State;
 use anyhow::{bail, Result};
 
@@ -16,16 +17,28 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>>;
     /// The state of slot `i` now.
     fn state(&mut self, i: usize) -> Result<State>;
-    /// [`Backend::forward`] of one token per slot that hands back each slot's greedy next
-    /// token (the argmax of its logits below `limit`, the first on ties) instead of the logits,
-    /// where the backend picks it without copying the logits out (the GPU); `None` where it
-    /// has no cheaper way, and then nothing was fed.
-    fn forward_greedy(&mut self, _tokens: &[u32], _slots: &[usize], _limit: usize) -> Result<Option<Vec<u32>>> {
-        Ok(None)
+    /// Whether [`Backend::forward_pick`] can pick next tokens by `sampling`'s rules itself (on
+    /// the GPU: no logits copied out per step).
+    fn picks(&self, _sampling: &Sampling) -> bool {
+        false
     }
-    /// The logits after the last [`Backend::forward_greedy`] step of slot `i`.
-    fn greedy_logits(&mut self, _i: usize) -> Result<Vec<f32>> {
-        bail!("this backend does not pick greedy tokens itself")
+    /// [`Backend::forward`] of one token per slot that hands back each slot's next token
+    /// instead of its logits: picked below `limit` by `sampling`'s rules (which
+    /// [`Backend::picks`] accepted) with the uniform number `us[j]` for slot `j` (unused when
+    /// greedy).
+    fn forward_pick(
+        &mut self,
+        _tokens: &[u32],
+        _slots: &[usize],
+        _limit: usize,
+        _sampling: &Sampling,
+        _us: &[f64],
+    ) -> Result<Vec<u32>> {
+        bail!("this backend does not pick tokens itself")
+    }
+    /// The logits after the last [`Backend::forward_pick`] step of slot `i`.
+    fn picked_logits(&mut self, _i: usize) -> Result<Vec<f32>> {
+        bail!("this backend does not pick tokens itself")
     }
 }
 

@@ -7,7 +7,7 @@ use crate::model::Model;
 use crate::sampling::{sample, Sampling};
 use crate::state::{Snapshot, State};
 use anyhow::{bail, Result};
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -127,9 +127,10 @@ pub fn generate_on(
     let mut decode_time = vec![0.0f64; n];
     // A sequence's state once it has consumed everything (taken when it finishes).
     let mut finals: Vec<Option<State>> = vec![None; n];
-    // Greedy decoding without a repetition penalty lets the backend pick the tokens itself
-    // (on the GPU: no logits copied out per step); `next` holds what it picked.
-    let on_device = opts.sampling.is_greedy() && opts.sampling.repetition_penalty == 1.0;
+    // The backend may pick the tokens itself (the GPU: greedy, temperature, min-p; no logits
+    // copied out per step), drawing on the same random numbers, in the same order, as the host
+    // would; `next` holds what it picked.
+    let on_device = be.picks(&opts.sampling);
     let mut next: Vec<Option<u32>> = vec![None; n];
     while !live.is_empty() {
         let mut feed = Vec::with_capacity(live.len());
@@ -150,23 +151,24 @@ pub fn generate_on(
             toks.push(tok);
         }
         let t0 = Instant::now();
-        let picked = if on_device { be.forward_greedy(&toks, &feed, limit)? } else { None };
-        let by_device = picked.is_some();
-        match picked {
-            Some(ids) => live.iter().zip(ids).for_each(|(&i, t)| next[i] = Some(t)),
-            None => {
-                let out = be.forward(&toks, 1, &feed, 1)?;
-                for (j, &i) in live.iter().enumerate() {
-                    logits[i] = out[j * v..(j + 1) * v].to_vec();
-                }
+        if on_device {
+            let greedy = opts.sampling.is_greedy();
+            let us: Vec<f64> =
+                live.iter().map(|i| if greedy || done.contains(i) { 0.0 } else { rng.random::<f64>() }).collect();
+            let ids = be.forward_pick(&toks, &feed, limit, &opts.sampling, &us)?;
+            live.iter().zip(ids).for_each(|(&i, t)| next[i] = Some(t));
+        } else {
+            let out = be.forward(&toks, 1, &feed, 1)?;
+            for (j, &i) in live.iter().enumerate() {
+                logits[i] = out[j * v..(j + 1) * v].to_vec();
             }
         }
         let dt = t0.elapsed().as_secs_f64() * 1e3;
         live.iter().for_each(|&i| decode_time[i] += dt);
         for &i in &done {
             finals[i] = Some(be.state(slot[i])?);
-            if by_device {
-                logits[i] = be.greedy_logits(slot[i])?;
+            if on_device {
+                logits[i] = be.picked_logits(slot[i])?;
             }
         }
         live.retain(|i| !done.contains(i));

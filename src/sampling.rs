@@ -1,7 +1,10 @@
 //! Next-token choice with `mamba_ssm`'s parameters and order: repetition penalty, then greedy
 //! (top-k 1 or temperature 0) or top-k → temperature → top-p within the top-k, or, with
 //! top-k 0: temperature → min-p → top-p. Min-p keeps tokens with p ≥ min_p · p_max (the
-//! correct rule; the official code compares logits against vocabulary entry 0 instead).
+//! correct rule; the official code compares logits against vocabulary entry 0 instead). With
+//! top-k 0 and no top-p the draw walks the kept tokens in id order, as the GPU's sampler
+//! (src/ops/sampling.cu) does, so from the same uniform number both pick the same token up to
+//! rounding.
 
 use rand::Rng;
 

@@ -9,8 +9,9 @@ use mamba_lm::backend::{Backend, Cpu};
 use mamba_lm::config::Config;
 use mamba_lm::cuda::model::{GpuModel, GpuRun};
 use mamba_lm::cuda::Gpu;
-use mamba_lm::generate::{generate_on, Control, Start};
+use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
 use mamba_lm::init::random_model;
+use mamba_lm::sampling::Sampling;
 use mamba_lm::state::State;
 use mamba_lm::tensor::DType;
 use mamba_lm::Model;
@@ -58,6 +59,11 @@ fn fixtures_bf16_and_f16() {
     }
 }
 
+/// Fresh starts from `prompts`.
+fn starts(prompts: &[Vec<u32>]) -> Vec<Start> {
+    prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect()
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn fixtures_greedy_tokens_identical() {
@@ -69,11 +75,10 @@ fn fixtures_greedy_tokens_identical() {
         // Alone (the persistent step kernel), then beside a shorter prompt (the batch graph).
         let short = e.greedy_prompt[..e.greedy_prompt.len() - 3].to_vec();
         for prompts in [vec![e.greedy_prompt.clone()], vec![e.greedy_prompt.clone(), short]] {
-            let starts = || prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect::<Vec<_>>();
-            let out = generate_on(&mut GpuRun::new(&g), starts(), &opts, |_, _| Control::Continue).unwrap();
+            let out = generate_on(&mut GpuRun::new(&g), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
             assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");
             // The session the GPU hands back continues on the CPU exactly as the CPU's own would.
-            let cpu = generate_on(&mut Cpu::new(&m), starts(), &opts, |_, _| Control::Continue).unwrap();
+            let cpu = generate_on(&mut Cpu::new(&m), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
             for (o, c) in out.iter().zip(&cpu) {
                 assert_eq!(o.new_ids, c.new_ids, "{name}: greedy tokens of a batch");
                 let (a, b) = (&o.snapshot.state, &c.snapshot.state);
@@ -85,6 +90,34 @@ fn fixtures_greedy_tokens_identical() {
                 let want: Vec<f64> = c.snapshot.next_logits.iter().map(|&x| x as f64).collect();
                 let err = rel_l2(&o.snapshot.next_logits, &want);
                 assert!(err <= 1e-4, "{name}: the session's next logits differ by {err:e}");
+            }
+        }
+    }
+}
+
+/// Sampling on the GPU (temperature, min-p) draws the same tokens as the CPU from the same
+/// seed: both walk the kept tokens in id order with the same uniform numbers. (Top-k and top-p
+/// run on the host, from the logits.)
+#[test]
+#[ignore = "needs a GPU"]
+fn fixtures_sampled_tokens_match_the_cpu() {
+    let rules = [
+        Sampling { temperature: 0.8, top_k: 0, ..Sampling::default() },
+        Sampling { temperature: 1.2, top_k: 0, min_p: 0.05, ..Sampling::default() },
+        Sampling { temperature: 1.0, top_k: 20, top_p: 0.9, ..Sampling::default() },
+    ];
+    for name in FIXTURES {
+        let m = load(name, DType::F32);
+        let g = gpu_model(&m);
+        let e = expected(name);
+        let short = e.greedy_prompt[..e.greedy_prompt.len() - 3].to_vec();
+        let prompts = [e.greedy_prompt.clone(), short];
+        for sampling in &rules {
+            let opts = GenerateOptions { sampling: sampling.clone(), seed: 3, ..e.greedy_options(m.cfg.vocab_padded) };
+            let gpu = generate_on(&mut GpuRun::new(&g), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
+            let cpu = generate_on(&mut Cpu::new(&m), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
+            for (a, b) in gpu.iter().zip(&cpu) {
+                assert_eq!(a.new_ids, b.new_ids, "{name} {sampling:?}: sampled tokens");
             }
         }
     }

@@ -64,7 +64,7 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") => ("rms_norm", RMS_NORM),
         k if k.starts_with("conv1d_") => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
-        "argmax" => ("sampling", SAMPLING),
+        "argmax" | "sample_rows" => ("sampling", SAMPLING),
         _ => return None,
     };
     Some(unit(name, src))

@@ -8,6 +8,7 @@ use super::{err, Gpu};
 use crate::backend::Backend;
 use crate::config::{Arch, Config};
 use crate::model::{Linear, Mixer, Model, Norm};
+use crate::sampling::Sampling;
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
 use anyhow::{bail, Result};
@@ -107,6 +108,19 @@ struct ArgmaxParams {
     limit: i32,
 }
 
+/// Mirrors `SampleParams` in sampling.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleParams {
+    logits: u64,
+    out: u64,
+    u: u64,
+    stride: i32,
+    limit: i32,
+    inv_t_log2e: f32,
+    min_p: f32,
+}
+
 /// Mirrors `StepLayer` in decode.cu: one layer's weights and state for the step kernel.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -187,6 +201,7 @@ unsafe impl DeviceRepr for AddNormParams {}
 unsafe impl DeviceRepr for GatedNormParams {}
 unsafe impl DeviceRepr for ConvParams {}
 unsafe impl DeviceRepr for ScanParams {}
+unsafe impl DeviceRepr for SampleParams {}
 unsafe impl DeviceRepr for ArgmaxParams {}
 
 fn suffix(t: DType) -> &'static str {
@@ -1041,6 +1056,25 @@ impl Decoder<'_> {
         self.model.gpu.download(&self.bufs.ids, self.seqs)
     }
 
+    /// Each sequence's next token drawn from the last step's logits with `s`'s temperature and
+    /// min-p (its top-k must be 0, top-p off) and the uniform number `u[i]` (sampling.cu).
+    pub fn sample(&self, s: &Sampling, u: &[f32]) -> Result<Vec<u32>> {
+        let g = &self.model.gpu;
+        let u = g.upload(u)?;
+        let padded = self.model.cfg.vocab_padded;
+        let p = SampleParams {
+            logits: g.ptr(&self.bufs.logits),
+            out: g.ptr(&self.bufs.ids),
+            u: g.ptr(&u),
+            stride: padded as i32,
+            limit: self.vocab_limit.min(padded) as i32,
+            inv_t_log2e: std::f32::consts::LOG2_E / s.temperature,
+            min_p: s.min_p,
+        };
+        g.launch("sample_rows", (self.seqs as u32, 1, 1), 1024, &p, None)?;
+        g.download(&self.bufs.ids, self.seqs)
+    }
+
     /// The logits of each sequence after the last step.
     pub fn logits(&self) -> Result<Vec<f32>> {
         self.model.gpu.download(&self.bufs.logits, self.seqs * self.model.cfg.vocab_padded)
@@ -1101,14 +1135,33 @@ impl Backend for GpuRun<'_> {
         self.model.get_state(st, i, self.pos[i])
     }
 
-    fn forward_greedy(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<Option<Vec<u32>>> {
-        slots.iter().for_each(|&i| self.pos[i] += 1);
-        self.step(tokens, slots, limit)?;
-        let ids = self.decoder.as_ref().unwrap().argmax()?;
-        Ok(Some(slots.iter().map(|&i| ids[i]).collect()))
+    fn picks(&self, s: &Sampling) -> bool {
+        let top_p = s.top_p > 0.0 && s.top_p < 1.0;
+        s.repetition_penalty == 1.0 && (s.is_greedy() || (s.top_k == 0 && !top_p))
     }
 
-    fn greedy_logits(&mut self, i: usize) -> Result<Vec<f32>> {
+    fn forward_pick(
+        &mut self,
+        tokens: &[u32],
+        slots: &[usize],
+        limit: usize,
+        sampling: &Sampling,
+        us: &[f64],
+    ) -> Result<Vec<u32>> {
+        slots.iter().for_each(|&i| self.pos[i] += 1);
+        self.step(tokens, slots, limit)?;
+        let dec = self.decoder.as_ref().unwrap();
+        let ids = if sampling.is_greedy() {
+            dec.argmax()?
+        } else {
+            let mut u = vec![0.0f32; dec.seqs];
+            slots.iter().zip(us).for_each(|(&i, &x)| u[i] = x as f32);
+            dec.sample(sampling, &u)?
+        };
+        Ok(slots.iter().map(|&i| ids[i]).collect())
+    }
+
+    fn picked_logits(&mut self, i: usize) -> Result<Vec<f32>> {
         let dec = self.decoder.as_ref().ok_or_else(|| anyhow::anyhow!("no GPU decode step was run"))?;
         let v = self.model.cfg.vocab_padded;
         Ok(dec.logits()?[i * v..(i + 1) * v].to_vec())

@@ -39,3 +39,86 @@ extern "C" __global__ void __launch_bounds__(1024) argmax(const ArgmaxParams p) 
         if (lane == 0) p.out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
     }
 }
+
+// Sampling on the GPU with temperature and min-p, by the CPU's rules (src/sampling.rs, top-k 0,
+// no top-p): weights w = exp((l − max)/T), tokens with w ≥ min-p kept; the pick is the first
+// token, in id order, where the cumulative kept weight reaches u·Σw for the row's uniform
+// number u (drawn by the host, as the CPU draws it), so both make the same pick up to rounding.
+// (Top-k and top-p stay on the host: radix selects over the vocabulary in one block per row
+// measured slower than copying the logits out.) One block of 1024 threads per row; reads the
+// row's logits 3 times (from L2), hands the host 4 bytes.
+
+struct SampleParams {
+    const float* logits;   // (rows, stride)
+    unsigned* out;         // (rows)
+    const float* u;        // (rows) uniform in [0, 1)
+    int stride;
+    int limit;             // only ids below this are considered
+    float inv_t_log2e;     // log2(e) / temperature
+    float min_p;           // 0: off
+};
+
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float part[32];
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = threadIdx.x % 32 < blockDim.x / 32 ? part[threadIdx.x % 32] : __int_as_float(0xff800000);
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const SampleParams p) {
+    const float* x = p.logits + (long)blockIdx.x * p.stride;
+    const int n = p.limit;
+    float m = __int_as_float(0xff800000);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, x[i]);
+    m = block_max(m);
+    const float s = p.inv_t_log2e;
+    auto kept = [&](int i) {
+        const float w = exp2f((x[i] - m) * s);
+        return w >= p.min_p ? w : 0.0f;
+    };
+    // Each thread takes a contiguous run of ids, so a prefix sum over threads orders the mass
+    // by id; the thread whose run crosses u·Σw walks it.
+    const int run = (n + blockDim.x - 1) / blockDim.x, i0 = threadIdx.x * run, i1 = min(i0 + run, n);
+    float mine = 0.0f;
+    for (int i = i0; i < i1; i++) mine += kept(i);
+    // Inclusive scan over the block: warps, then warp totals.
+    __shared__ float wsum[32];
+    __shared__ unsigned pick;
+    float inc = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+        const float v = __shfl_up_sync(0xffffffffu, inc, o);
+        if (threadIdx.x % 32 >= o) inc += v;
+    }
+    if (threadIdx.x % 32 == 31) wsum[threadIdx.x / 32] = inc;
+    if (threadIdx.x == 0) pick = 0xffffffffu;
+    __syncthreads();
+    float before = 0.0f, total = 0.0f;
+    for (int w = 0; w < blockDim.x / 32; w++) {
+        if (w < threadIdx.x / 32) before += wsum[w];
+        total += wsum[w];
+    }
+    const float excl = before + inc - mine, target = p.u[blockIdx.x] * total;
+    if (mine > 0.0f && excl <= target && target <= excl + mine) {
+        float acc = excl;
+        for (int i = i0; i < i1; i++) {
+            const float w = kept(i);
+            acc += w;
+            if (w > 0.0f && acc >= target) {
+                atomicMin(&pick, (unsigned)i);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (pick == 0xffffffffu) {  // rounding put the target past the last kept token
+            for (int i = n - 1; i >= 0 && pick == 0xffffffffu; i--)
+                if (kept(i) > 0.0f) pick = i;
+        }
+        p.out[blockIdx.x] = pick == 0xffffffffu ? 0 : pick;
+    }
+}
