@@ -77,6 +77,19 @@ __device__ __forceinline__ void frag_b2_trans(unsigned* b, const u16* m, int ld,
     ldmatrix_x4_trans(b, m + (k0 + r + (mat & 1) * 8) * ld + col0 + (mat >> 1) * 8);
 }
 
+// acc[nt], the 16×8 tiles of a 16×P block of rows, += the A fragment `a` times the 16×P slice
+// at rows kk … kk + 15 of m[k·ld + col].
+template <typename T> __device__ __forceinline__ void mma_rows(float (*acc)[4], const unsigned* a, const u16* m, int ld, int kk, int P) {
+#pragma unroll
+    for (int nt = 0; nt < SSD_PMAX / 8; nt += 2) {
+        if (nt * 8 >= P) continue;
+        unsigned b[4];
+        frag_b2_trans(b, m, ld, kk, nt * 8);
+        mma_16816<T>(acc[nt], a, b);
+        mma_16816<T>(acc[nt + 1], a, b + 2);
+    }
+}
+
 template <typename T> __device__ __forceinline__ u16 bits(float v) { return from_f32<T>(v).bits; }
 
 // The chunk's δ (softplus, clamped; 0 past the sequence's end, which makes those steps inert)
@@ -126,12 +139,20 @@ template <typename T> __device__ void stage_rows(u16* dst, int ld, const T* src,
     }
 }
 
+// The block's head, chunk, chunk count, sequence, steps in its chunk and the chunk's first row.
+struct SsdBlock {
+    int h, k, K, s, q;
+    long r0;
+};
+__device__ __forceinline__ SsdBlock ssd_block(const ScanParams& p) {
+    const int k = blockIdx.y, t0 = k * SSD_Q;
+    return {(int)blockIdx.x, k, (int)gridDim.y, (int)blockIdx.z, min(SSD_Q, p.L - t0), (long)blockIdx.z * p.L + t0};
+}
+
 template <typename T> __device__ void ssd_state(const ScanParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int h = blockIdx.x, k = blockIdx.y, K = gridDim.y, s = blockIdx.z;
+    const auto [h, k, K, s, q, r0] = ssd_block(p);
     const int P = p.p_blk, N = p.N, E = p.E;
-    const int t0 = k * SSD_Q, q = min(SSD_Q, p.L - t0);
-    const long r0 = (long)s * p.L + t0;
     float* cs = (float*)smem;
     float* dts = cs + SSD_Q;
     float* w = dts + SSD_Q;                  // 2^(Λ_end − Λ_t)·δ_t
@@ -163,14 +184,7 @@ template <typename T> __device__ void ssd_state(const ScanParams& p) {
             if (row0 >= N) continue;
             unsigned a[4];
             frag_a_trans(a, bm, SSD_NS, row0, kk);
-#pragma unroll
-            for (int nt = 0; nt < SSD_PMAX / 8; nt += 2) {
-                if (nt * 8 >= P) continue;
-                unsigned b[4];
-                frag_b2_trans(b, xm, SSD_PS, kk, nt * 8);
-                mma_16816<T>(acc[m][nt], a, b);
-                mma_16816<T>(acc[m][nt + 1], a, b + 2);
-            }
+            mma_rows<T>(acc[m], a, xm, SSD_PS, kk, P);
         }
     }
     float* out = p.chunk_h + (long)(s * K + k) * N * E + h * P;
@@ -191,10 +205,8 @@ template <typename T> __device__ void ssd_state(const ScanParams& p) {
 
 template <typename T> __device__ void ssd_out(const ScanParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
-    const int h = blockIdx.x, k = blockIdx.y, K = gridDim.y, s = blockIdx.z;
+    const auto [h, k, K, s, q, r0] = ssd_block(p);
     const int P = p.p_blk, N = p.N, E = p.E;
-    const int t0 = k * SSD_Q, q = min(SSD_Q, p.L - t0);
-    const long r0 = (long)s * p.L + t0;
     float* cs = (float*)smem;
     float* dts = cs + SSD_Q;
     u16* cm = (u16*)(dts + SSD_Q);           // [Q][NS]: C
@@ -225,14 +237,7 @@ template <typename T> __device__ void ssd_out(const ScanParams& p) {
     for (int kk = 0; kk < N; kk += 16) {
         unsigned a[4];
         frag_a(a, cm, SSD_NS, row0, kk);
-#pragma unroll
-        for (int nt = 0; nt < SSD_PMAX / 8; nt += 2) {
-            if (nt * 8 >= P) continue;
-            unsigned b[4];
-            frag_b2_trans(b, sm, SSD_PS, kk, nt * 8);
-            mma_16816<T>(acc[nt], a, b);
-            mma_16816<T>(acc[nt + 1], a, b + 2);
-        }
+        mma_rows<T>(acc, a, sm, SSD_PS, kk, P);
 #pragma unroll
         for (int jt = 0; jt < SSD_Q / 8; jt++) {
             if (jt * 8 >= row0 + 16) continue;
@@ -270,14 +275,7 @@ template <typename T> __device__ void ssd_out(const ScanParams& p) {
     for (int kk = 0; kk < row0 + 16; kk += 16) {
         unsigned a[4];
         frag_a(a, wm, SSD_QS, row0, kk);
-#pragma unroll
-        for (int nt = 0; nt < SSD_PMAX / 8; nt += 2) {
-            if (nt * 8 >= P) continue;
-            unsigned b[4];
-            frag_b2_trans(b, xm, SSD_PS, kk, nt * 8);
-            mma_16816<T>(acc[nt], a, b);
-            mma_16816<T>(acc[nt + 1], a, b + 2);
-        }
+        mma_rows<T>(acc, a, xm, SSD_PS, kk, P);
     }
     T* y = (T*)p.y + r0 * p.y_rs + h * P;
 #pragma unroll
