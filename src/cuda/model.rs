@@ -284,7 +284,8 @@ const SSD_SMEM: (u32, u32) = {
 const SSD_MIN_LEN: usize = 16;
 
 /// Whether Mamba-2's pass over `l` steps runs as the chunked SSD on tensor cores: in 16-bit
-/// types (the f32 mode keeps the exact recurrence) and when N and P fit its tiles.
+/// types (the f32 mode keeps the exact recurrence) and when N and P fit its tiles (multiples
+/// of 16, which also start every x, B and C row on 16 bytes, as its cp.async copies need).
 pub fn ssd_fits(cfg: &Config, t: DType, l: usize) -> bool {
     let (n, hp) = (cfg.d_state, cfg.headdim);
     cfg.arch == Arch::Mamba2
