@@ -209,8 +209,18 @@ impl Gpu {
     }
 
     pub fn download<T: DeviceRepr + Default + Clone>(&self, dev: &CudaSlice<T>, len: usize) -> Result<Vec<T>> {
+        self.download_at(dev, 0, len)
+    }
+
+    /// Elements `start..start + len` of `dev`.
+    pub fn download_at<T: DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+        start: usize,
+        len: usize,
+    ) -> Result<Vec<T>> {
         let mut out = vec![T::default(); len];
-        self.stream.memcpy_dtoh(&dev.slice(..len), &mut out).map_err(err)?;
+        self.stream.memcpy_dtoh(&dev.slice(start..start + len), &mut out).map_err(err)?;
         self.sync()?;
         Ok(out)
     }

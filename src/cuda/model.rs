@@ -1076,9 +1076,10 @@ impl Decoder<'_> {
         g.download(&self.bufs.ids, self.seqs)
     }
 
-    /// The logits of each sequence after the last step.
-    pub fn logits(&self) -> Result<Vec<f32>> {
-        self.model.gpu.download(&self.bufs.logits, self.seqs * self.model.cfg.vocab_padded)
+    /// The logits of sequences `seqs` after the last step, row after row.
+    pub fn logits(&self, seqs: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let v = self.model.cfg.vocab_padded;
+        self.model.gpu.download_at(&self.bufs.logits, seqs.start * v, seqs.len() * v)
     }
 }
 
@@ -1122,7 +1123,8 @@ impl Backend for GpuRun<'_> {
         if l == 1 && n_logits == 1 {
             let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
             self.step(tokens, slots, limit)?;
-            let logits = self.decoder.as_ref().unwrap().logits()?;
+            let dec = self.decoder.as_ref().unwrap();
+            let logits = dec.logits(0..dec.seqs)?;
             return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
         }
         if slots.windows(2).any(|w| w[1] != w[0] + 1) {
@@ -1164,8 +1166,7 @@ impl Backend for GpuRun<'_> {
 
     fn picked_logits(&mut self, i: usize) -> Result<Vec<f32>> {
         let dec = self.decoder.as_ref().ok_or_else(|| anyhow::anyhow!("no GPU decode step was run"))?;
-        let v = self.model.cfg.vocab_padded;
-        Ok(dec.logits()?[i * v..(i + 1) * v].to_vec())
+        dec.logits(i..i + 1)
     }
 }
 
