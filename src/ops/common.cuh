@@ -54,24 +54,27 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x));
 // log(1 + e^x), linear above 20 as in the official kernels.
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
 
-// Sums of two values over a block of `blockDim.x` threads (a multiple of 32, at most 1024), in
-// one pass; every thread gets them.
-__device__ __forceinline__ float2 block_sum2(float a, float b) {
-    __shared__ float2 part[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        a += __shfl_xor_sync(0xffffffffu, a, o);
-        b += __shfl_xor_sync(0xffffffffu, b, o);
-    }
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ float2 shfl_xor(float2 v, int o) { return make_float2(shfl_xor(v.x, o), shfl_xor(v.y, o)); }
+
+// `op` (with identity `id`) over a block of `blockDim.x` threads (a multiple of 32, at most
+// 1024), warps first; every thread gets the result. V: float or float2.
+template <typename V, typename Op> __device__ __forceinline__ V block_reduce(V v, V id, Op op) {
+    __shared__ V part[32];
+    for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
     __syncthreads();  // `part` may still be read by a previous call
-    if (lane == 0) part[warp] = make_float2(a, b);
+    if (lane == 0) part[warp] = v;
     __syncthreads();
-    float2 v = lane < nwarps ? part[lane] : make_float2(0.0f, 0.0f);
-    for (int o = 16; o > 0; o >>= 1) {
-        v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
-        v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
-    }
+    v = lane < nwarps ? part[lane] : id;
+    for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
     return v;
+}
+
+// Sums of two values over a block, in one pass.
+__device__ __forceinline__ float2 block_sum2(float a, float b) {
+    const auto add = [](float2 x, float2 y) { return make_float2(x.x + y.x, x.y + y.y); };
+    return block_reduce(make_float2(a, b), make_float2(0.0f, 0.0f), add);
 }
 
 __device__ __forceinline__ float block_sum(float v) { return block_sum2(v, 0.0f).x; }

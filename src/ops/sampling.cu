@@ -59,14 +59,7 @@ struct SampleParams {
 };
 
 __device__ __forceinline__ float block_max(float v) {
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = v;
-    __syncthreads();
-    v = threadIdx.x % 32 < blockDim.x / 32 ? part[threadIdx.x % 32] : __int_as_float(0xff800000);
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
+    return block_reduce(v, __int_as_float(0xff800000), [](float x, float y) { return fmaxf(x, y); });
 }
 
 extern "C" __global__ void __launch_bounds__(1024) sample_rows(const SampleParams p) {
