@@ -145,6 +145,13 @@ fn gpu_bf16_matches_cpu_on_random_130m_models() {
     }
 }
 
+/// Preset `name`, cut to `layers` layers if given.
+fn preset_with_layers(name: &str, layers: Option<usize>) -> Config {
+    let mut cfg = Config::preset(name).unwrap();
+    cfg.n_layer = layers.unwrap_or(cfg.n_layer);
+    cfg
+}
+
 /// Logits and final states of a random `cfg` model in `dtype` on the GPU against the CPU, for
 /// prompts of 3001 tokens at batch 1 and 3: the worst relative L2 error of the logits and of
 /// the SSM states, and the largest conv-state difference.
@@ -185,10 +192,7 @@ fn chunked_scan_matches_cpu_on_long_sequences() {
     // Tiny widths take the scan with channels split over lanes; 130M's width (two layers of it)
     // fills the GPU with chunks alone and takes the one-lane kernel.
     for (preset, layers) in [("tiny", None), ("tiny-mamba2", None), ("mamba-130m", Some(2))] {
-        let mut cfg = Config::preset(preset).unwrap();
-        if let Some(n) = layers {
-            cfg.n_layer = n;
-        }
+        let cfg = preset_with_layers(preset, layers);
         let (logits, ssm, conv) = long_prompt_errors(preset, &cfg, DType::F32);
         assert!(logits <= 1e-4, "{preset}: logits rel L2 {logits:e}");
         assert!(ssm <= 1e-4 && conv <= 1e-5, "{preset}: states differ by {ssm:e} (ssm, rel L2), {conv} (conv)");
@@ -201,10 +205,7 @@ fn chunked_scan_matches_cpu_on_long_sequences() {
 #[ignore = "needs a GPU"]
 fn tensor_core_ssd_matches_cpu_on_long_sequences() {
     for (preset, layers) in [("tiny-mamba2", None), ("mamba2-130m", Some(2))] {
-        let mut cfg = Config::preset(preset).unwrap();
-        if let Some(n) = layers {
-            cfg.n_layer = n;
-        }
+        let cfg = preset_with_layers(preset, layers);
         for dtype in [DType::BF16, DType::F16] {
             let (logits, ssm, _) = long_prompt_errors(preset, &cfg, dtype);
             assert!(logits <= 2e-2 && ssm <= 2e-2, "{preset} {dtype}: rel L2 {logits:e} (logits), {ssm:e} (states)");
