@@ -145,6 +145,43 @@ fn gpu_bf16_matches_cpu_on_random_130m_models() {
     }
 }
 
+/// The persistent step kernel (batch-1 decode) against the CPU on random bf16 models of the
+/// published shapes: 12 greedy steps after a 30-token prompt, then the session's next logits
+/// against the CPU's over the same tokens. The 1.4B and 2.8B shapes (cut to 2 layers) give a
+/// warp several scan channels and residual rows.
+#[test]
+#[ignore = "needs a GPU"]
+fn step_kernel_matches_cpu_on_random_models() {
+    let shapes = [
+        ("mamba-130m", None),
+        ("mamba2-130m", None),
+        ("mamba-1.4b", Some(2)),
+        ("mamba-2.8b", Some(2)),
+        ("mamba2-1.3b", Some(2)),
+    ];
+    for (preset, layers) in shapes {
+        let cfg = preset_with_layers(preset, layers);
+        let cpu = random_model(&cfg, 5, DType::BF16).unwrap();
+        let g = gpu_model(&cpu);
+        let prompt: Vec<u32> = (0..30).map(|i| (i * 7919 % 50000) as u32).collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            sampling: Sampling::default(),
+            seed: 0,
+            eos: None,
+            vocab_limit: cfg.vocab_padded,
+        };
+        let out = generate_on(&mut GpuRun::new(&g), starts(&[prompt]), &opts, |_, _| Control::Continue).unwrap();
+        let tokens = &out[0].snapshot.tokens;
+        let (all, _) = scored_logits(&mut Cpu::new(&cpu), std::slice::from_ref(tokens), 1024);
+        let got = &out[0].snapshot.next_logits;
+        let want: Vec<f64> = all[all.len() - got.len()..].iter().map(|&x| x as f64).collect();
+        let err = rel_l2(got, &want);
+        println!("{preset} ({} layers) bf16 step kernel, 12 steps: GPU vs CPU rel L2 {err:.2e}", cfg.n_layer);
+        assert!(err <= 2e-2, "{preset}: rel L2 {err:e}");
+    }
+}
+
 /// Preset `name`, cut to `layers` layers if given.
 fn preset_with_layers(name: &str, layers: Option<usize>) -> Config {
     let mut cfg = Config::preset(name).unwrap();

@@ -176,7 +176,10 @@ struct StepParams {
     d_per_channel: i32,
     head_rows: i32,
     limit: i32,
-    splits: i32,
+    groups: i32,
+    smem_dt: i32,
+    smem_wx: i32,
+    smem_xc: i32,
     normf_eps: f32,
     gnorm_eps: f32,
     dt_min: f32,
@@ -194,6 +197,7 @@ const STEP_NORM_PT: usize = 8;
 const STEP_M2_MAX_N: usize = 256;
 const STEP_MAX_WIDTH: usize = 12288;
 const STEP_EPOCHS: usize = 4096;
+const STEP_SMEM_MAX: usize = 227 * 1024;
 
 unsafe impl DeviceRepr for StepLayer {}
 unsafe impl DeviceRepr for StepParams {}
@@ -805,18 +809,40 @@ impl GpuModel {
             Arch::Mamba1 => c.d_state <= STEP_M1_N && c.dt_rank + 2 * c.d_state <= 2 * STEP_M2_MAX_N,
             Arch::Mamba2 => c.d_state <= STEP_M2_MAX_N && c.ngroups * c.d_state <= STEP_M2_MAX_N,
         };
-        // Mamba-1's dt_proj rows for the warps with channels fit the rings (decode.cu's m1_scan).
-        let grid = self.gpu.sm_count().unwrap_or(1) as usize;
-        let dt_rows = e.div_ceil(32 * grid) * 32 * (c.dt_rank * self.dtype.size()).div_ceil(16) * 16;
         // Barriers per token (4 per layer at most, and the head's) within the kernel's EPOCHS.
         mixer_ok
             && 4 * c.n_layer + 2 <= STEP_EPOCHS
-            && dt_rows <= 16 * STEP_NST * STEP_PF * 32 * 16
+            && self.step_smem().total <= STEP_SMEM_MAX
             && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
             && c.d_model.is_multiple_of(v)
             && e.is_multiple_of(v)
             && c.d_model.max(e) <= STEP_MAX_WIDTH
             && c.d_conv <= 8
+    }
+
+    /// decode.cu's shared memory: the byte offsets of Mamba-1's dt_proj rows, x_proj slices and
+    /// x channels' conv outputs (after the rings and x), and the total.
+    fn step_smem(&self) -> StepSmem {
+        let c = &self.cfg;
+        let e = self.scan_channels();
+        let grid = self.gpu.sm_count().unwrap_or(1) as usize;
+        // Groups of 16 x channels per block, and the dt_proj rows of the warps with scan channels
+        // (32 channels each, m1_scan).
+        let (groups, dt_rows) = match c.arch {
+            Arch::Mamba1 => {
+                (e.div_ceil(16 * grid), e.div_ceil(32 * grid) * 32 * (c.dt_rank * self.dtype.size()).div_ceil(16) * 16)
+            }
+            Arch::Mamba2 => (0, 0),
+        };
+        let x_proj_slices = groups * (c.dt_rank + 2 * c.d_state) * 16 * self.dtype.size();
+        let dt = STEP_RING_BYTES + 4 * c.d_model.max(e).max(4 * STEP_THREADS as usize);
+        StepSmem {
+            groups,
+            dt,
+            wx: dt + dt_rows,
+            xc: dt + dt_rows + x_proj_slices,
+            total: dt + dt_rows + x_proj_slices + 64 * groups,
+        }
     }
 
     /// The persistent step kernel's parameters for slot 0 of `st` (one sequence), with its
@@ -825,7 +851,6 @@ impl GpuModel {
         let c = &self.cfg;
         let g = &self.gpu;
         let opt = |v: &Option<CudaSlice<f32>>| v.as_ref().map_or(0, |x| g.ptr(x));
-        let v = 16 / self.dtype.size();
         let e = self.scan_channels();
         let mut table = Vec::with_capacity(self.layers.len());
         for (i, (norm, mixer)) in self.layers.iter().enumerate() {
@@ -864,9 +889,9 @@ impl GpuModel {
             table.push(l);
         }
         let layers = g.upload(&table)?;
-        let splits = (e / v).div_ceil(32 * STEP_PF);
-        let part = g.alloc::<f32>((c.dt_rank + 2 * c.d_state) * splits)?;
         let grid = g.sm_count()?;
+        let sm = self.step_smem();
+        let part = g.alloc::<f32>(grid as usize * (c.dt_rank + 2 * c.d_state).next_multiple_of(4))?;
         // The argmax word, then the barrier's flag per block and base epoch (u32 each).
         let sync = self.gpu.stream.alloc_zeros::<u64>(2 + grid as usize / 2).map_err(err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
@@ -905,14 +930,17 @@ impl GpuModel {
             d_per_channel: c.d_has_hdim as i32,
             head_rows: head.out as i32,
             limit: vocab_limit.min(head.out) as i32,
-            splits: splits as i32,
+            groups: sm.groups as i32,
+            smem_dt: sm.dt as i32,
+            smem_wx: sm.wx as i32,
+            smem_xc: sm.xc as i32,
             normf_eps: self.norm_f.eps,
             gnorm_eps: c.norm_eps,
             dt_min: c.dt_limit.0,
             dt_max: c.dt_limit.1,
         };
         let name = format!("decode_step_{}", suffix(self.dtype));
-        let smem = (STEP_RING_BYTES + 4 * c.d_model.max(e)) as u32;
+        let smem = sm.total as u32;
         let k =
             StepKernel { func: g.kernel(&name, smem)?, name, grid, smem, p, _layers: layers, _part: part, _sync: sync };
         Ok(k)
@@ -987,6 +1015,15 @@ impl GpuModel {
         })?;
         Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs, vocab_limit })
     }
+}
+
+/// decode.cu's shared-memory layout (byte offsets) for a model.
+struct StepSmem {
+    groups: usize,
+    dt: usize,
+    wx: usize,
+    xc: usize,
+    total: usize,
 }
 
 /// decode.cu's persistent step kernel, ready to launch: its parameters and what they point to

@@ -8,15 +8,16 @@
 // Each warp streams its rows through a ring of NST chunks in shared memory (cp.async, 2 KB per
 // chunk, 4 KB in flight per warp, ~8.6 MB over the GPU). Weights never change, so before waiting
 // at a barrier every warp fills its ring with the coming product's first chunks, together with
-// whatever else the phase reads that is already final (conv taps, the residual row, dt_proj's
-// rows, u and z): after the barrier only the vector just produced is still to be read.
-//   Mamba-1, per layer (4 barriers):
+// whatever else the phase reads that is already final (conv taps, the residual row, x_proj's
+// slices, dt_proj's rows, states): after the barrier only the vectors just produced are read.
+//   Mamba-1, per layer (3 barriers):
 //     in_proj   x = norm(resid) in every block (d values, cheap); row o of in_proj; the rows of
 //               the x half end in the causal-conv step of channel o (its lanes hold the taps).
-//     x_proj    rows × K-splits, so its few rows (dt_rank + 2N) still occupy many warps; partial
-//               sums go to `part`, summed in a fixed order by their readers (deterministic).
-//     scan      per channel: dt_proj row · dt, softplus, the N-state update, D skip, SiLU(z)
-//               gate; the channel's states and A were loaded before the barrier.
+//               x_proj rides along: each block multiplies its x channels' conv outputs by its
+//               slice of x_proj's columns, one partial per row (dt_rank + 2N) into `part`.
+//     scan      the partials summed in a fixed order (deterministic); per channel: dt_proj
+//               row · dt, softplus, the N-state update, D skip, SiLU(z) gate; the channel's
+//               states and A were loaded before the barrier.
 //     out_proj  y → residual stream (added, rounded to the activation type first).
 //   Mamba-2, per layer (3 barriers):
 //     in_proj   as above; z, dt stored; xBC rows end in their conv step.
@@ -26,13 +27,13 @@
 //   one 64-bit atomicMax; the last barrier publishes the token as the next step's input.
 // Bytes: every weight once (2 bytes each in 16-bit types) plus the state read and written once
 // (N·E·8 bytes per layer) and L2 traffic for the small vectors each block rebuilds. FLOPs:
-// 2 per weight. Measured: a barrier costs ~2 µs and a phase ~3 µs of dependent round trips even
-// with its weights already in shared memory, so small models are latency-bound (BENCHMARKS.md).
+// 2 per weight. Small models are latency-bound: each barrier and the phase after it cost a few
+// µs of dependent round trips even with the weights already in shared memory (BENCHMARKS.md).
 // The barrier: each block publishes an epoch in its own flag and waits for every flag to reach it
 // (no contended counter); epochs grow across launches, so flags never need resetting.
 //
 // Data written in this launch by another block is read with ld.global.cg (L2, never a stale L1
-// line); the fence after the barrier's polling orders it.
+// line) after the barrier's acquire.
 
 #define STEP_THREADS 512
 #define STEP_WARPS (STEP_THREADS / 32)
@@ -72,7 +73,7 @@ struct StepParams {
     const unsigned* token;    // this step's input
     float* resid;             // (d_model)
     void* act;                // in_proj outputs, conv applied (T)
-    float* part;              // Mamba-1 x_proj partial sums, (R + 2N, splits)
+    float* part;              // Mamba-1 x_proj partial sums, (blocks, R + 2N rounded up to 4)
     void* y;                  // (E) T
     float* logits;            // (head_rows)
     unsigned long long* best; // packed (logit, index), zero between steps
@@ -80,13 +81,15 @@ struct StepParams {
     unsigned* next_token;     // the argmax again, as the next step's input
     unsigned* bar;            // grid barrier: a flag per block, then the launch's base epoch
     int mamba2, n_layer, d_model, e, n, r, w, h, p, g, conv_dim, in_rows, d_per_channel;
-    int head_rows, limit, splits;
+    int head_rows, limit;
+    int groups;               // Mamba-1: groups of 16 x channels per block (x_proj_slices)
+    int smem_dt, smem_wx, smem_xc;  // byte offsets in shared memory (see decode_step)
     float normf_eps, gnorm_eps, dt_min, dt_max;
 };
 
-__device__ __forceinline__ unsigned ld_relaxed(const unsigned* a) {
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* a) {
     unsigned v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
     return v;
 }
 __device__ __forceinline__ float ld_cg(const float* a) {
@@ -106,16 +109,16 @@ __device__ __forceinline__ void st_release(unsigned* a, unsigned v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
 }
 
-// Grid barrier number `epoch`: this block's writes are fenced and its flag set; one thread per
-// block polls each flag until all have reached the epoch (wrap-safe comparison).
+// Grid barrier number `epoch`: this block's writes are released with its flag; one thread per
+// block polls each flag until all have reached the epoch (wrap-safe comparison). The polls are
+// acquires: relaxed reads and then a fence cost ~15 % more per token at 130M, as a fence also
+// waits for the thread's loads in flight (the prefetched weights).
 __device__ void grid_sync(const StepParams& p, unsigned& epoch) {
     epoch++;
     __syncthreads();
     if (threadIdx.x == 0) st_release(p.bar + blockIdx.x, epoch);
-    if (threadIdx.x < gridDim.x) {
-        while ((int)(ld_relaxed(p.bar + threadIdx.x) - epoch) < 0) {}
-        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // with the relaxed reads: an acquire
-    }
+    if (threadIdx.x < gridDim.x)
+        while ((int)(ld_acquire(p.bar + threadIdx.x) - epoch) < 0) {}
     __syncthreads();
 }
 
@@ -132,24 +135,19 @@ template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q,
     return acc;
 }
 
-// A matrix-vector product spread over the grid's warps as `tasks`: task t is row t / splits,
-// pieces [s·pc, min((s+1)·pc, nv)) of it (s = t % splits). Warp gw takes tasks gw, gw + nw, …,
-// each as chunks of CH pieces; `Walk` is a position in that sequence.
+// A matrix-vector product spread over the grid's warps: warp gw takes rows (tasks) gw, gw + nw,
+// …, each as chunks of CH pieces of nv; `Walk` is a position in that sequence.
 struct Rows {
     const uint4* w;
-    int nv, splits, pc, tasks, gw, nw;
-    __device__ int begin(int t) const { return (t % splits) * pc; }
-    __device__ int len(int t) const { return min(pc, nv - begin(t)); }
-    __device__ const uint4* row(int t) const { return w + (long)(t / splits) * nv + begin(t); }
+    int nv, tasks, gw, nw;
+    __device__ const uint4* row(int t) const { return w + (long)t * nv; }
 };
 
-__device__ __forceinline__ Rows make_rows(const void* w, int out, int inp, int vec, int splits) {
+__device__ __forceinline__ Rows make_rows(const void* w, int out, int inp, int vec) {
     Rows r;
     r.w = (const uint4*)w;
     r.nv = inp / vec;
-    r.splits = splits;
-    r.pc = (r.nv + splits - 1) / splits;
-    r.tasks = out * splits;
+    r.tasks = out;
     r.nw = gridDim.x * STEP_WARPS;
     r.gw = blockIdx.x * STEP_WARPS + threadIdx.x / 32;
     return r;
@@ -160,7 +158,7 @@ struct Walk {
 };
 
 __device__ __forceinline__ void advance(const Rows& r, Walk& w) {
-    if (++w.c * CH >= r.len(w.t)) {
+    if (++w.c * CH >= r.nv) {
         w.t += r.nw;
         w.c = 0;
     }
@@ -181,7 +179,7 @@ template <typename Aux> __device__ __forceinline__ void issue(const Rows& r, Rin
     const int lane = threadIdx.x % 32;
     if (g.next.t < r.tasks) {
         const uint4* src = r.row(g.next.t) + g.next.c * CH;
-        const int n = r.len(g.next.t) - g.next.c * CH;
+        const int n = r.nv - g.next.c * CH;
 #pragma unroll
         for (int k = 0; k < PF; k++)
             if (lane + 32 * k < n) cp16(g.buf + (slot * PF + k) * 32 + lane, src + lane + 32 * k);
@@ -210,8 +208,8 @@ __device__ __forceinline__ void run_rows(const Rows& r, Ring& g, const float* x,
     uint4 a = make_uint4(0, 0, 0, 0);
     for (Walk w = {r.gw, 0}; w.t < r.tasks;) {
         cp_wait<NST - 1>();
-        const int n = r.len(w.t) - w.c * CH;
-        const float* xt = x + (r.begin(w.t) + w.c * CH) * V;
+        const int n = r.nv - w.c * CH;
+        const float* xt = x + w.c * CH * V;
         const uint4* b = g.buf + g.slot * PF * 32 + lane;
 #pragma unroll
         for (int k = 0; k < PF; k++)
@@ -289,11 +287,41 @@ __device__ __forceinline__ float conv_finish(const StepLayer& L, int C, int W, i
     return silu(acc + (L.conv_b ? bias : 0.0f));
 }
 
+// Mamba-1's x_proj, folded into in_proj (no phase of its own): block b's in_proj rows include
+// the x channels b·16 + k·nw + w (group k < groups, warp w), whose conv outputs the epilogue
+// leaves in xc[k·16 + w]. The block multiplies them by its slices of x_proj's columns into one
+// partial per row (`part`), which the scan phase sums over the blocks.
+// Issues the slices into wx: group k, row i, 16-byte piece q (V channels) at wx[(k·RN + i)·PP + q].
+template <typename T> __device__ void x_proj_slices(const StepParams& p, const StepLayer& L, uint4* wx) {
+    constexpr int V = 16 / sizeof(T), PP = 16 / V;
+    const int RN = p.r + 2 * p.n, nw = gridDim.x * STEP_WARPS;
+    for (int j = threadIdx.x; j < p.groups * RN * PP; j += STEP_THREADS) {
+        const int k = j / (RN * PP), i = j / PP % RN, q = j % PP;
+        const int col = blockIdx.x * STEP_WARPS + k * nw + q * V;
+        if (col < p.e) cp16(wx + j, (const T*)L.x_proj + (long)i * p.e + col);
+    }
+}
+
+// The block's partials (wx landed and xc complete: after run_rows and a __syncthreads).
+template <typename T> __device__ void x_proj_partials(const StepParams& p, const uint4* wx, const float* xc) {
+    constexpr int V = 16 / sizeof(T), PP = 16 / V;
+    const int RN = p.r + 2 * p.n, RNP = (RN + 3) & ~3, nw = gridDim.x * STEP_WARPS;
+    if (blockIdx.x * STEP_WARPS >= p.e) return;
+    for (int i = threadIdx.x; i < RNP; i += STEP_THREADS) {
+        float s = 0.0f;
+        for (int k = 0; k < p.groups && i < RN; k++)
+            for (int q = 0; q < PP; q++)
+                if (blockIdx.x * STEP_WARPS + k * nw + q * V < p.e) s += dot_piece<T>(wx[(k * RN + i) * PP + q], xc + k * 16 + q * V);
+        p.part[blockIdx.x * RNP + i] = s;
+    }
+}
+
 // Mamba-1's per-channel phase: lane = channel within a group of 32; group gi belongs to block
-// gi % grid, warp gi / grid. Everything but x_proj's output is loaded before the barrier: the
-// states and A in registers, the dt_proj row into the (idle) ring, piece k at dw[k·32].
+// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded before the
+// barrier: the states and A in registers, the dt_proj row into `dtr` (its own space: the rings
+// refill with out_proj's rows while other warps still read theirs), piece k at dw[k·32].
 template <typename T>
-__device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, uint4* ring, unsigned& epoch) {
+__device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, float* xs, uint4* dtr, unsigned& epoch) {
     constexpr int DV = 16 / sizeof(T);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int c = (warp * gridDim.x + blockIdx.x) * 32 + lane;
@@ -303,7 +331,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, uin
     const bool vec = R % DV == 0;
     const int rp = R / DV;
     const T* act = (const T*)p.act;
-    uint4* dw = ring + warp * 32 * rp + lane;
+    uint4* dw = dtr + warp * 32 * rp + lane;
     float h[M1_N], a[M1_N];
     float dtb = 0.0f, dd = 0.0f, u = 0.0f, z = 0.0f;
     if (mine) {
@@ -317,16 +345,36 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, uin
             for (int k = 0; k < rp; k++) cp16(dw + k * 32, (const uint4*)((const T*)L.dt_proj + (long)c * R) + k);
         dtb = L.dt_bias[c];
         dd = L.d[c];
-        u = ld_cg(act + c);
-        z = ld_cg(act + E + c);
     }
     cp_commit();
     grid_sync(p, epoch);
-    // Blocks with channels sum x_proj's partials: dt (R), B (N), C (N), rounded as stored.
+    if (mine) {
+        u = ld_cg(act + c);
+        z = ld_cg(act + E + c);
+    }
+    // Blocks with channels sum the blocks' x_proj partials in a fixed order: dt (R), B (N),
+    // C (N), rounded as stored. Thread (q, i4) sums float4 i4 of blocks q, q + BS, …; then
+    // row i sums the BS subtotals.
     if (blockIdx.x * 32 < E) {
-        for (int i = threadIdx.x; i < R + 2 * N; i += blockDim.x) {
+        const int RN = R + 2 * N, RNP = (RN + 3) & ~3, RN4 = RNP / 4, BS = STEP_THREADS / RN4;
+        const int nb = min((int)gridDim.x, (E + STEP_WARPS - 1) / STEP_WARPS);
+        const int i4 = threadIdx.x % RN4, q = threadIdx.x / RN4;
+        if (q < BS) {
+            float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 4
+            for (int b = q; b < nb; b += BS) {
+                const float4 v = __ldcg((const float4*)(p.part + (long)b * RNP) + i4);
+                acc.x += v.x;
+                acc.y += v.y;
+                acc.z += v.z;
+                acc.w += v.w;
+            }
+            ((float4*)xs)[q * RN4 + i4] = acc;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < RN; i += blockDim.x) {
             float s = 0.0f;
-            for (int k = 0; k < p.splits; k++) s += ld_cg(p.part + i * p.splits + k);
+            for (int k = 0; k < BS; k++) s += xs[k * RNP + i];
             sbc[i] = round_to<T>(s);
         }
         __syncthreads();
@@ -453,7 +501,9 @@ __device__ __forceinline__ unsigned order_key(float v) {
     return (b & 0x80000000u) ? ~b : b | 0x80000000u;
 }
 
-// Shared memory: the warps' rings, their aux words, then x (f32).
+// Shared memory: the warps' rings, their aux words, x (f32, max(d_model, E, 4·STEP_THREADS)),
+// and for Mamba-1 at the given offsets: the dt_proj rows of the warps with scan channels, the
+// x_proj slices and the x channels' conv outputs (x_proj_slices).
 #define RING_PIECES (STEP_WARPS * NST * PF * 32)
 #define AUX_WORDS (STEP_WARPS * NST * 32)
 
@@ -462,6 +512,9 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     extern __shared__ uint4 dyn[];
     uint4* ring = dyn;
     float* xs = (float*)(dyn + RING_PIECES + AUX_WORDS);
+    uint4* dtr = (uint4*)((char*)dyn + p.smem_dt);
+    uint4* wx = (uint4*)((char*)dyn + p.smem_wx);
+    float* xc = (float*)((char*)dyn + p.smem_xc);
     __shared__ __align__(16) float sbc[2 * M2_MAX_N];
     __shared__ float red[STEP_THREADS];
     __shared__ unsigned long long sbest;
@@ -485,29 +538,27 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         const int conv0 = p.mamba2 ? p.e : 0;
         const int C = p.conv_dim, W = p.w;
         const auto taps = [&](int t, uint4* dst) { conv_taps(L, C, W, t - conv0, dst); };
-        Rows r = make_rows(L.in_proj, p.in_rows, p.d_model, V, 1);
+        Rows r = make_rows(L.in_proj, p.in_rows, p.d_model, V);
+        if (!p.mamba2) {
+            for (int i = threadIdx.x; i < p.groups * 16; i += STEP_THREADS) xc[i] = 0.0f;
+            x_proj_slices<T>(p, L, wx);  // committed with the ring's first chunk
+        }
         Ring g = prefetch(r, ring, taps);
         if (l > 0) grid_sync(p, epoch);
         norm_into<T>(xs, p, L.norm_w, L.norm_b, L.eps, l == 0 ? emb : nullptr);
         run_rows<T>(r, g, xs, taps, [&](int t, float acc, uint4 a) {
-            const float v = round_to<T>(acc);
+            float v = round_to<T>(acc);
             const int c = t - conv0;
-            if (c >= 0 && c < C) {
-                const float u = conv_finish(L, C, W, c, v, a);
-                if (lane == 0) act[t] = from_f32<T>(u);
-            } else if (lane == 0) {
+            if (c >= 0 && c < C) v = round_to<T>(conv_finish(L, C, W, c, v, a));
+            if (lane == 0) {
                 act[t] = from_f32<T>(v);
+                if (!p.mamba2 && t < p.e) xc[(t - r.gw) / r.nw * 16 + threadIdx.x / 32] = v;
             }
         });
         if (!p.mamba2) {
-            r = make_rows(L.x_proj, p.r + 2 * p.n, p.e, V, p.splits);
-            g = prefetch(r, ring, no_aux);
-            grid_sync(p, epoch);
-            load_into(xs, act, p.e);
-            run_rows<T>(r, g, xs, no_aux, [&](int t, float acc, uint4) {
-                if (lane == 0) p.part[t] = acc;
-            });
-            m1_scan<T>(p, L, sbc, ring, epoch);
+            __syncthreads();
+            x_proj_partials<T>(p, wx, xc);
+            m1_scan<T>(p, L, sbc, xs, dtr, epoch);
         } else {
             m2_ssd<T>(p, L, sbc, red, epoch);
         }
@@ -515,7 +566,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         const auto resid4 = [&](int t, uint4* dst) {
             if (lane == 0) cp16(dst, p.resid + (t & ~3));
         };
-        r = make_rows(L.out_proj, p.d_model, p.e, V, 1);
+        r = make_rows(L.out_proj, p.d_model, p.e, V);
         g = prefetch(r, ring, resid4);
         grid_sync(p, epoch);
         if (p.mamba2) gated_norm_into<T>(xs, p, L, red);
@@ -527,7 +578,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         if (more) ((unsigned long long*)&sl[(l + 1) & 1])[threadIdx.x] = nxt;
     }
     // LM head: logits and each warp's best index below `limit` (ties to the lowest index).
-    Rows r = make_rows(p.head, p.head_rows, p.d_model, V, 1);
+    Rows r = make_rows(p.head, p.head_rows, p.d_model, V);
     Ring g = prefetch(r, ring, no_aux);
     grid_sync(p, epoch);
     if (threadIdx.x == 0) sbest = 0;
