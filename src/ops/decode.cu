@@ -458,8 +458,32 @@ __device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, floa
     }
 }
 
-// x ← grouped RMSNorm of y·SiLU(z), rounded to T; the weights come with y and z (one round
-// trip), each group's scale goes through `ginv`.
+// x[i] ← a[i], or a[i]·SiLU(b[i]) when b is given, for i < n: each thread's loads of a batch
+// are all in flight together (a loop storing each value as it arrives would wait a round trip
+// per value: the loads are volatile).
+#define LOAD_PT 8
+template <typename T> __device__ void load_into(float* x, const T* a, const T* b, int n) {
+    for (int s = 0; s < n; s += LOAD_PT * STEP_THREADS) {
+        float va[LOAD_PT], vb[LOAD_PT];
+#pragma unroll
+        for (int j = 0; j < LOAD_PT; j++) {
+            const int i = s + threadIdx.x + j * STEP_THREADS;
+            if (i < n) {
+                va[j] = ld_cg(a + i);
+                vb[j] = b ? ld_cg(b + i) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < LOAD_PT; j++) {
+            const int i = s + threadIdx.x + j * STEP_THREADS;
+            if (i < n) x[i] = b ? va[j] * silu(vb[j]) : va[j];
+        }
+    }
+    __syncthreads();
+}
+
+// x ← grouped RMSNorm of y·SiLU(z), rounded to T; the weights are requested first (their
+// round trip overlaps y's and z's), each group's scale goes through `ginv`.
 #define GNORM_PT 24
 template <typename T> __device__ void gated_norm_into(float* x, const StepParams& p, const StepLayer& L, float* ginv) {
     const T* y = (const T*)p.y;
@@ -469,12 +493,9 @@ template <typename T> __device__ void gated_norm_into(float* x, const StepParams
 #pragma unroll
     for (int j = 0; j < GNORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
-        if (i < p.e) {
-            x[i] = ld_cg(y + i) * silu(ld_cg(z + i));
-            wv[j] = L.gnorm_w[i];
-        }
+        if (i < p.e) wv[j] = L.gnorm_w[i];
     }
-    __syncthreads();
+    load_into(x, y, z, p.e);
     for (int g = 0; g < p.g; g++) {
         float s2 = 0.0f;
         for (int i = g * gs + threadIdx.x; i < (g + 1) * gs; i += blockDim.x) s2 += x[i] * x[i];
@@ -487,11 +508,6 @@ template <typename T> __device__ void gated_norm_into(float* x, const StepParams
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.e) x[i] = round_to<T>(x[i] * ginv[i / gs] * wv[j]);
     }
-    __syncthreads();
-}
-
-template <typename T> __device__ void load_into(float* x, const T* src, int n) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = ld_cg(src + i);
     __syncthreads();
 }
 
@@ -570,7 +586,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         g = prefetch(r, ring, resid4);
         grid_sync(p, epoch);
         if (p.mamba2) gated_norm_into<T>(xs, p, L, red);
-        else load_into(xs, (const T*)p.y, p.e);
+        else load_into(xs, (const T*)p.y, (const T*)nullptr, p.e);
         run_rows<T>(r, g, xs, resid4, [&](int t, float acc, uint4 a) {
             const unsigned r = (t & 3) == 0 ? a.x : (t & 3) == 1 ? a.y : (t & 3) == 2 ? a.z : a.w;
             if (lane == 0) p.resid[t] = __uint_as_float(r) + round_to<T>(acc);
