@@ -210,6 +210,8 @@ pub fn decode(m: &GpuModel, name: &str, prompt_len: usize, gen: usize, reps: usi
 
 /// Generation throughput as in the Mamba paper's Appendix E.5: `batch` prompts of `prompt_len`
 /// tokens, then `gen` greedy tokens each; tokens/s = batch·gen / total time (prefill included).
+/// Also the two parts of that time: the prefill (to the first token on the host) and a decode
+/// step.
 pub fn generate(
     m: &GpuModel,
     name: &str,
@@ -225,13 +227,14 @@ pub fn generate(
         let mut st = m.new_states(b)?;
         let mut dec = m.decoder(&st, v)?;
         let ids: Vec<u32> = (0..b).flat_map(|s| prompt(prompt_len, s, v)).collect();
-        let mut times = Vec::new();
+        let (mut times, mut prefills) = (Vec::new(), Vec::new());
         for _ in 0..reps.max(1) + 1 {
             m.zero_states(&mut st)?;
             m.gpu.sync()?;
             let t = Instant::now();
             let logits = m.run(&ids, prompt_len, &st, 0, 1)?;
             let next: Vec<u32> = (0..b).map(|s| crate::sampling::argmax(&logits[s * vp..s * vp + v]) as u32).collect();
+            prefills.push(t.elapsed().as_secs_f64());
             dec.step(&next)?;
             for _ in 1..gen {
                 dec.step_greedy()?;
@@ -240,6 +243,8 @@ pub fn generate(
             times.push(t.elapsed().as_secs_f64());
         }
         times.remove(0);
+        prefills.remove(0);
+        let steps: Vec<f64> = times.iter().zip(&prefills).map(|(t, p)| (t - p) / gen as f64).collect();
         let s = median(times);
         figs.push(fig("generate", name, m.dtype, b, prompt_len + gen, "tokens_per_s", (b * gen) as f64 / s, "tok/s"));
         figs.push(fig(
@@ -252,6 +257,8 @@ pub fn generate(
             (b * prompt_len) as f64 / s,
             "tok/s",
         ));
+        figs.push(fig("generate", name, m.dtype, b, prompt_len, "prefill_s", median(prefills), "s"));
+        figs.push(fig("generate", name, m.dtype, b, gen, "decode_ms_per_step", median(steps) * 1e3, "ms"));
     }
     Ok(figs)
 }
