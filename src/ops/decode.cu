@@ -361,13 +361,19 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
         const int i4 = threadIdx.x % RN4, q = threadIdx.x / RN4;
         if (q < BS) {
             float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
-            for (int b = q; b < nb; b += BS) {
-                const float4 v = __ldcg((const float4*)(p.part + (long)b * RNP) + i4);
-                acc.x += v.x;
-                acc.y += v.y;
-                acc.z += v.z;
-                acc.w += v.w;
+            for (int b0 = q; b0 < nb; b0 += 8 * BS) {  // 8 loads in flight
+                float4 v[8];
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+                    v[j] = b0 + j * BS < nb ? __ldcg((const float4*)(p.part + (long)(b0 + j * BS) * RNP) + i4)
+                                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    acc.x += v[j].x;
+                    acc.y += v[j].y;
+                    acc.z += v[j].z;
+                    acc.w += v[j].w;
+                }
             }
             ((float4*)xs)[q * RN4 + i4] = acc;
         }
