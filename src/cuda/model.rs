@@ -809,9 +809,9 @@ impl GpuModel {
             Arch::Mamba1 => c.d_state <= STEP_M1_N && c.dt_rank + 2 * c.d_state <= 2 * STEP_M2_MAX_N,
             Arch::Mamba2 => c.d_state <= STEP_M2_MAX_N && c.ngroups * c.d_state <= STEP_M2_MAX_N,
         };
-        // Barriers per token (4 per layer at most, and the head's) within the kernel's EPOCHS.
+        // Barriers per token (3 per layer and the head's 2) within the kernel's EPOCHS.
         mixer_ok
-            && 4 * c.n_layer + 2 <= STEP_EPOCHS
+            && 3 * c.n_layer + 2 <= STEP_EPOCHS
             && self.step_smem().total <= STEP_SMEM_MAX
             && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
             && c.d_model.is_multiple_of(v)
