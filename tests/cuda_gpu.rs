@@ -221,27 +221,34 @@ fn long_prompt_errors(preset: &str, cfg: &Config, dtype: DType) -> (f64, f64, f3
     worst
 }
 
-/// Long prompts take the chunked three-pass scan (fixtures are too short to): f32 on the GPU
-/// must match the CPU to 1e-4, for both architectures, at batch 1 and 3.
+/// Long prompts take Mamba-1's one-lane-per-state scan (N = 16 with rows on 16 bytes) or the
+/// chunked three-pass scan (anything else; fixtures are too short for it): f32 on the GPU must
+/// match the CPU to 1e-4, for both architectures, at batch 1 and 3.
 #[test]
 #[ignore = "needs a GPU"]
-fn chunked_scan_matches_cpu_on_long_sequences() {
-    // Tiny widths take the scan with channels split over lanes; 130M's width (two layers of it)
-    // fills the GPU with chunks alone and takes the one-lane kernel.
-    for (preset, layers) in [("tiny", None), ("tiny-mamba2", None), ("mamba-130m", Some(2))] {
-        let cfg = preset_with_layers(preset, layers);
+fn long_prompt_scans_match_cpu() {
+    // N = 8 at tiny widths takes the chunked scan with channels split over lanes, and 2 layers
+    // of 130M's width with N = 8 the one-lane chunked kernel; N = 16 takes the state lanes.
+    let shapes = [("tiny", None, 8), ("mamba-130m", Some(2), 8), ("tiny", None, 16), ("mamba-130m", Some(2), 16)];
+    for (preset, layers, n) in shapes {
+        let mut cfg = preset_with_layers(preset, layers);
+        cfg.d_state = n;
         let (logits, ssm, conv) = long_prompt_errors(preset, &cfg, DType::F32);
-        assert!(logits <= 1e-4, "{preset}: logits rel L2 {logits:e}");
-        assert!(ssm <= 1e-4 && conv <= 1e-5, "{preset}: states differ by {ssm:e} (ssm, rel L2), {conv} (conv)");
+        assert!(logits <= 1e-4, "{preset} N {n}: logits rel L2 {logits:e}");
+        assert!(ssm <= 1e-4 && conv <= 1e-5, "{preset} N {n}: states differ by {ssm:e} (ssm, rel L2), {conv} (conv)");
     }
+    let (logits, ssm, _) = long_prompt_errors("tiny-mamba2", &preset_with_layers("tiny-mamba2", None), DType::F32);
+    assert!(logits <= 1e-4 && ssm <= 1e-4, "tiny-mamba2: rel L2 {logits:e} (logits), {ssm:e} (states)");
 }
 
-/// Mamba-2's prefill in 16-bit types runs the tensor-core SSD over 47 chunks of 64 (the last
-/// one partial) at mamba2-130m's head shape (N 128, P 64) and at the tiny one (N 16, P 16).
+/// Long prompts in 16-bit types: Mamba-2's prefill runs the tensor-core SSD over 47 chunks of 64
+/// (the last one partial) at mamba2-130m's head shape (N 128, P 64) and at the tiny one (N 16,
+/// P 16); Mamba-1's the state-lane scan at 130M's width and the chunked one at tiny's (its B, C
+/// rows are not on 16 bytes in 16-bit types).
 #[test]
 #[ignore = "needs a GPU"]
-fn tensor_core_ssd_matches_cpu_on_long_sequences() {
-    for (preset, layers) in [("tiny-mamba2", None), ("mamba2-130m", Some(2))] {
+fn long_prompts_in_16_bit_match_cpu() {
+    for (preset, layers) in [("tiny-mamba2", None), ("mamba2-130m", Some(2)), ("tiny", None), ("mamba-130m", Some(2))] {
         let cfg = preset_with_layers(preset, layers);
         for dtype in [DType::BF16, DType::F16] {
             let (logits, ssm, _) = long_prompt_errors(preset, &cfg, dtype);

@@ -54,6 +54,9 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         let src = format!("{SCAN}\nSCAN_KERNELS({t}, {nmax}, {kind}, {scalar}, {lanes})\n");
         return Some(unit(&format!("scan_{inst}"), &src));
     }
+    if let Some(t) = kernel.strip_prefix("scan_states_") {
+        return Some(unit(kernel, &format!("{SCAN}\nSTATES_KERNEL({t})\n")));
+    }
     if let Some(t) = kernel.strip_prefix("ssd_state_").or_else(|| kernel.strip_prefix("ssd_out_")) {
         return Some(unit(&format!("ssd_{t}"), &format!("{SCAN}\n{SSD}\nSSD_KERNELS({t})\n")));
     }
@@ -82,6 +85,7 @@ pub fn all_units() -> Vec<Unit> {
         for (nmax, kind) in SCAN_SIZES {
             v.extend(unit_for(&format!("scan_out_{t}_{nmax}{kind}")));
         }
+        v.extend(unit_for(&format!("scan_states_{t}")));
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));

@@ -228,6 +228,10 @@ pub fn scan_chunks(seqs: usize, channels: usize, l: usize) -> (usize, usize) {
 /// the three chunked passes when that fills the GPU better. `work` must hold
 /// `seqs · chunks · e · (n + 1)` floats.
 pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scalar_a: bool, work: u64) -> Result<()> {
+    if states_fit(t, p, seqs, scalar_a) {
+        let grid = ((p.e / STATES_CH) as u32, seqs as u32, 1);
+        return gpu.launch_smem(&format!("scan_states_{}", suffix(t)), grid, 128, states_smem(t), p, None);
+    }
     let (k, len) = scan_chunks(seqs, p.e as usize, p.l as usize);
     p.chunk = len as i32;
     set_chunk_work(p, seqs, k, work);
@@ -259,6 +263,41 @@ pub fn selective_scan(gpu: &Gpu, t: DType, p: &mut ScanParams, seqs: usize, scal
         scan_carry(gpu, p, seqs, k)?;
     }
     gpu.launch_smem(&format!("scan_out_{kind}"), grid, block, smem, p, None)
+}
+
+/// Channels per block of selective_scan.cu's scan_states (STATES_CH), and the shortest sequence
+/// it takes (one tile; shorter ones would mostly compute masked steps).
+const STATES_CH: i32 = 8;
+const STATES_MIN_LEN: i32 = 32;
+
+/// Whether `p` runs as scan_states, one lane per state in one pass: Mamba-1 with N = 16, when a
+/// thread per channel would leave the GPU short (the chunked passes compute each exp2 twice),
+/// and when every row it copies starts on 16 bytes (its cp.async pieces).
+fn states_fit(t: DType, p: &ScanParams, seqs: usize, scalar_a: bool) -> bool {
+    let es = t.size() as u64;
+    let aligned = |ptr: u64, rs: i32| ptr.is_multiple_of(16) && (rs as u64 * es).is_multiple_of(16);
+    !scalar_a
+        && p.n == 16
+        && p.l >= STATES_MIN_LEN
+        && seqs * (p.e as usize) < SCAN_THREADS / 2
+        && (p.dt_div, p.a_div, p.d_div) == (1, 1, 1)
+        && p.g_ch >= p.e
+        && p.e % STATES_CH == 0
+        && aligned(p.u, p.u_rs)
+        && aligned(p.dt, p.dt_rs)
+        && (p.z == 0 || aligned(p.z, p.z_rs))
+        && aligned(p.y, p.y_rs)
+        && aligned(p.b, p.bc_rs)
+        && aligned(p.c, p.bc_rs)
+}
+
+/// Bytes of scan_states's shared memory (`StatesSmem<T>`): a ring of 8 tiles (4 in f32) of 32
+/// steps of u, δ, z (8 channels) and B, C (16 states) in T; then two tiles each of (B, C) and
+/// (δ, δ·u) in f32, of the readout transpose (8 × 656 floats) and of the outputs in T.
+fn states_smem(t: DType) -> u32 {
+    let es = t.size() as u32;
+    let ring = if es == 4 { 4 } else { 8 };
+    ring * 32 * (3 * 8 + 2 * 16) * es + 2 * (32 * 16 * 8 + 8 * 32 * 8 + 8 * 656 * 4 + 32 * 8 * es)
 }
 
 /// Points the chunk summaries of `p` at `work`: `seqs · k · e · n` states, then `seqs · k · e` Σδ.

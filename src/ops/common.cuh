@@ -36,6 +36,10 @@ __device__ __forceinline__ unsigned smem_addr(const void* p) {
 __device__ __forceinline__ void cp16(void* s, const void* g) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(s)), "l"(g) : "memory");
 }
+// 16 bytes, or zeros when !full (nothing is read then; `g` must still be an address).
+__device__ __forceinline__ void cp16_or_zero(void* s, const void* g, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(s)), "l"(g), "r"(full ? 16 : 0) : "memory");
+}
 __device__ __forceinline__ void cp4(void* s, const void* g) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(s)), "l"(g) : "memory");
 }
@@ -50,9 +54,37 @@ __device__ __forceinline__ float exp2_ftz(float x) {
     return y;
 }
 
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float rcp_approx(float x) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Both without branches, so the scheduler can interleave them with other work (a branch ends
+// the stretch of code it reorders). SiLU divides as the official kernels do under fast math
+// (approximately, 2 ulp).
+__device__ __forceinline__ float silu(float x) { return __fdividef(x, 1.0f + __expf(-x)); }
+
+// log(1 + w) for finite w ≥ 0, within 3 ulp: 1 + w = 2^k·m with m in [0.75, 1.5), then
+// log1p(m − 1) = 2·atanh(s), s = (m − 1)/(m + 1) in [−1/7, 1/5], by its odd series to s^11
+// (the next term is below 2^−30 relatively); s gets one correction step for the rounding of
+// its denominator and of the reciprocal, the result the rounding error of 1 + w to first order.
+__device__ __forceinline__ float log1p_pos(float w) {
+    const float u = 1.0f + w;
+    const int k = (__float_as_int(u) - 0x3f400000) >> 23;  // 0x3f400000 = 0.75
+    const float m = __int_as_float(__float_as_int(u) - (k << 23));
+    const float fix = (w - (u - 1.0f)) * rcp_approx(u);
+    const float f = m - 1.0f, d = 2.0f + f, e = f - (d - 2.0f), rd = rcp_approx(d), r = f * rd;
+    const float s = fmaf(fmaf(-r, d, f) - r * e, rd, r), s2 = s * s;
+    const float tail = s2 * fmaf(s2, fmaf(s2, fmaf(s2, fmaf(s2, 2.0f / 11, 2.0f / 9), 2.0f / 7), 2.0f / 5), 2.0f / 3);
+    return fmaf((float)k, 0.693147182f, fmaf(s, tail, fmaf(2.0f, s, fix)));
+}
+
 // log(1 + e^x), linear above 20 as in the official kernels.
-__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(__expf(x)); }
+__device__ __forceinline__ float softplus(float x) {
+    const float l = log1p_pos(__expf(fminf(x, 20.0f)));
+    return x > 20.0f ? x : l;
+}
 
 __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 __device__ __forceinline__ float2 shfl_xor(float2 v, int o) { return make_float2(shfl_xor(v.x, o), shfl_xor(v.y, o)); }

@@ -216,6 +216,231 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
     *st = carry;
 }
 
+// ---- One lane per state: Mamba-1 (N = 16) over the whole sequence in one pass -------------
+//
+// When sequences × channels are too few to fill the GPU with a thread per channel (batch 1 up
+// to ~16K channels), the chunked passes above compute every exp2 twice: for the chunk ends, then
+// again for the outputs. Here each of a channel's 16 states gets a lane of its own instead: 16×
+// the threads, so one pass over the sequence fills the GPU with one exp2 per (step, channel,
+// state), the least there is. What it costs instead is the readout y_t = Σ_n C_t,n h_t,n across
+// 16 lanes, done per tile of 32 steps as a transpose through shared memory after which lane q
+// owns steps q and q + 16; the per-(step, channel) work (softplus, D, gate) is shared out the
+// same way.
+// A block is 8 channels × 16 states = 4 warps, one per SM quarter at D = 1024, so there is no
+// other warp to hide latency behind: each tile's loop body is one stretch without branches that
+// issues all its shared-memory loads first and its stores last, and runs the readout of the tile
+// before and the preparation of the tile after beside this tile's scan, which depends on neither.
+// The inputs stream through a ring of STATES_RING tiles that cp.async fills (16-byte pieces: 8
+// channels of a u, δ, z row; B and C rows), deep enough to cover HBM latency.
+// Bytes per (t, c): u, δ, z read and y written once (8 in 16-bit types). Work per (t, c, state):
+// one exp2 and ~15 other instructions (~520 per lane and tile in the SASS), issued at ~2 cycles
+// each with one warp per quarter — which at D = 1024 ties the chunked passes (bound by their two
+// exp2 per state) from 64K steps on, and beats them up to 3× below; wider layers bring more
+// warps per quarter.
+#define STATES_TILE 32
+#define STATES_CH 8
+// Tiles in flight: 8 of 16-bit types, 4 of f32 (the testing mode), which keeps the block's shared
+// memory within the 99 KB that the smallest recent GPUs (sm_86, sm_89) allow.
+#define STATES_RING(T) (sizeof(T) == 4 ? 4 : 8)
+#define STATES_RED (STATES_TILE * 20 + 16)  // floats per channel of the readout transpose (see below)
+
+template <typename T> struct StatesSlot {  // one tile of inputs, as copied
+    T u[STATES_TILE][STATES_CH], dt[STATES_TILE][STATES_CH], z[STATES_TILE][STATES_CH];
+    T b[STATES_TILE][16], c[STATES_TILE][16];
+};
+// Dynamic shared memory of scan_states (model.rs's states_smem mirrors its size). Each buffer
+// after the ring holds two tiles: the one being read and the one being written.
+template <typename T> struct StatesSmem {
+    StatesSlot<T> ring[STATES_RING(T)];
+    float2 bc[2][STATES_TILE][16];              // (B, C) per step and state in f32
+    float2 dd[2][STATES_CH][STATES_TILE];       // (δ, δ·u) per channel and step
+    float red[2][STATES_CH][STATES_RED];        // C·h per step (row) and state, rows of 20 floats
+    T y[2][STATES_TILE][STATES_CH];             // outputs, stored by rows
+};
+
+template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128 threads
+    extern __shared__ float4 states_smem[];
+    StatesSmem<T>& sm = *(StatesSmem<T>*)states_smem;
+    const int tid = threadIdx.x, cl = tid / 16, q = tid % 16;  // lane q of channel cl: state q
+    const int c0 = blockIdx.x * STATES_CH, c = c0 + cl, s = blockIdx.y, L = p.L;
+    const int tiles = (L + STATES_TILE - 1) / STATES_TILE;
+    const long row0 = (long)s * L;
+    // 16-byte pieces of a row: u, δ, z (CU each), B, C (CB each). A thread copies one piece
+    // kind (k) of rows j0, j0 + RSTEP, …: its source and destination are fixed but for the row.
+    // Without a gate, u stands in for z (copied, unused). Rows past the end are zero-filled, so
+    // the masked steps see finite B, C.
+    constexpr int CU = STATES_CH * sizeof(T) / 16, CB = 16 * sizeof(T) / 16, ROW = 3 * CU + 2 * CB;
+    constexpr int ROWP = ROW <= 8 ? 8 : 16, RSTEP = 128 / ROWP;  // threads per row, rows per round
+    const int k = tid % ROWP, j0 = tid / ROWP;
+    const char* src = nullptr;
+    long src_rs = 0;  // bytes from row to row
+    int dst = 0;      // byte offset in a slot
+    if (k < 3 * CU) {
+        const int which = k / CU, part = k % CU;
+        const void* base = which == 0 ? p.u : which == 1 ? p.dt : p.z ? p.z : p.u;
+        const int rs = which == 0 ? p.u_rs : which == 1 ? p.dt_rs : p.z ? p.z_rs : p.u_rs;
+        src = (const char*)base + (row0 * rs + c0) * sizeof(T) + part * 16;
+        src_rs = (long)rs * sizeof(T);
+        dst = which * STATES_TILE * STATES_CH * sizeof(T) + j0 * STATES_CH * sizeof(T) + part * 16;
+    } else if (k < ROW) {
+        const int which = (k - 3 * CU) / CB, part = (k - 3 * CU) % CB;
+        src = (const char*)(which ? p.cm : p.b) + row0 * p.bc_rs * sizeof(T) + part * 16;
+        src_rs = (long)p.bc_rs * sizeof(T);
+        dst = (3 * STATES_CH + which * 16) * STATES_TILE * sizeof(T) + j0 * 16 * sizeof(T) + part * 16;
+    }
+    const int dst_rs = k < 3 * CU ? STATES_CH * sizeof(T) : 16 * sizeof(T);
+    auto issue = [&](int tile) {
+        if (k < ROW && tile < tiles) {
+            char* sl = (char*)&sm.ring[tile % STATES_RING(T)];
+#pragma unroll
+            for (int m = 0; m < STATES_TILE / RSTEP; m++) {
+                const int t = tile * STATES_TILE + j0 + m * RSTEP;
+                cp16_or_zero(sl + dst + m * RSTEP * dst_rs, src + (long)min(t, L - 1) * src_rs, t < L);
+            }
+        }
+        cp_commit();  // a group per tile, empty past the end, so the waits below count tiles
+    };
+    // B, C of a tile to f32 (B, C) pairs: a thread converts two states of a step at a time.
+    // Loads and stores are apart (here and below) so the loop can issue every load first and
+    // every store last, leaving the arithmetic between them free to interleave.
+    constexpr int CONV = STATES_TILE * 8 / 128;  // (B, C) pairs of states per thread
+    auto convert_load = [&](int tile, T (&raw)[CONV][4]) {
+        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING(T)];
+#pragma unroll
+        for (int k = 0; k < CONV; k++) {
+            const int i = tid + 128 * k, j = i / 8, n = i % 8 * 2;
+            raw[k][0] = sl.b[j][n], raw[k][1] = sl.c[j][n], raw[k][2] = sl.b[j][n + 1], raw[k][3] = sl.c[j][n + 1];
+        }
+    };
+    auto convert_store = [&](int tile, const T (&raw)[CONV][4]) {
+#pragma unroll
+        for (int k = 0; k < CONV; k++) {
+            const int i = tid + 128 * k, j = i / 8, n = i % 8 * 2;
+            *(float4*)&sm.bc[tile % 2][j][n] = make_float4(to_f32(raw[k][0]), to_f32(raw[k][1]), to_f32(raw[k][2]), to_f32(raw[k][3]));
+        }
+    };
+    // Lane q prepares steps q and q + 16 of its channel: (δ, δ·u) for the scan, D·u and the
+    // gate (sg) for the output. Steps past the end get δ = 0: decay 1, input 0.
+    const float bias = p.dt_bias[c], dskip = p.d ? p.d[c] : 0.0f;
+    auto prep_load = [&](int tile, T (&raw)[2][3]) {
+        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING(T)];
+#pragma unroll
+        for (int k = 0; k < 2; k++) raw[k][0] = sl.u[q + 16 * k][cl], raw[k][1] = sl.dt[q + 16 * k][cl], raw[k][2] = sl.z[q + 16 * k][cl];
+    };
+    auto prep_store = [&](int tile, const T (&raw)[2][3], float4& sg) {
+        float2 dd[2];
+        float o[4];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const float u = to_f32(raw[k][0]);
+            const float d = fminf(fmaxf(softplus(to_f32(raw[k][1]) + bias), p.dt_min), p.dt_max);
+            const bool live = tile * STATES_TILE + q + 16 * k < L;
+            dd[k] = live ? make_float2(d, d * u) : make_float2(0.0f, 0.0f);
+            const float g = silu(to_f32(raw[k][2]));
+            o[2 * k] = dskip * u;
+            o[2 * k + 1] = p.z ? g : 1.0f;
+        }
+        sg = make_float4(o[0], o[1], o[2], o[3]);
+        sm.dd[tile % 2][cl][q] = dd[0];
+        sm.dd[tile % 2][cl][q + 16] = dd[1];
+    };
+    // Transposed through shared memory: lane q sums the rows of steps q and q + 16 of the
+    // products C·h its channel's lanes stored as columns. Rows of 20 floats and channels
+    // STATES_RED apart keep both the column writes and the 16-byte row reads free of bank
+    // conflicts.
+    auto readout_load = [&](int tile, float4 (&v)[2][4]) {
+        const float* red = sm.red[tile % 2][cl];
+#pragma unroll
+        for (int k = 0; k < 2; k++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) v[k][i] = *(const float4*)&red[(q + 16 * k) * 20 + 4 * i];
+    };
+    auto readout_store = [&](int tile, const float4 (&v)[2][4], float4 sg) {
+        float y[2];
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const float4* w = v[k];
+            y[k] = (((w[0].x + w[0].y) + (w[0].z + w[0].w)) + ((w[1].x + w[1].y) + (w[1].z + w[1].w))) +
+                   (((w[2].x + w[2].y) + (w[2].z + w[2].w)) + ((w[3].x + w[3].y) + (w[3].z + w[3].w)));
+        }
+        sm.y[tile % 2][q][cl] = from_f32<T>((y[0] + sg.x) * sg.y);
+        sm.y[tile % 2][q + 16][cl] = from_f32<T>((y[1] + sg.z) * sg.w);
+    };
+    auto store_y = [&](int tile) {  // a 16-byte piece per thread (STATES_TILE · CU ≤ 128)
+        const int j = tid / CU, part = tid % CU, t = tile * STATES_TILE + j;
+        if (tid < STATES_TILE * CU && t < L)
+            *(float4*)((char*)p.y + ((row0 + t) * p.y_rs + c0) * sizeof(T) + part * 16) =
+                *(const float4*)((const char*)sm.y[tile % 2][j] + part * 16);
+    };
+    const float a2 = p.a2[q * p.a_ns + c];
+    float* st = p.state + s * p.state_stride + state_index(p, c, q);
+    float h = *st;
+    // D·u and gate of steps q, q + 16 (x, y; z, w) of the tiles before, at and after this one.
+    float4 sg_prev = make_float4(0.0f, 0.0f, 0.0f, 0.0f), sg_cur;
+
+    for (int i = 0; i < STATES_RING(T) - 1; i++) issue(i);
+    cp_wait<STATES_RING(T) - 2>();  // tile 0 is in
+    __syncthreads();
+    {
+        T braw[CONV][4], praw[2][3];
+        convert_load(0, braw);
+        prep_load(0, praw);
+        convert_store(0, braw);
+        prep_store(0, praw, sg_cur);
+    }
+    // Tile `tile`'s scan runs beside the readout of tile − 1 and the preparation of tile + 1,
+    // which do not depend on it. (At the first tile the readout is of a buffer nobody filled,
+    // past the last the preparation of a stale ring slot; neither result is stored.)
+    for (int tile = 0; tile < tiles; tile++) {
+        cp_wait<STATES_RING(T) - 3>();  // this thread's copies of tiles `tile` and `tile + 1` are in
+        __syncthreads();             // everyone's are; the buffers of tile − 2 are free again
+        if (tile > 1) store_y(tile - 2);
+        issue(tile + STATES_RING(T) - 1);  // into tile − 1's slot
+        float4 e[STATES_TILE / 2], v[2][4];
+        float2 bc[STATES_TILE];
+        T braw[CONV][4], praw[2][3];
+        const float4* ep = (const float4*)sm.dd[tile % 2][cl];
+#pragma unroll
+        for (int j = 0; j < STATES_TILE / 2; j++) e[j] = ep[j];
+#pragma unroll
+        for (int j = 0; j < STATES_TILE; j++) bc[j] = sm.bc[tile % 2][j][q];
+        readout_load(tile + 1, v);  // tile − 1's buffer
+        convert_load(tile + 1, braw);
+        prep_load(tile + 1, praw);
+        // Lane q runs state q through the tile's steps.
+        float pr[STATES_TILE];
+#pragma unroll
+        for (int j = 0; j < STATES_TILE / 2; j++) {
+            h = fmaf(exp2_ftz(e[j].x * a2), h, e[j].y * bc[2 * j].x);
+            pr[2 * j] = bc[2 * j].y * h;
+            h = fmaf(exp2_ftz(e[j].z * a2), h, e[j].w * bc[2 * j + 1].x);
+            pr[2 * j + 1] = bc[2 * j + 1].y * h;
+        }
+        float4 sg_next;
+        readout_store(tile + 1, v, sg_prev);
+        convert_store(tile + 1, braw);
+        prep_store(tile + 1, praw, sg_next);
+        float* red = sm.red[tile % 2][cl];
+#pragma unroll
+        for (int j = 0; j < STATES_TILE; j++) red[j * 20 + q] = pr[j];
+        sg_prev = sg_cur;
+        sg_cur = sg_next;
+    }
+    if (tiles > 0) {
+        float4 v[2][4];
+        __syncwarp();
+        readout_load(tiles - 1, v);
+        readout_store(tiles - 1, v, sg_prev);
+    }
+    __syncthreads();
+    if (tiles > 1) store_y(tiles - 2);
+    if (tiles > 0) store_y(tiles - 1);
+    *st = h;
+}
+
+#define STATES_KERNEL(T)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128, 1) scan_states_##T(const ScanParams p) { scan_states<T>(p); }
+
 #define SCAN_KERNELS(T, NMAX, A, SCALAR, S)                                                           \
     extern "C" __global__ void __launch_bounds__(128, SCAN_MIN_BLOCKS(NMAX)) scan_end_##T##_##NMAX##A(const ScanParams p) {   \
         scan_chunk<T, NMAX, SCALAR, S, false>(p);                                                     \
