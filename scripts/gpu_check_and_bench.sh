@@ -73,6 +73,8 @@ if has sanitize; then
         done
     done
     grep -a -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Program hit" "$OUT/sanitize.log" | sort | uniq -c | head -20
+    # Which kernels any reported race is in (cuBLASLt's nvjet_* GEMMs report some at 768 wide).
+    grep -a -o -E "Race reported between [A-Za-z]+ access at [^ (]+" "$OUT/sanitize.log" | sort | uniq -c
     # (rc=0 with --error-exitcode 9 means the tool found nothing)
 fi
 

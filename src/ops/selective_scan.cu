@@ -426,9 +426,9 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
         sg_prev = sg_cur;
         sg_cur = sg_next;
     }
+    __syncthreads();  // the last tile's C·h are in, and store_y(tiles − 3) has read its buffer
     if (tiles > 0) {
         float4 v[2][4];
-        __syncwarp();
         readout_load(tiles - 1, v);
         readout_store(tiles - 1, v, sg_prev);
     }
