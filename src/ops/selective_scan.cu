@@ -218,14 +218,14 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
 
 // ---- One lane per state: Mamba-1 (N = 16) over the whole sequence in one pass -------------
 //
-// When sequences × channels are too few to fill the GPU with a thread per channel (batch 1 up
-// to ~16K channels), the chunked passes above compute every exp2 twice: for the chunk ends, then
-// again for the outputs. Here each of a channel's 16 states gets a lane of its own instead: 16×
-// the threads, so one pass over the sequence fills the GPU with one exp2 per (step, channel,
-// state), the least there is. What it costs instead is the readout y_t = Σ_n C_t,n h_t,n across
-// 16 lanes, done per tile of 32 steps as a transpose through shared memory after which lane q
-// owns steps q and q + 16; the per-(step, channel) work (softplus, D, gate) is shared out the
-// same way.
+// When sequences × channels are too few to fill the GPU with a thread per channel (under 128K:
+// batch 1 at any width, batch 16 at 1.4B), the chunked passes above compute every exp2 twice:
+// for the chunk ends, then again for the outputs. Here each of a channel's 16 states gets a lane
+// of its own instead: 16× the threads, so one pass over the sequence fills the GPU with one exp2
+// per (step, channel, state), the least there is. What it costs instead is the readout
+// y_t = Σ_n C_t,n h_t,n across 16 lanes, done per tile of 32 steps as a transpose through shared
+// memory after which lane q owns steps q and q + 16; the per-(step, channel) work (softplus, D,
+// gate) is shared out the same way.
 // A block is 8 channels × 16 states = 4 warps, one per SM quarter at D = 1024, so there is no
 // other warp to hide latency behind: each tile's loop body is one stretch without branches that
 // issues all its shared-memory loads first and its stores last, and runs the readout of the tile
@@ -235,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
 // Bytes per (t, c): u, δ, z read and y written once (8 in 16-bit types). Work per (t, c, state):
 // one exp2 and ~15 other instructions (~520 per lane and tile in the SASS), issued at ~2 cycles
 // each with one warp per quarter — which at D = 1024 ties the chunked passes (bound by their two
-// exp2 per state) from 64K steps on, and beats them up to 3× below; wider layers bring more
-// warps per quarter.
+// exp2 per state) from 64K steps on, and beats them by up to 2.2× below; wider layers bring
+// more warps per quarter.
 #define STATES_TILE 32
 #define STATES_CH 8
 // Tiles in flight: 8 of 16-bit types, 4 of f32 (the testing mode), which keeps the block's shared
