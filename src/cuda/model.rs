@@ -291,13 +291,12 @@ fn states_fit(t: DType, p: &ScanParams, seqs: usize, scalar_a: bool) -> bool {
         && aligned(p.c, p.bc_rs)
 }
 
-/// Bytes of scan_states's shared memory (`StatesSmem<T>`): a ring of 8 tiles (4 in f32) of 32
-/// steps of u, δ, z (8 channels) and B, C (16 states) in T; then two tiles each of (B, C) and
-/// (δ, δ·u) in f32, of the readout transpose (8 × 656 floats) and of the outputs in T.
+/// Bytes of scan_states's shared memory (`StatesSmem<T>`): a ring of 4 tiles of 32 steps of u,
+/// δ, z (8 channels) and B, C (16 states) in T; two tiles each of (B, C) and (δ, δ·u) in f32;
+/// the readout transpose (8 × 656 floats); two tiles of outputs in T.
 fn states_smem(t: DType) -> u32 {
     let es = t.size() as u32;
-    let ring = if es == 4 { 4 } else { 8 };
-    ring * 32 * (3 * 8 + 2 * 16) * es + 2 * (32 * 16 * 8 + 8 * 32 * 8 + 8 * 656 * 4 + 32 * 8 * es)
+    4 * 32 * (3 * 8 + 2 * 16) * es + 2 * (32 * 16 * 8 + 8 * 32 * 8) + 8 * 656 * 4 + 2 * 32 * 8 * es
 }
 
 /// Points the chunk summaries of `p` at `work`: `seqs · k · e · n` states, then `seqs · k · e` Σδ.

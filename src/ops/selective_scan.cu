@@ -239,22 +239,23 @@ extern "C" __global__ void __launch_bounds__(128) scan_carry(const ScanParams p,
 // more warps per quarter.
 #define STATES_TILE 32
 #define STATES_CH 8
-// Tiles in flight: 8 of 16-bit types, 4 of f32 (the testing mode), which keeps the block's shared
-// memory within the 99 KB that the smallest recent GPUs (sm_86, sm_89) allow.
-#define STATES_RING(T) (sizeof(T) == 4 ? 4 : 8)
+// Tiles in the ring: 3 ahead of the one in use, ~100 steps, enough for HBM latency at D = 1024;
+// with the rest a block has 48 KB of shared memory in 16-bit types, so 4 blocks fit an SM when
+// the layer is wide.
+#define STATES_RING 4
 #define STATES_RED (STATES_TILE * 20 + 16)  // floats per channel of the readout transpose (see below)
 
 template <typename T> struct StatesSlot {  // one tile of inputs, as copied
     T u[STATES_TILE][STATES_CH], dt[STATES_TILE][STATES_CH], z[STATES_TILE][STATES_CH];
     T b[STATES_TILE][16], c[STATES_TILE][16];
 };
-// Dynamic shared memory of scan_states (model.rs's states_smem mirrors its size). Each buffer
-// after the ring holds two tiles: the one being read and the one being written.
+// Dynamic shared memory of scan_states (model.rs's states_smem mirrors its size). bc, dd and y
+// hold two tiles: the one being read and the one being written.
 template <typename T> struct StatesSmem {
-    StatesSlot<T> ring[STATES_RING(T)];
+    StatesSlot<T> ring[STATES_RING];
     float2 bc[2][STATES_TILE][16];              // (B, C) per step and state in f32
     float2 dd[2][STATES_CH][STATES_TILE];       // (δ, δ·u) per channel and step
-    float red[2][STATES_CH][STATES_RED];        // C·h per step (row) and state, rows of 20 floats
+    float red[STATES_CH][STATES_RED];           // C·h per step (row) and state, rows of 20 floats
     T y[2][STATES_TILE][STATES_CH];             // outputs, stored by rows
 };
 
@@ -291,7 +292,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     const int dst_rs = k < 3 * CU ? STATES_CH * sizeof(T) : 16 * sizeof(T);
     auto issue = [&](int tile) {
         if (k < ROW && tile < tiles) {
-            char* sl = (char*)&sm.ring[tile % STATES_RING(T)];
+            char* sl = (char*)&sm.ring[tile % STATES_RING];
 #pragma unroll
             for (int m = 0; m < STATES_TILE / RSTEP; m++) {
                 const int t = tile * STATES_TILE + j0 + m * RSTEP;
@@ -305,7 +306,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     // every store last, leaving the arithmetic between them free to interleave.
     constexpr int CONV = STATES_TILE * 8 / 128;  // (B, C) pairs of states per thread
     auto convert_load = [&](int tile, T (&raw)[CONV][4]) {
-        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING(T)];
+        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING];
 #pragma unroll
         for (int k = 0; k < CONV; k++) {
             const int i = tid + 128 * k, j = i / 8, n = i % 8 * 2;
@@ -323,7 +324,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     // gate (sg) for the output. Steps past the end get δ = 0: decay 1, input 0.
     const float bias = p.dt_bias[c], dskip = p.d ? p.d[c] : 0.0f;
     auto prep_load = [&](int tile, T (&raw)[2][3]) {
-        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING(T)];
+        const StatesSlot<T>& sl = sm.ring[tile % STATES_RING];
 #pragma unroll
         for (int k = 0; k < 2; k++) raw[k][0] = sl.u[q + 16 * k][cl], raw[k][1] = sl.dt[q + 16 * k][cl], raw[k][2] = sl.z[q + 16 * k][cl];
     };
@@ -349,7 +350,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     // STATES_RED apart keep both the column writes and the 16-byte row reads free of bank
     // conflicts.
     auto readout_load = [&](int tile, float4 (&v)[2][4]) {
-        const float* red = sm.red[tile % 2][cl];
+        const float* red = sm.red[cl];
 #pragma unroll
         for (int k = 0; k < 2; k++)
 #pragma unroll
@@ -378,8 +379,8 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     // D·u and gate of steps q, q + 16 (x, y; z, w) of the tiles before, at and after this one.
     float4 sg_prev = make_float4(0.0f, 0.0f, 0.0f, 0.0f), sg_cur;
 
-    for (int i = 0; i < STATES_RING(T) - 1; i++) issue(i);
-    cp_wait<STATES_RING(T) - 2>();  // tile 0 is in
+    for (int i = 0; i < STATES_RING - 1; i++) issue(i);
+    cp_wait<STATES_RING - 2>();  // tile 0 is in
     __syncthreads();
     {
         T braw[CONV][4], praw[2][3];
@@ -392,10 +393,10 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     // which do not depend on it. (At the first tile the readout is of a buffer nobody filled,
     // past the last the preparation of a stale ring slot; neither result is stored.)
     for (int tile = 0; tile < tiles; tile++) {
-        cp_wait<STATES_RING(T) - 3>();  // this thread's copies of tiles `tile` and `tile + 1` are in
+        cp_wait<STATES_RING - 3>();  // this thread's copies of tiles `tile` and `tile + 1` are in
         __syncthreads();             // everyone's are; the buffers of tile − 2 are free again
         if (tile > 1) store_y(tile - 2);
-        issue(tile + STATES_RING(T) - 1);  // into tile − 1's slot
+        issue(tile + STATES_RING - 1);  // into tile − 1's slot
         float4 e[STATES_TILE / 2], v[2][4];
         float2 bc[STATES_TILE];
         T braw[CONV][4], praw[2][3];
@@ -404,7 +405,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
         for (int j = 0; j < STATES_TILE / 2; j++) e[j] = ep[j];
 #pragma unroll
         for (int j = 0; j < STATES_TILE; j++) bc[j] = sm.bc[tile % 2][j][q];
-        readout_load(tile + 1, v);  // tile − 1's buffer
+        readout_load(tile + 1, v);  // tile − 1's C·h
         convert_load(tile + 1, braw);
         prep_load(tile + 1, praw);
         // Lane q runs state q through the tile's steps.
@@ -420,7 +421,8 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
         readout_store(tile + 1, v, sg_prev);
         convert_store(tile + 1, braw);
         prep_store(tile + 1, praw, sg_next);
-        float* red = sm.red[tile % 2][cl];
+        __syncwarp();  // every lane has read tile − 1's C·h
+        float* red = sm.red[cl];
 #pragma unroll
         for (int j = 0; j < STATES_TILE; j++) red[j * 20 + q] = pr[j];
         sg_prev = sg_cur;
