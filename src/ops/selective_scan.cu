@@ -282,12 +282,14 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
         const int rs = which == 0 ? p.u_rs : which == 1 ? p.dt_rs : p.z ? p.z_rs : p.u_rs;
         src = (const char*)base + (row0 * rs + c0) * sizeof(T) + part * 16;
         src_rs = (long)rs * sizeof(T);
-        dst = which * STATES_TILE * STATES_CH * sizeof(T) + j0 * STATES_CH * sizeof(T) + part * 16;
+        const StatesSlot<T>& s0 = sm.ring[0];
+        dst = (const char*)(which == 0 ? s0.u[j0] : which == 1 ? s0.dt[j0] : s0.z[j0]) - (const char*)&s0 + part * 16;
     } else if (k < ROW) {
         const int which = (k - 3 * CU) / CB, part = (k - 3 * CU) % CB;
         src = (const char*)(which ? p.cm : p.b) + row0 * p.bc_rs * sizeof(T) + part * 16;
         src_rs = (long)p.bc_rs * sizeof(T);
-        dst = (3 * STATES_CH + which * 16) * STATES_TILE * sizeof(T) + j0 * 16 * sizeof(T) + part * 16;
+        const StatesSlot<T>& s0 = sm.ring[0];
+        dst = (const char*)(which ? s0.c[j0] : s0.b[j0]) - (const char*)&s0 + part * 16;
     }
     const int dst_rs = k < 3 * CU ? STATES_CH * sizeof(T) : 16 * sizeof(T);
     auto issue = [&](int tile) {
