@@ -190,7 +190,7 @@ struct StepParams {
 /// of its rings, and its limits.
 const STEP_THREADS: u32 = 512;
 const STEP_PF: usize = 4;
-const STEP_NST: usize = 2;
+const STEP_NST: usize = 3;
 const STEP_RING_BYTES: usize = (16 * STEP_NST * STEP_PF * 32 + 16 * STEP_NST * 32) * 16;
 const STEP_M1_N: usize = 16;
 const STEP_NORM_PT: usize = 8;

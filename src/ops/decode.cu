@@ -6,7 +6,7 @@
 // cooperatively), walking the layers in phases separated by grid barriers; a phase is either a
 // weight-streaming matrix-vector product spread over every warp of the grid, or per-channel work.
 // Each warp streams its rows through a ring of NST chunks in shared memory (cp.async, 2 KB per
-// chunk, 4 KB in flight per warp, ~8.6 MB over the GPU). Weights never change, so before waiting
+// chunk, 6 KB in flight per warp, ~13 MB over the GPU). Weights never change, so while waiting
 // at a barrier every warp fills its ring with the coming product's first chunks, together with
 // whatever else the phase reads that is already final (conv taps, the residual row, x_proj's
 // slices, dt_proj's rows, states): after the barrier only the vectors just produced are read.
@@ -17,7 +17,7 @@
 //               slice of x_proj's columns, one partial per row (dt_rank + 2N) into `part`.
 //     scan      the partials summed in a fixed order (deterministic); per channel: dt_proj
 //               row · dt, softplus, the N-state update, D skip, SiLU(z) gate; the channel's
-//               states and A were loaded before the barrier.
+//               states and A were loaded during the barrier.
 //     out_proj  y → residual stream (added, rounded to the activation type first).
 //   Mamba-2, per layer (3 barriers):
 //     in_proj   as above; z, dt stored; xBC rows end in their conv step.
@@ -40,7 +40,7 @@
 // A chunk: PF 16-byte pieces per lane; NST chunks in flight per warp.
 #define PF 4
 #define CH (32 * PF)
-#define NST 2
+#define NST 3
 #define M1_N 16
 #define M2_MAX_N 256
 // Epochs a launch may use (barriers per token, at most).
@@ -109,19 +109,26 @@ __device__ __forceinline__ void st_release(unsigned* a, unsigned v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
 }
 
-// Grid barrier number `epoch`: this block's writes are released with its flag; one thread per
-// block polls each flag until all have reached the epoch (wrap-safe comparison). The polls are
-// acquires: relaxed reads and then a fence cost ~15 % more per token at 130M, as a fence also
-// waits for the thread's loads in flight (the prefetched weights).
-__device__ void grid_sync(const StepParams& p, unsigned& epoch) {
+// Grid barrier number `epoch`, in two halves so that a phase's loads of what is already final
+// go between them: arrive, issue the loads, wait.
+// arrive: this block's writes are released with its flag, and the block waits until the store
+// has left. A release issued behind a burst of loads (the next phase's prefetch, even from other
+// warps) waits for them: arriving first took 8–15 % off a token at 130M (BENCHMARKS.md).
+__device__ void grid_arrive(const StepParams& p, unsigned& epoch) {
     epoch++;
     __syncthreads();
     if (threadIdx.x == 0) st_release(p.bar + blockIdx.x, epoch);
+    __syncthreads();
+}
+
+// wait: one thread per block polls each flag until all have reached the epoch (wrap-safe
+// comparison). The polls are acquires: relaxed reads and then a fence cost ~15 % more per token
+// at 130M, as a fence also waits for the thread's loads in flight (the prefetched weights).
+__device__ void grid_wait(const StepParams& p, unsigned epoch) {
     if (threadIdx.x < gridDim.x)
         while ((int)(ld_acquire(p.bar + threadIdx.x) - epoch) < 0) {}
     __syncthreads();
 }
-
 
 // x in shared memory as float4 against a 16-byte piece of a row (8 bf16/f16 or 4 f32).
 template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q, const float* x) {
@@ -189,7 +196,7 @@ template <typename Aux> __device__ __forceinline__ void issue(const Rows& r, Rin
     cp_commit();
 }
 
-// Fills the warp's ring with the first NST chunks of `r` (before the barrier).
+// Fills the warp's ring with the first NST chunks of `r` (between arriving at the barrier and waiting).
 template <typename Aux> __device__ __forceinline__ Ring prefetch(const Rows& r, uint4* ring, Aux aux) {
     const int warp = threadIdx.x / 32;
     Ring g = {ring + warp * NST * PF * 32, ring + STEP_WARPS * NST * PF * 32 + warp * NST * 32, {r.gw, 0}, 0};
@@ -317,7 +324,7 @@ template <typename T> __device__ void x_proj_partials(const StepParams& p, const
 }
 
 // Mamba-1's per-channel phase: lane = channel within a group of 32; group gi belongs to block
-// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded before the
+// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded while waiting at the
 // barrier: the states and A in registers, the dt_proj row into `dtr` (its own space: the rings
 // refill with out_proj's rows while other warps still read theirs), piece k at dw[k·32].
 template <typename T>
@@ -334,6 +341,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     uint4* dw = dtr + warp * 32 * rp + lane;
     float h[M1_N], a[M1_N];
     float dtb = 0.0f, dd = 0.0f, u = 0.0f, z = 0.0f;
+    grid_arrive(p, epoch);
     if (mine) {
 #pragma unroll
         for (int j = 0; j < M1_N; j++)
@@ -347,7 +355,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
         dd = L.d[c];
     }
     cp_commit();
-    grid_sync(p, epoch);
+    grid_wait(p, epoch);
     if (mine) {
         u = ld_cg(act + c);
         z = ld_cg(act + E + c);
@@ -429,8 +437,9 @@ __device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, floa
         dskip = L.d[p.d_per_channel ? ch : hd];
     };
     int u = blockIdx.x;
+    grid_arrive(p, epoch);
     if (u < units) load(u);
-    grid_sync(p, epoch);
+    grid_wait(p, epoch);
     if (u >= units) return;
     for (int i = threadIdx.x; i < 2 * GN; i += blockDim.x) sbc[i] = ld_cg(act + 2 * E + i);
     for (; u < units; u += gridDim.x) {
@@ -561,12 +570,13 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         const int C = p.conv_dim, W = p.w;
         const auto taps = [&](int t, uint4* dst) { conv_taps(L, C, W, t - conv0, dst); };
         Rows r = make_rows(L.in_proj, p.in_rows, p.d_model, V);
+        if (l > 0) grid_arrive(p, epoch);
         if (!p.mamba2) {
             for (int i = threadIdx.x; i < p.groups * 16; i += STEP_THREADS) xc[i] = 0.0f;
             x_proj_slices<T>(p, L, wx);  // committed with the ring's first chunk
         }
         Ring g = prefetch(r, ring, taps);
-        if (l > 0) grid_sync(p, epoch);
+        if (l > 0) grid_wait(p, epoch);
         norm_into<T>(xs, p, L.norm_w, L.norm_b, L.eps, l == 0 ? emb : nullptr);
         run_rows<T>(r, g, xs, taps, [&](int t, float acc, uint4 a) {
             float v = round_to<T>(acc);
@@ -589,8 +599,9 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
             if (lane == 0) cp16(dst, p.resid + (t & ~3));
         };
         r = make_rows(L.out_proj, p.d_model, p.e, V);
+        grid_arrive(p, epoch);
         g = prefetch(r, ring, resid4);
-        grid_sync(p, epoch);
+        grid_wait(p, epoch);
         if (p.mamba2) gated_norm_into<T>(xs, p, L, red);
         else load_into(xs, (const T*)p.y, (const T*)nullptr, p.e);
         run_rows<T>(r, g, xs, resid4, [&](int t, float acc, uint4 a) {
@@ -601,8 +612,9 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     }
     // LM head: logits and each warp's best index below `limit` (ties to the lowest index).
     Rows r = make_rows(p.head, p.head_rows, p.d_model, V);
+    grid_arrive(p, epoch);
     Ring g = prefetch(r, ring, no_aux);
-    grid_sync(p, epoch);
+    grid_wait(p, epoch);
     if (threadIdx.x == 0) sbest = 0;
     norm_into<T>(xs, p, p.normf_w, p.normf_b, p.normf_eps, nullptr);
     unsigned long long best = 0;
@@ -618,7 +630,8 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     if (lane == 0 && best) atomicMax(&sbest, best);
     __syncthreads();
     if (threadIdx.x == 0 && sbest) atomicMax(p.best, sbest);
-    grid_sync(p, epoch);
+    grid_arrive(p, epoch);
+    grid_wait(p, epoch);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         const unsigned long long k = *(volatile unsigned long long*)p.best;
         const unsigned id = k ? 0xffffffffu - (unsigned)k : 0u;
