@@ -62,6 +62,34 @@ struct ConvParams {
     width: i32,
 }
 
+/// Mirrors `ScanStepParams` in selective_scan.cu (Mamba-1's batched decode step).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ScanStepParams {
+    u: u64,
+    z: u64,
+    xdbl: u64,
+    dt_w: u64,
+    dt_bias: u64,
+    a2: u64,
+    d: u64,
+    state: u64,
+    y: u64,
+    state_stride: i64,
+    z_rs: i32,
+    s: i32,
+    e: i32,
+    n: i32,
+    r: i32,
+}
+
+/// selective_scan.cu's scan_step: the most states per channel, sequences per block, 16-byte
+/// pieces of a dt_proj row (held in registers), and floats of an x_proj row it stages.
+const SCAN_STEP_N: usize = 16;
+const SCAN_STEP_SEQS: u32 = 4;
+const SCAN_STEP_PIECES: usize = 20;
+const SCAN_STEP_XD: usize = 1024;
+
 /// Mirrors `ScanParams` in selective_scan.cu (see the index formulas there).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -205,6 +233,7 @@ unsafe impl DeviceRepr for AddNormParams {}
 unsafe impl DeviceRepr for GatedNormParams {}
 unsafe impl DeviceRepr for ConvParams {}
 unsafe impl DeviceRepr for ScanParams {}
+unsafe impl DeviceRepr for ScanStepParams {}
 unsafe impl DeviceRepr for SampleParams {}
 unsafe impl DeviceRepr for ArgmaxParams {}
 
@@ -673,6 +702,9 @@ impl GpuModel {
         };
         let t = suffix(self.dtype);
         let cb = (ch as u32).div_ceil(128);
+        if l == 1 {
+            return g.launch(&format!("conv1d_step_{t}"), (cb, seqs as u32, 1), 128, &p, None);
+        }
         g.launch(&format!("conv1d_silu_{t}"), (cb, (l as u32).div_ceil(16), seqs as u32), 128, &p, None)?;
         g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
     }
@@ -748,38 +780,66 @@ impl GpuModel {
                     self.gemm(&m.in_proj, h, dm, rows, xz, 2 * e, false)?;
                     self.conv(xz, 2 * e, &m.conv_w, &m.conv_b, conv_state, xc, seqs, l, e)?;
                     self.gemm(&m.x_proj, xc, e, rows, xdbl, xdw, false)?;
-                    self.gemm(&m.dt_proj, xdbl, xdw, rows, dt, e, false)?;
-                    let mut p = ScanParams {
-                        u: xc,
-                        dt,
-                        dt_bias: g.ptr(&m.dt_bias),
-                        a2: g.ptr(&m.a2),
-                        b: xdbl + es * r as u64,
-                        c: xdbl + es * (r + n) as u64,
-                        d: g.ptr(&m.d),
-                        z: xz + es * e as u64,
-                        state: ssm_state,
-                        y,
-                        state_stride: st.ssm_len as i64,
-                        u_rs: e as i32,
-                        dt_rs: e as i32,
-                        dt_div: 1,
-                        a_ns: e as i32,
-                        a_div: 1,
-                        bc_rs: xdw as i32,
-                        g_ch: e as i32,
-                        d_div: 1,
-                        z_rs: 2 * e as i32,
-                        p_blk: e as i32,
-                        y_rs: e as i32,
-                        l: l as i32,
-                        e: e as i32,
-                        n: n as i32,
-                        dt_min: 0.0,
-                        dt_max: f32::INFINITY,
-                        ..Default::default()
-                    };
-                    selective_scan(g, self.dtype, &mut p, seqs, false, g.ptr(&b.scan))?;
+                    let piece = 16 / self.dtype.size();
+                    let step_fits = n <= SCAN_STEP_N
+                        && xdw <= SCAN_STEP_XD
+                        && r.is_multiple_of(piece)
+                        && r / piece <= SCAN_STEP_PIECES;
+                    if l == 1 && step_fits {
+                        // The decode step of a batch: dt_proj fused into the scan.
+                        let p = ScanStepParams {
+                            u: xc,
+                            z: xz + es * e as u64,
+                            xdbl,
+                            dt_w: g.ptr(&m.dt_proj.w),
+                            dt_bias: g.ptr(&m.dt_bias),
+                            a2: g.ptr(&m.a2),
+                            d: g.ptr(&m.d),
+                            state: ssm_state,
+                            y,
+                            state_stride: st.ssm_len as i64,
+                            z_rs: 2 * e as i32,
+                            s: seqs as i32,
+                            e: e as i32,
+                            n: n as i32,
+                            r: r as i32,
+                        };
+                        let grid = ((e as u32).div_ceil(128), (seqs as u32).div_ceil(SCAN_STEP_SEQS), 1);
+                        g.launch(&format!("scan_step_{}", suffix(self.dtype)), grid, 128, &p, None)?;
+                    } else {
+                        self.gemm(&m.dt_proj, xdbl, xdw, rows, dt, e, false)?;
+                        let mut p = ScanParams {
+                            u: xc,
+                            dt,
+                            dt_bias: g.ptr(&m.dt_bias),
+                            a2: g.ptr(&m.a2),
+                            b: xdbl + es * r as u64,
+                            c: xdbl + es * (r + n) as u64,
+                            d: g.ptr(&m.d),
+                            z: xz + es * e as u64,
+                            state: ssm_state,
+                            y,
+                            state_stride: st.ssm_len as i64,
+                            u_rs: e as i32,
+                            dt_rs: e as i32,
+                            dt_div: 1,
+                            a_ns: e as i32,
+                            a_div: 1,
+                            bc_rs: xdw as i32,
+                            g_ch: e as i32,
+                            d_div: 1,
+                            z_rs: 2 * e as i32,
+                            p_blk: e as i32,
+                            y_rs: e as i32,
+                            l: l as i32,
+                            e: e as i32,
+                            n: n as i32,
+                            dt_min: 0.0,
+                            dt_max: f32::INFINITY,
+                            ..Default::default()
+                        };
+                        selective_scan(g, self.dtype, &mut p, seqs, false, g.ptr(&b.scan))?;
+                    }
                     self.gemm(&m.out_proj, y, e, rows, out, dm, false)?;
                 }
                 DMixer::M2(m) => {

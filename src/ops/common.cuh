@@ -120,6 +120,19 @@ __device__ __forceinline__ float norm_scale(float s, float s2, int d, bool with_
     return rsqrtf(var + eps);
 }
 
+// A 16-byte piece of a row (8 bf16/f16 or 4 f32) against x (f32, 16-byte aligned, usually in
+// shared memory).
+template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q, const float* x) {
+    const T* e = (const T*)&q;
+    float acc = 0.0f;
+#pragma unroll
+    for (int k = 0; k < (int)(16 / sizeof(T)); k += 4) {
+        const float4 v = *(const float4*)(x + k);
+        acc += to_f32(e[k]) * v.x + to_f32(e[k + 1]) * v.y + to_f32(e[k + 2]) * v.z + to_f32(e[k + 3]) * v.w;
+    }
+    return acc;
+}
+
 // One extern "C" entry point per element type, named KERNEL_f32 / _bf16 / _f16, each taking the
 // kernel's parameter struct by value.
 #define FOR_EACH_TYPE(KERNEL, PARAMS, THREADS)                                                        \

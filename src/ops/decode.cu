@@ -133,18 +133,6 @@ __device__ void grid_wait(const StepParams& p, unsigned epoch) {
     __syncthreads();
 }
 
-// x in shared memory as float4 against a 16-byte piece of a row (8 bf16/f16 or 4 f32).
-template <typename T> __device__ __forceinline__ float dot_piece(const uint4& q, const float* x) {
-    const T* e = (const T*)&q;
-    float acc = 0.0f;
-#pragma unroll
-    for (int k = 0; k < (int)(16 / sizeof(T)); k += 4) {
-        const float4 v = *(const float4*)(x + k);
-        acc += to_f32(e[k]) * v.x + to_f32(e[k + 1]) * v.y + to_f32(e[k + 2]) * v.z + to_f32(e[k + 3]) * v.w;
-    }
-    return acc;
-}
-
 // A matrix-vector product spread over the grid's warps: warp gw takes rows (tasks) gw, gw + nw,
 // …, each as chunks of CH pieces of nv; `Walk` is a position in that sequence.
 struct Rows {

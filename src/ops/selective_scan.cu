@@ -11,9 +11,10 @@
 //   scan_carry one thread per (channel, state) walks the K chunk summaries: the state entering
 //              chunk k+1 is exp(A·Σδ_k)·h_in,k + h_end,k (A is constant over the chunk);
 //   scan_out   each (channel, chunk) rescans from its true entering state and writes y.
-// With K = 1 (decode, short prompts, big batches) scan_out alone runs, reading and writing the
-// state. Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group,
-// read once per block), twice u and δ when chunked. Work per (t, c, state): one exp2 and ~5
+// With K = 1 (short prompts, big batches, Mamba-2's decode step) scan_out alone runs, reading
+// and writing the state; Mamba-1's decode step of a batch is scan_step (below), dt_proj fused.
+// Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group, read once
+// per block), twice u and δ when chunked. Work per (t, c, state): one exp2 and ~5
 // other instructions per pass — at N = 16 the special-function unit (16 exp2/clk/SM: 4.2e12/s
 // on an H100) and the issue rate are the roof for long sequences, not HBM.
 
@@ -441,6 +442,95 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
     if (tiles > 0) store_y(tiles - 1);
     *st = h;
 }
+
+// scan_step: Mamba-1's decode step for a batch of sequences (L = 1), with dt_proj fused in. A
+// block takes 128 channels (a thread each) of SCAN_STEP_SEQS sequences, so each channel's dt_proj
+// row and A are loaded once for all of them, the row held in registers: δ = softplus(row ·
+// dt_low + bias), against the block's staged x_proj rows (dt_low, B, C in f32), the product
+// rounded to T as the dt_proj GEMM stores it; then the N-state update, D skip and SiLU(z) gate as
+// scan_chunk computes them. Every load but the staged rows is issued before the block's barrier,
+// so a step waits on about two memory round trips. Bytes per (channel, sequence): the state read
+// and written (8N), u, z, y (6 in 16-bit types); dt_proj and A once per block (2R + 4N per
+// channel). 2R + ~6N FLOPs per (channel, sequence).
+#define SCAN_STEP_N 16
+#define SCAN_STEP_SEQS 4
+#define SCAN_STEP_PIECES 20
+#define SCAN_STEP_XD 1024
+
+struct ScanStepParams {
+    const void* u;          // conv output, (S, E) T
+    const void* z;          // z of sequence s at z[s·z_rs + c], T
+    const void* xdbl;       // x_proj output, (S, R + 2N) T: dt_low, B, C
+    const void* dt_w;       // dt_proj, (E, R) T, R a multiple of 16 bytes, ≤ SCAN_STEP_PIECES of them
+    const float* dt_bias;   // (E)
+    const float* a2;        // A·log2(e), (N, E)
+    const float* d;         // (E)
+    float* state;           // sequence s: state + s·state_stride + n·E + c
+    void* y;                // (S, E) T
+    long state_stride;
+    int z_rs, S, E, N, R;
+};
+
+template <typename T> __device__ void scan_step(const ScanStepParams p) {
+    constexpr int V = 16 / sizeof(T), Q = SCAN_STEP_SEQS;
+    __shared__ __align__(16) float xs[SCAN_STEP_XD * Q];
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, s0 = blockIdx.y * Q;
+    const int E = p.E, N = p.N, R = p.R, XD = R + 2 * N, pieces = R / V;
+    const bool on = c < E;
+    const int cc = on ? c : 0;  // loads of idle threads stay in bounds
+    uint4 w[SCAN_STEP_PIECES];
+    float a2[SCAN_STEP_N], h[Q][SCAN_STEP_N], u[Q], z[Q];
+    const uint4* row = (const uint4*)((const T*)p.dt_w + (long)cc * R);
+#pragma unroll
+    for (int k = 0; k < SCAN_STEP_PIECES; k++)
+        if (k < pieces) w[k] = row[k];
+#pragma unroll
+    for (int j = 0; j < SCAN_STEP_N; j++) a2[j] = j < N ? p.a2[j * E + cc] : 0.0f;
+#pragma unroll
+    for (int q = 0; q < Q; q++) {
+        const int s = min(s0 + q, p.S - 1);  // past the batch: a copy of the last, not stored
+        const float* st = p.state + s * p.state_stride + cc;
+#pragma unroll
+        for (int j = 0; j < SCAN_STEP_N; j++) h[q][j] = j < N ? st[j * E] : 0.0f;
+        u[q] = to_f32(((const T*)p.u)[(long)s * E + cc]);
+        z[q] = to_f32(((const T*)p.z)[(long)s * p.z_rs + cc]);
+    }
+    const float bias = p.dt_bias[cc], dskip = p.d[cc];
+    for (int i = threadIdx.x; i < Q * XD; i += blockDim.x) {
+        const int s = min(s0 + i / XD, p.S - 1);
+        xs[i / XD * SCAN_STEP_XD + i % XD] = to_f32(((const T*)p.xdbl)[(long)s * XD + i % XD]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < Q; q++) {
+        const float* x = xs + q * SCAN_STEP_XD;
+        float dt = 0.0f;
+#pragma unroll
+        for (int k = 0; k < SCAN_STEP_PIECES; k++)
+            if (k < pieces) dt += dot_piece<T>(w[k], x + k * V);
+        // Mamba-1's δ limits are (0, ∞), as scan_chunk clamps them: a NaN δ becomes 0.
+        const float d = fmaxf(softplus(to_f32(from_f32<T>(dt)) + bias), 0.0f);
+        const float du = d * u[q];
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < SCAN_STEP_N; j++) {
+            if (j < N) {
+                h[q][j] = fmaf(exp2_ftz(d * a2[j]), h[q][j], du * x[R + j]);
+                acc = fmaf(x[R + N + j], h[q][j], acc);
+            }
+        }
+        const int s = s0 + q;
+        if (!on || s >= p.S) continue;
+        float* st = p.state + s * p.state_stride + c;
+#pragma unroll
+        for (int j = 0; j < SCAN_STEP_N; j++)
+            if (j < N) st[j * E] = h[q][j];
+        ((T*)p.y)[(long)s * E + c] = from_f32<T>((acc + dskip * u[q]) * silu(z[q]));
+    }
+}
+
+#define SCAN_STEP_KERNEL(T)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) scan_step_##T(const ScanStepParams p) { scan_step<T>(p); }
 
 #define STATES_KERNEL(T)                                                                              \
     extern "C" __global__ void __launch_bounds__(128, 1) scan_states_##T(const ScanParams p) { scan_states<T>(p); }
