@@ -26,6 +26,8 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float v) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
     return r;
 }
+// v as T would store it (rounded to nearest even), back in f32.
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
 
 // Asynchronous copies global → shared (cp.async): 16 bytes (L2 only) or 4 bytes.
 __device__ __forceinline__ unsigned smem_addr(const void* p) {

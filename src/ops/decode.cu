@@ -103,7 +103,6 @@ template <typename T> __device__ __forceinline__ float ld_cg(const T* a) {
     asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v.bits) : "l"(a) : "memory");
     return to_f32(v);
 }
-template <typename T> __device__ __forceinline__ float round_to(float v) { return to_f32(from_f32<T>(v)); }
 
 __device__ __forceinline__ void st_release(unsigned* a, unsigned v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
@@ -187,7 +186,8 @@ template <typename Aux> __device__ __forceinline__ void issue(const Rows& r, Rin
     cp_commit();
 }
 
-// Fills the warp's ring with the first NST chunks of `r` (between arriving at the barrier and waiting).
+// Fills the warp's ring with the first NST chunks of `r` (between arriving at the barrier and
+// waiting).
 template <typename Aux> __device__ __forceinline__ Ring prefetch(const Rows& r, uint4* ring, Aux aux) {
     const int warp = threadIdx.x / 32;
     Ring g = {ring + warp * NST * PF * 32, ring + STEP_WARPS * NST * PF * 32 + warp * NST * 32, {r.gw, 0}, 0};

@@ -509,7 +509,7 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
         for (int k = 0; k < SCAN_STEP_PIECES; k++)
             if (k < pieces) dt += dot_piece<T>(w[k], x + k * V);
         // Mamba-1's δ limits are (0, ∞), as scan_chunk clamps them: a NaN δ becomes 0.
-        const float d = fmaxf(softplus(to_f32(from_f32<T>(dt)) + bias), 0.0f);
+        const float d = fmaxf(softplus(round_to<T>(dt) + bias), 0.0f);
         const float du = d * u[q];
         float acc = 0.0f;
 #pragma unroll
