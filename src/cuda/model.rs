@@ -208,6 +208,7 @@ struct StepParams {
     smem_dt: i32,
     smem_wx: i32,
     smem_xc: i32,
+    smem_res: i32,
     normf_eps: f32,
     gnorm_eps: f32,
     dt_min: f32,
@@ -907,9 +908,10 @@ impl GpuModel {
             Arch::Mamba1 => c.d_state <= STEP_M1_N && c.dt_rank + 2 * c.d_state <= 2 * STEP_M2_MAX_N,
             Arch::Mamba2 => c.d_state <= STEP_M2_MAX_N && c.ngroups * c.d_state <= STEP_M2_MAX_N,
         };
-        // Barriers per token (3 per layer and the head's 2) within the kernel's EPOCHS.
+        // Epochs per token (3 hand-overs per layer and the final barrier) within the kernel's
+        // EPOCHS.
         mixer_ok
-            && 3 * c.n_layer + 2 <= STEP_EPOCHS
+            && 3 * c.n_layer < STEP_EPOCHS
             && self.step_smem().total <= STEP_SMEM_MAX
             && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
             && c.d_model.is_multiple_of(v)
@@ -919,28 +921,26 @@ impl GpuModel {
     }
 
     /// decode.cu's shared memory: the byte offsets of Mamba-1's dt_proj rows, x_proj slices and
-    /// x channels' conv outputs (after the rings and x), and the total.
+    /// x channels' conv outputs (after the rings and x), of the residual stream's copy, and the
+    /// total.
     fn step_smem(&self) -> StepSmem {
         let c = &self.cfg;
         let e = self.scan_channels();
         let grid = self.gpu.sm_count().unwrap_or(1) as usize;
-        // Groups of 16 x channels per block, and the dt_proj rows of the warps with scan channels
-        // (32 channels each, m1_scan).
+        // Groups of 16 x channels per block, and the dt_proj rows, states and A of the warps
+        // with scan channels (32 channels each, m1_scan).
         let (groups, dt_rows) = match c.arch {
             Arch::Mamba1 => {
-                (e.div_ceil(16 * grid), e.div_ceil(32 * grid) * 32 * (c.dt_rank * self.dtype.size()).div_ceil(16) * 16)
+                let lane = (c.dt_rank * self.dtype.size()).div_ceil(16) * 16 + 2 * STEP_M1_N * 4;
+                (e.div_ceil(16 * grid), e.div_ceil(32 * grid) * 32 * lane)
             }
             Arch::Mamba2 => (0, 0),
         };
         let x_proj_slices = groups * (c.dt_rank + 2 * c.d_state) * 16 * self.dtype.size();
         let dt = STEP_RING_BYTES + 4 * c.d_model.max(e).max(4 * STEP_THREADS as usize);
-        StepSmem {
-            groups,
-            dt,
-            wx: dt + dt_rows,
-            xc: dt + dt_rows + x_proj_slices,
-            total: dt + dt_rows + x_proj_slices + 64 * groups,
-        }
+        let (wx, xc) = (dt + dt_rows, dt + dt_rows + x_proj_slices);
+        let res = xc + 64 * groups;
+        StepSmem { groups, dt, wx, xc, res, total: res + 4 * c.d_model }
     }
 
     /// The persistent step kernel's parameters for slot 0 of `st` (one sequence), with its
@@ -989,7 +989,6 @@ impl GpuModel {
         let layers = g.upload(&table)?;
         let grid = g.sm_count()?;
         let sm = self.step_smem();
-        let part = g.alloc::<f32>(grid as usize * (c.dt_rank + 2 * c.d_state).next_multiple_of(4))?;
         // The argmax word, then the barrier's flag per block and base epoch (u32 each).
         let sync = self.gpu.stream.alloc_zeros::<u64>(2 + grid as usize / 2).map_err(err)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
@@ -997,6 +996,11 @@ impl GpuModel {
             Arch::Mamba1 => (2 * e, e),
             Arch::Mamba2 => (c.d_in_proj(), c.conv_dim()),
         };
+        // The flagged words handed between phases (zero: epoch 0, never one a phase waits for):
+        // the residual stream, in_proj's outputs, y; and Mamba-1's x_proj partials (f32).
+        let parts = grid as usize * (c.dt_rank + 2 * c.d_state).next_multiple_of(4);
+        let words = self.gpu.stream.alloc_zeros::<u64>(c.d_model + in_rows + parts + e).map_err(err)?;
+        let word = |i: usize| g.ptr(&words) + 8 * i as u64;
         let p = StepParams {
             layers: g.ptr(&layers),
             embedding: g.ptr(&self.embedding.w),
@@ -1004,10 +1008,10 @@ impl GpuModel {
             normf_w: g.ptr(&self.norm_f.w),
             normf_b: opt(&self.norm_f.b),
             token: g.ptr(&b.tokens),
-            resid: g.ptr(&b.resid),
-            act: g.ptr(&b.xz),
-            part: g.ptr(&part),
-            y: g.ptr(&b.y),
+            resid: word(0),
+            act: word(c.d_model),
+            part: word(c.d_model + in_rows),
+            y: word(c.d_model + in_rows + parts),
             logits: g.ptr(&b.logits),
             best: g.ptr(&sync),
             ids: g.ptr(&b.ids),
@@ -1032,6 +1036,7 @@ impl GpuModel {
             smem_dt: sm.dt as i32,
             smem_wx: sm.wx as i32,
             smem_xc: sm.xc as i32,
+            smem_res: sm.res as i32,
             normf_eps: self.norm_f.eps,
             gnorm_eps: c.norm_eps,
             dt_min: c.dt_limit.0,
@@ -1039,8 +1044,16 @@ impl GpuModel {
         };
         let name = format!("decode_step_{}", suffix(self.dtype));
         let smem = sm.total as u32;
-        let k =
-            StepKernel { func: g.kernel(&name, smem)?, name, grid, smem, p, _layers: layers, _part: part, _sync: sync };
+        let k = StepKernel {
+            func: g.kernel(&name, smem)?,
+            name,
+            grid,
+            smem,
+            p,
+            _layers: layers,
+            _words: words,
+            _sync: sync,
+        };
         Ok(k)
     }
 
@@ -1121,6 +1134,7 @@ struct StepSmem {
     dt: usize,
     wx: usize,
     xc: usize,
+    res: usize,
     total: usize,
 }
 
@@ -1133,7 +1147,7 @@ struct StepKernel {
     smem: u32,
     p: StepParams,
     _layers: CudaSlice<StepLayer>,
-    _part: CudaSlice<f32>,
+    _words: CudaSlice<u64>,
     _sync: CudaSlice<u64>,
 }
 

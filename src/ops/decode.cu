@@ -3,37 +3,46 @@
 // weight once rather than a chain of ~150 kernel launches.
 //
 // Strategy. One block of 512 threads per multiprocessor, all resident at once (launched
-// cooperatively), walking the layers in phases separated by grid barriers; a phase is either a
-// weight-streaming matrix-vector product spread over every warp of the grid, or per-channel work.
+// cooperatively), walking the layers in phases; a phase is either a weight-streaming
+// matrix-vector product spread over every warp of the grid, or per-channel work.
 // Each warp streams its rows through a ring of NST chunks in shared memory (cp.async, 2 KB per
 // chunk, 6 KB in flight per warp, ~13 MB over the GPU). Weights never change, so while waiting
-// at a barrier every warp fills its ring with the coming product's first chunks, together with
-// whatever else the phase reads that is already final (conv taps, the residual row, x_proj's
-// slices, dt_proj's rows, states): after the barrier only the vectors just produced are read.
-//   Mamba-1, per layer (3 barriers):
+// for the previous phase every warp fills its ring with the coming product's first chunks,
+// together with whatever else the phase reads that is already final (conv taps, x_proj's slices,
+// dt_proj's rows, states): after that only the vectors just produced are read.
+// Hand-over between phases, mostly without grid barriers: a value one block passes to another
+// is a 64-bit word (the value as f32, the epoch of the phase that wrote it) stored in one
+// access, and its readers poll the words themselves until they carry that epoch or a later one
+// (the LL protocol of NCCL). A barrier costs three dependent memory round trips (the writes and the
+// release, the poll, the read of the data); a flagged word costs one. Reuse of a word by a later
+// phase needs no fence: that phase's writer has itself read words that depend on every read of
+// the earlier value (each phase reads all of the previous phase's output).
+//   Mamba-1, per layer (2 hand-overs and a barrier):
 //     in_proj   x = norm(resid) in every block (d values, cheap); row o of in_proj; the rows of
 //               the x half end in the causal-conv step of channel o (its lanes hold the taps).
 //               x_proj rides along: each block multiplies its x channels' conv outputs by its
 //               slice of x_proj's columns, one partial per row (dt_rank + 2N) into `part`.
-//     scan      the partials summed in a fixed order (deterministic); per channel: dt_proj
+//     scan      after a grid barrier (the partials, a few hundred floats from every block, are
+//               fewer loads as plain floats than as flagged words: measured, BENCHMARKS.md),
+//               the partials summed in a fixed order (deterministic); per channel: dt_proj
 //               row · dt, softplus, the N-state update, D skip, SiLU(z) gate; the channel's
-//               states and A were loaded during the barrier.
-//     out_proj  y → residual stream (added, rounded to the activation type first).
-//   Mamba-2, per layer (3 barriers):
+//               states and A were loaded while waiting.
+//     out_proj  y → residual stream (added, rounded to the activation type first); every block
+//               keeps its own copy of the stream in shared memory and reads the new rows.
+//   Mamba-2, per layer (3 hand-overs):
 //     in_proj   as above; z, dt stored; xBC rows end in their conv step.
 //     ssd step  one block per 32 channels (head·P + column): warps take slices of the N states.
 //     out_proj  with the grouped RMSNorm of y·SiLU(z) as prologue.
 //   Final: norm_f and the LM head; each block keeps its best (logit, index) and merges it into
-//   one 64-bit atomicMax; the last barrier publishes the token as the next step's input.
+//   one 64-bit atomicMax; the one grid barrier publishes the token as the next step's input.
 // Bytes: every weight once (2 bytes each in 16-bit types) plus the state read and written once
-// (N·E·8 bytes per layer) and L2 traffic for the small vectors each block rebuilds. FLOPs:
-// 2 per weight. Small models are latency-bound: each barrier and the phase after it cost a few
-// µs of dependent round trips even with the weights already in shared memory (BENCHMARKS.md).
-// The barrier: each block publishes an epoch in its own flag and waits for every flag to reach it
-// (no contended counter); epochs grow across launches, so flags never need resetting.
-//
-// Data written in this launch by another block is read with ld.global.cg (L2, never a stale L1
-// line) after the barrier's acquire.
+// (N·E·8 bytes per layer) and L2 traffic for the small vectors each block rebuilds (8 bytes a
+// value). FLOPs: 2 per weight. Small models are latency-bound: each hand-over and the phase
+// after it cost a few µs of dependent round trips even with the weights already in shared
+// memory (BENCHMARKS.md).
+// Epochs grow across launches (the base is kept in `bar`), so words and flags never need resetting.
+
+typedef unsigned long long u64;
 
 #define STEP_THREADS 512
 #define STEP_WARPS (STEP_THREADS / 32)
@@ -43,7 +52,7 @@
 #define NST 3
 #define M1_N 16
 #define M2_MAX_N 256
-// Epochs a launch may use (barriers per token, at most).
+// Epochs a launch may use (hand-overs per token and the final barrier, at most).
 #define EPOCHS 4096
 
 struct StepLayer {
@@ -71,19 +80,21 @@ struct StepParams {
     const float* normf_w;
     const float* normf_b;
     const unsigned* token;    // this step's input
-    float* resid;             // (d_model)
-    void* act;                // in_proj outputs, conv applied (T)
-    float* part;              // Mamba-1 x_proj partial sums, (blocks, R + 2N rounded up to 4)
-    void* y;                  // (E) T
+    // Flagged words (value, epoch) handed between phases:
+    u64* resid;               // the residual stream after out_proj, (d_model)
+    u64* act;                 // in_proj outputs, conv applied, rounded to T
+    float* part;              // Mamba-1 x_proj partial sums, (blocks, R + 2N rounded up to 4),
+                              // handed over with a grid barrier (see m1_scan)
+    u64* y;                   // (E), rounded to T
     float* logits;            // (head_rows)
     unsigned long long* best; // packed (logit, index), zero between steps
     unsigned* ids;            // the argmax
     unsigned* next_token;     // the argmax again, as the next step's input
-    unsigned* bar;            // grid barrier: a flag per block, then the launch's base epoch
+    unsigned* bar;            // final barrier: a flag per block, then the launch's base epoch
     int mamba2, n_layer, d_model, e, n, r, w, h, p, g, conv_dim, in_rows, d_per_channel;
     int head_rows, limit;
     int groups;               // Mamba-1: groups of 16 x channels per block (x_proj_slices)
-    int smem_dt, smem_wx, smem_xc;  // byte offsets in shared memory (see decode_step)
+    int smem_dt, smem_wx, smem_xc, smem_res;  // byte offsets in shared memory (see decode_step)
     float normf_eps, gnorm_eps, dt_min, dt_max;
 };
 
@@ -92,40 +103,63 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* a) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
     return v;
 }
-__device__ __forceinline__ float ld_cg(const float* a) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(a) : "memory");
-    return v;
-}
-// 16-bit types (f32 takes the overload above).
-template <typename T> __device__ __forceinline__ float ld_cg(const T* a) {
-    T v;
-    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v.bits) : "l"(a) : "memory");
-    return to_f32(v);
-}
-
 __device__ __forceinline__ void st_release(unsigned* a, unsigned v) {
     asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory");
 }
 
-// Grid barrier number `epoch`, in two halves so that a phase's loads of what is already final
-// go between them: arrive, issue the loads, wait.
-// arrive: this block's writes are released with its flag, and the block waits until the store
-// has left. A release issued behind a burst of loads (the next phase's prefetch, even from other
-// warps) waits for them: arriving first took 8–15 % off a token at 130M (BENCHMARKS.md).
-__device__ void grid_arrive(const StepParams& p, unsigned& epoch) {
-    epoch++;
+// Polls are spaced by a short sleep, leaving L2 to the weights and the vectors: 4–8 % off a
+// token at 130M / 370M (sleeps of 100 to 500 ns did alike), against polling flat out.
+#define POLL_NS 250
+
+// Flagged words: a naturally aligned 64-bit access is single-copy atomic, so a reader sees the
+// value and its epoch together. Relaxed at GPU scope: read from L2, never a stale L1 line.
+__device__ __forceinline__ void ll_put(u64* a, float v, unsigned epoch) {
+    const u64 w = ((u64)epoch << 32) | __float_as_uint(v);
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(a), "l"(w) : "memory");
+}
+__device__ __forceinline__ u64 ll_ld(const u64* a) {
+    u64 w;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(a) : "memory");
+    return w;
+}
+
+// Whether word w was written in phase `epoch` or later (wrap-safe: every word is rewritten each
+// token, so its epoch is never far behind).
+__device__ __forceinline__ bool ll_since(u64 w, unsigned epoch) { return (int)((unsigned)(w >> 32) - epoch) >= 0; }
+
+// v[j] ← the value of word src(j) (0 where src(j) is null) once it was written in phase `epoch`
+// or later. All K loads go out together; after a sleep only the late words are read again.
+template <int K, typename Src> __device__ __forceinline__ void ll_read(float (&v)[K], unsigned epoch, Src src) {
+    const u64 ready = (u64)epoch << 32;
+    u64 w[K];
+#pragma unroll
+    for (int j = 0; j < K; j++) w[j] = src(j) ? ll_ld(src(j)) : ready;
+    for (;;) {
+        bool all = true;
+#pragma unroll
+        for (int j = 0; j < K; j++) all &= ll_since(w[j], epoch);
+        if (all) break;
+        __nanosleep(POLL_NS);
+#pragma unroll
+        for (int j = 0; j < K; j++)
+            if (!ll_since(w[j], epoch)) w[j] = ll_ld(src(j));
+    }
+#pragma unroll
+    for (int j = 0; j < K; j++) v[j] = __uint_as_float((unsigned)w[j]);
+}
+
+// Grid barrier at `epoch`: each block publishes the epoch in its own flag and one thread per
+// flag waits for all to reach it (wrap-safe comparison; no contended counter). In two halves,
+// so that a phase's loads of what is already final go between them: arrive, issue the loads,
+// wait. Arrive: the block's writes are released with its flag, and the block waits until the
+// store has left (a release issued behind a burst of loads waits for them: arriving first took
+// 8–15 % off a token at 130M). The polls are acquires: relaxed reads and then a fence cost
+// ~15 % more at 130M, as a fence also waits for the thread's loads in flight.
+__device__ void grid_arrive(const StepParams& p, unsigned epoch) {
     __syncthreads();
     if (threadIdx.x == 0) st_release(p.bar + blockIdx.x, epoch);
     __syncthreads();
 }
-
-// wait: one thread per block polls each flag until all have reached the epoch (wrap-safe
-// comparison). The polls are acquires: relaxed reads and then a fence cost ~15 % more per token
-// at 130M, as a fence also waits for the thread's loads in flight (the prefetched weights).
-// Polls spaced by a short sleep leave L2 to the weights and the vectors: 4–8 % off a token at
-// 130M / 370M (sleeps of 100 to 500 ns did alike), against polling flat out.
-#define POLL_NS 250
 __device__ void grid_wait(const StepParams& p, unsigned epoch) {
     if (threadIdx.x < gridDim.x)
         while ((int)(ld_acquire(p.bar + threadIdx.x) - epoch) < 0) __nanosleep(POLL_NS);
@@ -226,28 +260,34 @@ __device__ __forceinline__ void run_rows(const Rows& r, Ring& g, const float* x,
     cp_wait<0>();
 }
 
-// x ← norm(src)·w (+ b), rounded to T, in shared memory; src is f32 (the residual stream) or,
-// for the first layer, the embedding row in T (block 0 also starts the residual stream with it).
-// The weights are loaded with the row, so the whole prologue waits on one memory round trip.
+// x ← norm(src)·w (+ b), rounded to T, in shared memory, and the block's copy of the residual
+// stream res ← src: src is the stream's words of `epoch` or, for the first layer, the embedding
+// row in T. The weights are loaded with the row, so the whole prologue waits on one round trip.
 #define NORM_PT 8
 template <typename T>
-__device__ void norm_into(float* x, const StepParams& p, const float* w, const float* b, float eps, const T* emb) {
+__device__ void norm_into(float* x, float* res, const StepParams& p, const float* w, const float* b, float eps,
+                          const T* emb, unsigned epoch) {
     float v[NORM_PT], wv[NORM_PT], bv[NORM_PT];
     float s = 0.0f, s2 = 0.0f;
 #pragma unroll
     for (int j = 0; j < NORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.d_model) {
-            v[j] = emb ? to_f32(emb[i]) : ld_cg(p.resid + i);
+            if (emb) v[j] = to_f32(emb[i]);
             wv[j] = w[i];
             bv[j] = b ? b[i] : 0.0f;
         }
     }
+    if (!emb)
+        ll_read(v, epoch, [&](int j) {
+            const int i = threadIdx.x + j * STEP_THREADS;
+            return i < p.d_model ? p.resid + i : nullptr;
+        });
 #pragma unroll
     for (int j = 0; j < NORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.d_model) {
-            if (emb && blockIdx.x == 0) p.resid[i] = v[j];
+            res[i] = v[j];
             s += v[j];
             s2 += v[j] * v[j];
         }
@@ -315,11 +355,13 @@ template <typename T> __device__ void x_proj_partials(const StepParams& p, const
 }
 
 // Mamba-1's per-channel phase: lane = channel within a group of 32; group gi belongs to block
-// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded while waiting at the
-// barrier: the states and A in registers, the dt_proj row into `dtr` (its own space: the rings
-// refill with out_proj's rows while other warps still read theirs), piece k at dw[k·32].
+// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded while its words
+// are awaited, into `dtr` (its own space: the rings refill with out_proj's rows while other
+// warps still read theirs): the dt_proj row, piece k at dw[k·32], then the states and A, state
+// j at hs[j·32] and A at hs[(N + j)·32] (registers would spill while the partials are read).
+// The in_proj phase's outputs are those of `epoch` (its barrier); writes y with epoch + 1.
 template <typename T>
-__device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, float* xs, uint4* dtr, unsigned& epoch) {
+__device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, float* xs, uint4* dtr, unsigned epoch) {
     constexpr int DV = 16 / sizeof(T);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int c = (warp * gridDim.x + blockIdx.x) * 32 + lane;
@@ -327,19 +369,16 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     const bool mine = c < E;
     // dt_proj's row as 16-byte pieces when it divides into them (the published shapes do).
     const bool vec = R % DV == 0;
-    const int rp = R / DV;
-    const T* act = (const T*)p.act;
+    const int rp = R / DV, nwc = (E + 32 * gridDim.x - 1) / (32 * gridDim.x);
     uint4* dw = dtr + warp * 32 * rp + lane;
-    float h[M1_N], a[M1_N];
-    float dtb = 0.0f, dd = 0.0f, u = 0.0f, z = 0.0f;
+    float* hs = (float*)(dtr + nwc * 32 * ((R + DV - 1) / DV)) + warp * 2 * M1_N * 32 + lane;
+    float dtb = 0.0f, dd = 0.0f;
     grid_arrive(p, epoch);
     if (mine) {
-#pragma unroll
-        for (int j = 0; j < M1_N; j++)
-            if (j < N) {
-                h[j] = L.ssm_state[j * E + c];
-                a[j] = L.a2[j * E + c];
-            }
+        for (int j = 0; j < N; j++) {
+            cp4(hs + j * 32, L.ssm_state + j * E + c);
+            cp4(hs + (N + j) * 32, L.a2 + j * E + c);
+        }
         if (vec)
             for (int k = 0; k < rp; k++) cp16(dw + k * 32, (const uint4*)((const T*)L.dt_proj + (long)c * R) + k);
         dtb = L.dt_bias[c];
@@ -347,10 +386,8 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     }
     cp_commit();
     grid_wait(p, epoch);
-    if (mine) {
-        u = ld_cg(act + c);
-        z = ld_cg(act + E + c);
-    }
+    float uz[2];
+    ll_read(uz, epoch, [&](int j) { return mine ? p.act + j * E + c : nullptr; });
     // Blocks with channels sum the blocks' x_proj partials in a fixed order: dt (R), B (N),
     // C (N), rounded as stored. Thread (q, i4) sums float4 i4 of blocks q, q + BS, …; then
     // row i sums the BS subtotals.
@@ -386,6 +423,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     }
     cp_wait<0>();
     if (!mine) return;
+    const float u = uz[0], z = uz[1];
     float dt = 0.0f;
     if (vec) {
         for (int k = 0; k < rp; k++) dt += dot_piece<T>(dw[k * 32], sbc + k * DV);
@@ -398,22 +436,22 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
 #pragma unroll
     for (int j = 0; j < M1_N; j++)
         if (j < N) {
-            const float v = exp2f(dt * a[j]) * h[j] + du * sbc[R + j];
+            const float v = exp2f(dt * hs[(N + j) * 32]) * hs[j * 32] + du * sbc[R + j];
             L.ssm_state[j * E + c] = v;
             acc += sbc[R + N + j] * v;
         }
-    ((T*)p.y)[c] = from_f32<T>((acc + dd * u) * silu(z));
+    ll_put(p.y + c, round_to<T>((acc + dd * u) * silu(z)), epoch + 1);
 }
 
 // Mamba-2's step over channels (head·P + column) in units of 32, one unit per block: lane =
 // channel, warp = a slice of the states (n ≡ warp mod 16); the slices' readouts meet in shared
-// memory. B and C of every group are staged once per block.
+// memory. B and C of every group are staged once per block. Reads the words of `epoch`, writes
+// y with epoch + 1.
 template <typename T>
-__device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, float* red, unsigned& epoch) {
+__device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, float* red, unsigned epoch) {
     constexpr int NS = M2_MAX_N / STEP_WARPS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int N = p.n, P = p.p, E = p.e, GN = p.g * p.n, units = (E + 31) / 32;
-    const T* act = (const T*)p.act;
     float hs[NS], dtb = 0.0f, a2 = 0.0f, dskip = 0.0f;
     const auto load = [&](int unit) {
         const int ch = unit * 32 + lane;
@@ -428,18 +466,22 @@ __device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, floa
         dskip = L.d[p.d_per_channel ? ch : hd];
     };
     int u = blockIdx.x;
-    grid_arrive(p, epoch);
-    if (u < units) load(u);
-    grid_wait(p, epoch);
     if (u >= units) return;
-    for (int i = threadIdx.x; i < 2 * GN; i += blockDim.x) sbc[i] = ld_cg(act + 2 * E + i);
+    load(u);
+    for (int i = threadIdx.x; i < 2 * GN; i += blockDim.x) {
+        float v[1];
+        ll_read(v, epoch, [&](int) { return p.act + 2 * E + i; });
+        sbc[i] = v[0];
+    }
     for (; u < units; u += gridDim.x) {
         if (u != (int)blockIdx.x) load(u);
         const int ch = u * 32 + lane;
         const bool ok = ch < E;
         const int hd = ok ? ch / P : 0, grp = hd / (p.h / p.g);
-        const float dt = fminf(fmaxf(softplus(ld_cg(act + p.e + p.conv_dim + hd) + dtb), p.dt_min), p.dt_max);
-        const float xv = ok ? ld_cg(act + E + ch) : 0.0f;
+        float dx[2];
+        ll_read(dx, epoch, [&](int j) { return j == 0 ? p.act + p.e + p.conv_dim + hd : ok ? p.act + E + ch : nullptr; });
+        const float dt = fminf(fmaxf(softplus(dx[0] + dtb), p.dt_min), p.dt_max);
+        const float xv = dx[1];
         __syncthreads();  // sbc staged (first unit); red consumed (later units)
         const float decay = exp2f(dt * a2);
         const float* b = sbc + grp * N;
@@ -459,41 +501,35 @@ __device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, floa
         __syncthreads();
         if (warp == 0 && ok) {
             for (int k = 1; k < STEP_WARPS; k++) acc += red[k * 32 + lane];
-            ((T*)p.y)[ch] = from_f32<T>(acc + dskip * xv);
+            ll_put(p.y + ch, round_to<T>(acc + dskip * xv), epoch + 1);
         }
     }
 }
 
-// x[i] ← a[i], or a[i]·SiLU(b[i]) when b is given, for i < n: each thread's loads of a batch
-// are all in flight together (a loop storing each value as it arrives would wait a round trip
-// per value: the loads are volatile).
+// x[i] ← a[i], or a[i]·SiLU(b[i]) when b is given, for i < n, from words written in phase
+// `epoch` or later: each thread's words of a batch are awaited together.
 #define LOAD_PT 8
-template <typename T> __device__ void load_into(float* x, const T* a, const T* b, int n) {
+__device__ void load_into(float* x, const u64* a, const u64* b, int n, unsigned epoch) {
     for (int s = 0; s < n; s += LOAD_PT * STEP_THREADS) {
-        float va[LOAD_PT], vb[LOAD_PT];
+        float v[2 * LOAD_PT];
+        ll_read(v, epoch, [&](int j) {
+            const int i = s + threadIdx.x + j % LOAD_PT * STEP_THREADS;
+            return i >= n || (j >= LOAD_PT && !b) ? nullptr : (j < LOAD_PT ? a : b) + i;
+        });
 #pragma unroll
         for (int j = 0; j < LOAD_PT; j++) {
             const int i = s + threadIdx.x + j * STEP_THREADS;
-            if (i < n) {
-                va[j] = ld_cg(a + i);
-                vb[j] = b ? ld_cg(b + i) : 0.0f;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < LOAD_PT; j++) {
-            const int i = s + threadIdx.x + j * STEP_THREADS;
-            if (i < n) x[i] = b ? va[j] * silu(vb[j]) : va[j];
+            if (i < n) x[i] = b ? v[j] * silu(v[LOAD_PT + j]) : v[j];
         }
     }
     __syncthreads();
 }
 
 // x ← grouped RMSNorm of y·SiLU(z), rounded to T; the weights are requested first (their
-// round trip overlaps y's and z's), each group's scale goes through `ginv`.
+// round trip overlaps the wait for y and z), each group's scale goes through `ginv`.
 #define GNORM_PT 24
-template <typename T> __device__ void gated_norm_into(float* x, const StepParams& p, const StepLayer& L, float* ginv) {
-    const T* y = (const T*)p.y;
-    const T* z = (const T*)p.act;
+template <typename T>
+__device__ void gated_norm_into(float* x, const StepParams& p, const StepLayer& L, float* ginv, unsigned epoch) {
     const int gs = p.e / p.g;
     float wv[GNORM_PT];
 #pragma unroll
@@ -501,7 +537,9 @@ template <typename T> __device__ void gated_norm_into(float* x, const StepParams
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.e) wv[j] = L.gnorm_w[i];
     }
-    load_into(x, y, z, p.e);
+    // z (in_proj's first E rows) is a phase older than y: the older phase bounds both (the y
+    // words before it are a layer old).
+    load_into(x, p.y, p.act, p.e, epoch - 1);
     for (int g = 0; g < p.g; g++) {
         float s2 = 0.0f;
         for (int i = g * gs + threadIdx.x; i < (g + 1) * gs; i += blockDim.x) s2 += x[i] * x[i];
@@ -524,8 +562,9 @@ __device__ __forceinline__ unsigned order_key(float v) {
 }
 
 // Shared memory: the warps' rings, their aux words, x (f32, max(d_model, E, 4·STEP_THREADS)),
-// and for Mamba-1 at the given offsets: the dt_proj rows of the warps with scan channels, the
-// x_proj slices and the x channels' conv outputs (x_proj_slices).
+// the block's copy of the residual stream (d_model) at smem_res, and for Mamba-1 at the given
+// offsets: the dt_proj rows of the warps with scan channels, the x_proj slices and the x
+// channels' conv outputs (x_proj_slices).
 #define RING_PIECES (STEP_WARPS * NST * PF * 32)
 #define AUX_WORDS (STEP_WARPS * NST * 32)
 
@@ -537,17 +576,18 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     uint4* dtr = (uint4*)((char*)dyn + p.smem_dt);
     uint4* wx = (uint4*)((char*)dyn + p.smem_wx);
     float* xc = (float*)((char*)dyn + p.smem_xc);
+    float* res = (float*)((char*)dyn + p.smem_res);
     __shared__ __align__(16) float sbc[2 * M2_MAX_N];
     __shared__ float red[STEP_THREADS];
     __shared__ unsigned long long sbest;
     const int lane = threadIdx.x % 32;
     unsigned* base = p.bar + gridDim.x;
+    // The epoch of the last phase handed over; phase k of this launch writes base + k.
     unsigned epoch = *(volatile unsigned*)base;
     const T* emb = (const T*)p.embedding + (long)*p.token * p.d_model;
-    T* act = (T*)p.act;
     const auto no_aux = [](int, uint4*) {};
     // Each layer's table entry is read into shared memory a layer ahead (its pointers are used
-    // right after barriers, when a global load would cost a round trip).
+    // right after hand-overs, when a global load would cost a round trip).
     __shared__ StepLayer sl[2];
     constexpr int LW = sizeof(StepLayer) / 8;
     if (threadIdx.x < LW) ((unsigned long long*)sl)[threadIdx.x] = ((const unsigned long long*)p.layers)[threadIdx.x];
@@ -561,20 +601,19 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         const int C = p.conv_dim, W = p.w;
         const auto taps = [&](int t, uint4* dst) { conv_taps(L, C, W, t - conv0, dst); };
         Rows r = make_rows(L.in_proj, p.in_rows, p.d_model, V);
-        if (l > 0) grid_arrive(p, epoch);
         if (!p.mamba2) {
             for (int i = threadIdx.x; i < p.groups * 16; i += STEP_THREADS) xc[i] = 0.0f;
             x_proj_slices<T>(p, L, wx);  // committed with the ring's first chunk
         }
         Ring g = prefetch(r, ring, taps);
-        if (l > 0) grid_wait(p, epoch);
-        norm_into<T>(xs, p, L.norm_w, L.norm_b, L.eps, l == 0 ? emb : nullptr);
+        norm_into<T>(xs, res, p, L.norm_w, L.norm_b, L.eps, l == 0 ? emb : nullptr, epoch);
+        epoch++;
         run_rows<T>(r, g, xs, taps, [&](int t, float acc, uint4 a) {
             float v = round_to<T>(acc);
             const int c = t - conv0;
             if (c >= 0 && c < C) v = round_to<T>(conv_finish(L, C, W, c, v, a));
             if (lane == 0) {
-                act[t] = from_f32<T>(v);
+                ll_put(p.act + t, v, epoch);
                 if (!p.mamba2 && t < p.e) xc[(t - r.gw) / r.nw * 16 + threadIdx.x / 32] = v;
             }
         });
@@ -585,29 +624,25 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         } else {
             m2_ssd<T>(p, L, sbc, red, epoch);
         }
-        // out_proj; the aux word is the 16 bytes of the residual stream holding row t.
-        const auto resid4 = [&](int t, uint4* dst) {
-            if (lane == 0) cp16(dst, p.resid + (t & ~3));
-        };
+        epoch++;
+        // out_proj, added to the residual stream.
         r = make_rows(L.out_proj, p.d_model, p.e, V);
-        grid_arrive(p, epoch);
-        g = prefetch(r, ring, resid4);
-        grid_wait(p, epoch);
-        if (p.mamba2) gated_norm_into<T>(xs, p, L, red);
-        else load_into(xs, (const T*)p.y, (const T*)nullptr, p.e);
-        run_rows<T>(r, g, xs, resid4, [&](int t, float acc, uint4 a) {
-            const unsigned r = (t & 3) == 0 ? a.x : (t & 3) == 1 ? a.y : (t & 3) == 2 ? a.z : a.w;
-            if (lane == 0) p.resid[t] = __uint_as_float(r) + round_to<T>(acc);
+        g = prefetch(r, ring, no_aux);
+        __syncthreads();  // every warp is done with xs (the in_proj input) and red
+        if (p.mamba2) gated_norm_into<T>(xs, p, L, red, epoch);
+        else load_into(xs, p.y, nullptr, p.e, epoch);
+        epoch++;
+        run_rows<T>(r, g, xs, no_aux, [&](int t, float acc, uint4) {
+            if (lane == 0) ll_put(p.resid + t, res[t] + round_to<T>(acc), epoch);
         });
         if (more) ((unsigned long long*)&sl[(l + 1) & 1])[threadIdx.x] = nxt;
     }
     // LM head: logits and each warp's best index below `limit` (ties to the lowest index).
     Rows r = make_rows(p.head, p.head_rows, p.d_model, V);
-    grid_arrive(p, epoch);
     Ring g = prefetch(r, ring, no_aux);
-    grid_wait(p, epoch);
     if (threadIdx.x == 0) sbest = 0;
-    norm_into<T>(xs, p, p.normf_w, p.normf_b, p.normf_eps, nullptr);
+    __syncthreads();  // every warp is done with xs (out_proj's input)
+    norm_into<T>(xs, res, p, p.normf_w, p.normf_b, p.normf_eps, nullptr, epoch);
     unsigned long long best = 0;
     run_rows<T>(r, g, xs, no_aux, [&](int t, float acc, uint4) {
         if (lane == 0) {
@@ -621,7 +656,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     if (lane == 0 && best) atomicMax(&sbest, best);
     __syncthreads();
     if (threadIdx.x == 0 && sbest) atomicMax(p.best, sbest);
-    grid_arrive(p, epoch);
+    grid_arrive(p, ++epoch);
     grid_wait(p, epoch);
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         const unsigned long long k = *(volatile unsigned long long*)p.best;
@@ -629,7 +664,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         *p.ids = id;
         *p.next_token = id;
         *p.best = 0;
-        *base += EPOCHS;  // every block read it at its start, before the barriers
+        *base += EPOCHS;  // every block read it at its start, before the barrier
     }
 }
 
