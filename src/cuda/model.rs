@@ -997,10 +997,10 @@ impl GpuModel {
             Arch::Mamba2 => (c.d_in_proj(), c.conv_dim()),
         };
         // The flagged words handed between phases (zero: epoch 0, never one a phase waits for):
-        // the residual stream, in_proj's outputs, y; and Mamba-1's x_proj partials (f32).
-        let parts = grid as usize * (c.dt_rank + 2 * c.d_state).next_multiple_of(4);
-        let words = self.gpu.stream.alloc_zeros::<u64>(c.d_model + in_rows + parts + e).map_err(err)?;
+        // the residual stream, in_proj's outputs, y. Mamba-1's x_proj partials are plain f32.
+        let words = self.gpu.stream.alloc_zeros::<u64>(c.d_model + in_rows + e).map_err(err)?;
         let word = |i: usize| g.ptr(&words) + 8 * i as u64;
+        let part = g.alloc::<f32>(grid as usize * (c.dt_rank + 2 * c.d_state).next_multiple_of(4))?;
         let p = StepParams {
             layers: g.ptr(&layers),
             embedding: g.ptr(&self.embedding.w),
@@ -1010,8 +1010,8 @@ impl GpuModel {
             token: g.ptr(&b.tokens),
             resid: word(0),
             act: word(c.d_model),
-            part: word(c.d_model + in_rows),
-            y: word(c.d_model + in_rows + parts),
+            part: g.ptr(&part),
+            y: word(c.d_model + in_rows),
             logits: g.ptr(&b.logits),
             best: g.ptr(&sync),
             ids: g.ptr(&b.ids),
@@ -1052,6 +1052,7 @@ impl GpuModel {
             p,
             _layers: layers,
             _words: words,
+            _part: part,
             _sync: sync,
         };
         Ok(k)
@@ -1148,6 +1149,7 @@ struct StepKernel {
     p: StepParams,
     _layers: CudaSlice<StepLayer>,
     _words: CudaSlice<u64>,
+    _part: CudaSlice<f32>,
     _sync: CudaSlice<u64>,
 }
 

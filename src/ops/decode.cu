@@ -355,8 +355,8 @@ template <typename T> __device__ void x_proj_partials(const StepParams& p, const
 }
 
 // Mamba-1's per-channel phase: lane = channel within a group of 32; group gi belongs to block
-// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded while its words
-// are awaited, into `dtr` (its own space: the rings refill with out_proj's rows while other
+// gi % grid, warp gi / grid. What the in_proj phase did not produce is loaded between arriving
+// at the barrier and waiting, into `dtr` (its own space: the rings refill with out_proj's rows while other
 // warps still read theirs): the dt_proj row, piece k at dw[k·32], then the states and A, state
 // j at hs[j·32] and A at hs[(N + j)·32] (registers would spill while the partials are read).
 // The in_proj phase's outputs are those of `epoch` (its barrier); writes y with epoch + 1.
