@@ -17,6 +17,9 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>>;
     /// The state of slot `i` now.
     fn state(&mut self, i: usize) -> Result<State>;
+    /// Slot `i`'s state will be neither read nor fed again (its sequence finished), so the
+    /// backend may step it along with the others (the GPU's decode step advances every slot).
+    fn retire(&mut self, _i: usize) {}
     /// Whether [`Backend::forward_pick`] can pick next tokens by `sampling`'s rules itself (on
     /// the GPU: no logits copied out per step).
     fn picks(&self, _sampling: &Sampling) -> bool {

@@ -167,6 +167,7 @@ pub fn generate_on(
         live.iter().for_each(|&i| decode_time[i] += dt);
         for &i in &done {
             finals[i] = Some(be.state(slot[i])?);
+            be.retire(slot[i]);
             if on_device {
                 logits[i] = be.picked_logits(slot[i])?;
             }

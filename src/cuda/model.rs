@@ -83,12 +83,19 @@ struct ScanStepParams {
     r: i32,
 }
 
-/// selective_scan.cu's scan_step: the most states per channel, sequences per block, 16-byte
-/// pieces of a dt_proj row (held in registers), and floats of an x_proj row it stages.
+/// rms_norm.cu's add_norm: values of a row per thread (of at most 1024 threads).
+const NORM_VALUES: usize = 8;
+
+/// selective_scan.cu's scan_step: the most states per channel, sequences and channels per block.
 const SCAN_STEP_N: usize = 16;
-const SCAN_STEP_SEQS: u32 = 4;
-const SCAN_STEP_PIECES: usize = 20;
-const SCAN_STEP_XD: usize = 1024;
+const SCAN_STEP_SEQS: usize = 2;
+const SCAN_STEP_CHANNELS: usize = 128;
+
+/// Dynamic shared memory of scan_step (its layout is in selective_scan.cu): the x_proj rows of
+/// its sequences in f32 and as stored, and its channels' dt_proj rows, each padded by 16 bytes.
+fn scan_step_smem(es: usize, r: usize, xdw: usize) -> usize {
+    SCAN_STEP_SEQS * xdw * (4 + es) + SCAN_STEP_CHANNELS * (r * es + 16)
+}
 
 /// Mirrors `ScanParams` in selective_scan.cu (see the index formulas there).
 #[repr(C)]
@@ -494,6 +501,9 @@ impl GpuModel {
         if cfg.d_conv > 8 {
             bail!("d_conv {} is not supported on the GPU (at most 8)", cfg.d_conv);
         }
+        if cfg.d_model > NORM_VALUES * 1024 {
+            bail!("d_model {} is not supported on the GPU (at most {})", cfg.d_model, NORM_VALUES * 1024);
+        }
         let up = |v: &[f32]| gpu.upload(v);
         let mat = |m: &Matrix| -> Result<DMatrix> {
             Ok(DMatrix { w: gpu.upload(&m.data.to_le_bytes())?, out: m.rows, inp: m.cols })
@@ -673,7 +683,8 @@ impl GpuModel {
             nsel: nsel as i32,
             eps: n.eps,
         };
-        g.launch(&format!("add_norm_{}", suffix(self.dtype)), ((seqs * nsel) as u32, 1, 1), 256, &p, None)
+        let threads = self.cfg.d_model.div_ceil(NORM_VALUES).next_multiple_of(32);
+        g.launch(&format!("add_norm_{}", suffix(self.dtype)), ((seqs * nsel) as u32, 1, 1), threads as u32, &p, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -782,10 +793,9 @@ impl GpuModel {
                     self.conv(xz, 2 * e, &m.conv_w, &m.conv_b, conv_state, xc, seqs, l, e)?;
                     self.gemm(&m.x_proj, xc, e, rows, xdbl, xdw, false)?;
                     let piece = 16 / self.dtype.size();
-                    let step_fits = n <= SCAN_STEP_N
-                        && xdw <= SCAN_STEP_XD
-                        && r.is_multiple_of(piece)
-                        && r / piece <= SCAN_STEP_PIECES;
+                    let smem = scan_step_smem(es as usize, r, xdw);
+                    let step_fits =
+                        n <= SCAN_STEP_N && r.is_multiple_of(piece) && xdw.is_multiple_of(piece) && smem <= 96 << 10;
                     if l == 1 && step_fits {
                         // The decode step of a batch: dt_proj fused into the scan.
                         let p = ScanStepParams {
@@ -805,8 +815,9 @@ impl GpuModel {
                             n: n as i32,
                             r: r as i32,
                         };
-                        let grid = ((e as u32).div_ceil(128), (seqs as u32).div_ceil(SCAN_STEP_SEQS), 1);
-                        g.launch(&format!("scan_step_{}", suffix(self.dtype)), grid, 128, &p, None)?;
+                        let grid = (e.div_ceil(SCAN_STEP_CHANNELS) as u32, seqs.div_ceil(SCAN_STEP_SEQS) as u32, 1);
+                        let name = format!("scan_step_{}", suffix(self.dtype));
+                        g.launch_smem(&name, grid, SCAN_STEP_CHANNELS as u32, smem as u32, &p, None)?;
                     } else {
                         self.gemm(&m.dt_proj, xdbl, xdw, rows, dt, e, false)?;
                         let mut p = ScanParams {
@@ -1235,18 +1246,23 @@ impl Decoder<'_> {
 }
 
 /// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps by a [`Decoder`]
-/// over all slots (a slot not fed this step gets a placeholder token: its state is
-/// no longer wanted, generation took it when the sequence finished).
+/// over all slots, so only while every slot not fed is retired (it gets a placeholder token).
 pub struct GpuRun<'m> {
     model: &'m GpuModel,
     states: Option<GpuStates>,
     pos: Vec<u64>,
+    retired: Vec<bool>,
     decoder: Option<Decoder<'m>>,
 }
 
 impl<'m> GpuRun<'m> {
     pub fn new(model: &'m GpuModel) -> GpuRun<'m> {
-        GpuRun { model, states: None, pos: vec![], decoder: None }
+        GpuRun { model, states: None, pos: vec![], retired: vec![], decoder: None }
+    }
+
+    /// Whether a decode step over all slots leaves every slot outside `slots` as it may.
+    fn step_spares_the_rest(&self, slots: &[usize]) -> bool {
+        (0..self.pos.len()).all(|i| self.retired[i] || slots.contains(&i))
     }
 }
 
@@ -1263,6 +1279,7 @@ impl Backend for GpuRun<'_> {
             self.model.set_state(&mut st, i, s)?;
         }
         self.pos = states.iter().map(|s| s.pos).collect();
+        self.retired = vec![false; states.len()];
         self.states = Some(st);
         Ok(())
     }
@@ -1271,7 +1288,9 @@ impl Backend for GpuRun<'_> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         slots.iter().for_each(|&i| self.pos[i] += l as u64);
         let v = self.model.cfg.vocab_padded;
-        if l == 1 && n_logits == 1 {
+        // One token for some of the slots while others still wait for their prompts (a group of
+        // one-token prompts) goes the prefill way, which touches only its own slots.
+        if l == 1 && n_logits == 1 && self.step_spares_the_rest(slots) {
             let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
             self.step(tokens, slots, limit)?;
             let dec = self.decoder.as_ref().unwrap();
@@ -1289,6 +1308,10 @@ impl Backend for GpuRun<'_> {
         self.model.get_state(st, i, self.pos[i])
     }
 
+    fn retire(&mut self, i: usize) {
+        self.retired[i] = true;
+    }
+
     fn picks(&self, s: &Sampling) -> bool {
         let top_p = s.top_p > 0.0 && s.top_p < 1.0;
         s.repetition_penalty == 1.0 && (s.is_greedy() || (s.top_k == 0 && !top_p))
@@ -1302,6 +1325,9 @@ impl Backend for GpuRun<'_> {
         sampling: &Sampling,
         us: &[f64],
     ) -> Result<Vec<u32>> {
+        if !self.step_spares_the_rest(slots) {
+            bail!("a GPU decode step of some slots needs the others retired");
+        }
         slots.iter().for_each(|&i| self.pos[i] += 1);
         self.step(tokens, slots, limit)?;
         let dec = self.decoder.as_ref().unwrap();

@@ -1,11 +1,14 @@
-// Normalisations on the GPU, one block of 256 threads per row.
+// Normalisations on the GPU, one block per row.
 //
 // add_norm: the fused residual-add + RMSNorm (LayerNorm when a bias is given) that opens every
 // block: resid += delta (f32 stream), out = norm(resid) · w (+ b) in the activation type. It
-// moves 4·d (delta, T) + 8·d (resid read and written) + 2·d (out) bytes per row and does ~5 d
-// FLOPs: bandwidth-bound; the second pass re-reads resid from L1/L2, not HBM. It also gathers the
-// embedding rows into the residual stream for the first layer (`tokens` set), and can select the
-// last `nsel` rows of each sequence (the final norm only runs on positions that give logits).
+// moves 2·d (delta, T) + 8·d (resid read and written) + 2·d (out) bytes per row and does ~5 d
+// FLOPs. A thread holds NORM_VALUES of the row in registers (blockDim.x = d / NORM_VALUES
+// rounded up to a warp) and issues all its loads, the weights' too, before it uses any: in a
+// decode step (a row per sequence) the kernel is bound by memory latency, and this makes it one
+// round trip instead of one per value. It also gathers the embedding rows into the residual
+// stream for the first layer (`tokens` set), and can select the last `nsel` rows of each
+// sequence (the final norm only runs on positions that give logits).
 //
 // gated_norm: Mamba-2's y ← rmsnorm(y · silu(z)) · w per group, in place; one block per
 // (row, group). Reads y and z once, writes y once.
@@ -24,30 +27,43 @@ struct AddNormParams {
     float eps;
 };
 
+#define NORM_VALUES 8
+
 template <typename T> __device__ void add_norm(const AddNormParams p) {
-    const int r = blockIdx.x;
+    const int r = blockIdx.x, d = p.d;
     const long in_row = (long)(r / p.nsel) * p.l + (p.l - p.nsel) + r % p.nsel;
-    float* x = p.resid + in_row * p.d;
-    const T* dl = (const T*)p.delta + in_row * p.d;
+    float* x = p.resid + in_row * d;
+    const T* dl = (const T*)p.delta + in_row * d;
+    const T* emb = p.tokens ? (const T*)p.table + (long)p.tokens[in_row] * d : nullptr;
+    float v[NORM_VALUES], w[NORM_VALUES], b[NORM_VALUES];
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = w[j] = b[j] = 0.0f;
+        if (i < d) {
+            v[j] = emb ? to_f32(emb[i]) : x[i] + (p.delta ? to_f32(dl[i]) : 0.0f);
+            w[j] = p.w[i];
+            if (p.b) b[j] = p.b[i];
+        }
+    }
     float s = 0.0f, s2 = 0.0f;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-        float v;
-        if (p.tokens) v = to_f32(((const T*)p.table)[(long)p.tokens[in_row] * p.d + i]);
-        else v = x[i] + (p.delta ? to_f32(dl[i]) : 0.0f);
-        x[i] = v;
-        s += v;
-        s2 += v * v;
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < d) x[i] = v[j];
+        s += v[j];
+        s2 += v[j] * v[j];
     }
     float mean;
-    const float inv = norm_scale(s, s2, p.d, p.b != nullptr, p.eps, mean);
-    T* o = (T*)p.out + (long)r * p.d;
-    for (int i = threadIdx.x; i < p.d; i += blockDim.x) {
-        float v = (x[i] - mean) * inv * p.w[i];
-        if (p.b) v += p.b[i];
-        o[i] = from_f32<T>(v);
+    const float inv = norm_scale(s, s2, d, p.b != nullptr, p.eps, mean);
+    T* o = (T*)p.out + (long)r * d;
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < d) o[i] = from_f32<T>((v[j] - mean) * inv * w[j] + b[j]);
     }
 }
-FOR_EACH_TYPE(add_norm, AddNormParams, 256)
+FOR_EACH_TYPE(add_norm, AddNormParams, 1024)
 
 struct GatedNormParams {
     void* y;               // (rows, groups·gsize) T, normalised in place

@@ -445,23 +445,23 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
 
 // scan_step: Mamba-1's decode step for a batch of sequences (L = 1), with dt_proj fused in. A
 // block takes 128 channels (a thread each) of SCAN_STEP_SEQS sequences, so each channel's dt_proj
-// row and A are loaded once for all of them, the row held in registers: δ = softplus(row ·
-// dt_low + bias), against the block's staged x_proj rows (dt_low, B, C in f32), the product
-// rounded to T as the dt_proj GEMM stores it; then the N-state update, D skip and SiLU(z) gate as
-// scan_chunk computes them. Every load but the staged rows is issued before the block's barrier,
-// so a step waits on about two memory round trips. Bytes per (channel, sequence): the state read
-// and written (8N), u, z, y (6 in 16-bit types); dt_proj and A once per block (2R + 4N per
-// channel). 2R + ~6N FLOPs per (channel, sequence).
+// row and A are loaded once for all of them: δ = softplus(row · dt_low + bias) against the block's
+// staged x_proj rows (dt_low, B, C), the product rounded to T as the dt_proj GEMM stores it; then
+// the N-state update, D skip and SiLU(z) gate as scan_chunk computes them. The block's dt_proj
+// rows lie contiguous in memory, so they arrive by coalesced 16-byte cp.async into shared memory
+// (a thread reading its own row there instead would touch 32 rows a load); every load is issued
+// before the one wait, so a step costs about one memory round trip, and the sequences' dot
+// products run as independent sums. Bytes per (channel, sequence): the state read and written
+// (8N), u, z, y (6 in 16-bit types); dt_proj and A once per block (2R + 4N per channel).
+// 2R + ~6N FLOPs per (channel, sequence).
 #define SCAN_STEP_N 16
-#define SCAN_STEP_SEQS 4
-#define SCAN_STEP_PIECES 20
-#define SCAN_STEP_XD 1024
+#define SCAN_STEP_SEQS 2  // 4 left one warp a scheduler at batch 16, 5 % slower there
 
 struct ScanStepParams {
     const void* u;          // conv output, (S, E) T
     const void* z;          // z of sequence s at z[s·z_rs + c], T
-    const void* xdbl;       // x_proj output, (S, R + 2N) T: dt_low, B, C
-    const void* dt_w;       // dt_proj, (E, R) T, R a multiple of 16 bytes, ≤ SCAN_STEP_PIECES of them
+    const void* xdbl;       // x_proj output, (S, R + 2N) T: dt_low, B, C; rows of whole 16-byte pieces
+    const void* dt_w;       // dt_proj, (E, R) T, R a multiple of 16 bytes
     const float* dt_bias;   // (E)
     const float* a2;        // A·log2(e), (N, E)
     const float* d;         // (E)
@@ -471,24 +471,31 @@ struct ScanStepParams {
     int z_rs, S, E, N, R;
 };
 
+// Dynamic shared memory: x_proj rows in f32 and as stored (Q × XD each), then 128 dt_proj rows
+// of R + one 16-byte piece (the padding keeps a quarter-warp's row reads on distinct banks).
 template <typename T> __device__ void scan_step(const ScanStepParams p) {
-    constexpr int V = 16 / sizeof(T), Q = SCAN_STEP_SEQS;
-    __shared__ __align__(16) float xs[SCAN_STEP_XD * Q];
-    const int c = blockIdx.x * blockDim.x + threadIdx.x, s0 = blockIdx.y * Q;
-    const int E = p.E, N = p.N, R = p.R, XD = R + 2 * N, pieces = R / V;
+    constexpr int V = 16 / sizeof(T), Q = SCAN_STEP_SEQS, C = 128;
+    extern __shared__ float4 step_smem[];
+    const int E = p.E, N = p.N, R = p.R, XD = R + 2 * N, RP = R + V, pieces = R / V, xpieces = XD / V;
+    float* xf = (float*)step_smem;
+    T* xraw = (T*)(xf + Q * XD);
+    T* rows = xraw + Q * XD;
+    const int c0 = blockIdx.x * C, c = c0 + threadIdx.x, s0 = blockIdx.y * Q;
     const bool on = c < E;
     const int cc = on ? c : 0;  // loads of idle threads stay in bounds
-    uint4 w[SCAN_STEP_PIECES];
+    for (int i = threadIdx.x; i < min(C, E - c0) * pieces; i += C)
+        cp16(rows + i / pieces * RP + i % pieces * V, (const T*)p.dt_w + (long)c0 * R + (long)i * V);
+    for (int i = threadIdx.x; i < Q * xpieces; i += C) {
+        const int s = min(s0 + i / xpieces, p.S - 1);  // past the batch: a copy of the last, not stored
+        cp16(xraw + i * V, (const T*)p.xdbl + (long)s * XD + i % xpieces * V);
+    }
+    cp_commit();
     float a2[SCAN_STEP_N], h[Q][SCAN_STEP_N], u[Q], z[Q];
-    const uint4* row = (const uint4*)((const T*)p.dt_w + (long)cc * R);
-#pragma unroll
-    for (int k = 0; k < SCAN_STEP_PIECES; k++)
-        if (k < pieces) w[k] = row[k];
 #pragma unroll
     for (int j = 0; j < SCAN_STEP_N; j++) a2[j] = j < N ? p.a2[j * E + cc] : 0.0f;
 #pragma unroll
     for (int q = 0; q < Q; q++) {
-        const int s = min(s0 + q, p.S - 1);  // past the batch: a copy of the last, not stored
+        const int s = min(s0 + q, p.S - 1);
         const float* st = p.state + s * p.state_stride + cc;
 #pragma unroll
         for (int j = 0; j < SCAN_STEP_N; j++) h[q][j] = j < N ? st[j * E] : 0.0f;
@@ -496,20 +503,22 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
         z[q] = to_f32(((const T*)p.z)[(long)s * p.z_rs + cc]);
     }
     const float bias = p.dt_bias[cc], dskip = p.d[cc];
-    for (int i = threadIdx.x; i < Q * XD; i += blockDim.x) {
-        const int s = min(s0 + i / XD, p.S - 1);
-        xs[i / XD * SCAN_STEP_XD + i % XD] = to_f32(((const T*)p.xdbl)[(long)s * XD + i % XD]);
-    }
+    cp_wait<0>();
     __syncthreads();
+    for (int i = threadIdx.x; i < Q * XD; i += C) xf[i] = to_f32(xraw[i]);
+    __syncthreads();
+    float dt[Q] = {};
+    const T* row = rows + threadIdx.x * RP;
+    for (int k = 0; k < pieces; k++) {
+        const uint4 w = *(const uint4*)(row + k * V);
+#pragma unroll
+        for (int q = 0; q < Q; q++) dt[q] += dot_piece<T>(w, xf + q * XD + k * V);
+    }
 #pragma unroll
     for (int q = 0; q < Q; q++) {
-        const float* x = xs + q * SCAN_STEP_XD;
-        float dt = 0.0f;
-#pragma unroll
-        for (int k = 0; k < SCAN_STEP_PIECES; k++)
-            if (k < pieces) dt += dot_piece<T>(w[k], x + k * V);
+        const float* x = xf + q * XD;
         // Mamba-1's δ limits are (0, ∞), as scan_chunk clamps them: a NaN δ becomes 0.
-        const float d = fmaxf(softplus(round_to<T>(dt) + bias), 0.0f);
+        const float d = fmaxf(softplus(round_to<T>(dt[q]) + bias), 0.0f);
         const float du = d * u[q];
         float acc = 0.0f;
 #pragma unroll
