@@ -195,3 +195,74 @@ pub fn generate_on(
     }
     Ok(outs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::init::random_model;
+    use crate::tensor::DType;
+
+    /// The CPU backend, checking that generation keeps `Backend::retire`'s promise: a retired
+    /// slot is never fed or read again (the GPU steps such slots with placeholder tokens).
+    struct Strict<'m> {
+        cpu: Cpu<'m>,
+        retired: Vec<bool>,
+    }
+
+    impl Backend for Strict<'_> {
+        fn cfg(&self) -> &Config {
+            self.cpu.cfg()
+        }
+        fn begin(&mut self, states: Vec<State>) -> Result<()> {
+            self.retired = vec![false; states.len()];
+            self.cpu.begin(states)
+        }
+        fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
+            assert!(slots.iter().all(|&i| !self.retired[i]), "a retired slot was fed");
+            self.cpu.forward(tokens, l, slots, n_logits)
+        }
+        fn state(&mut self, i: usize) -> Result<State> {
+            assert!(!self.retired[i], "a retired slot's state was read");
+            self.cpu.state(i)
+        }
+        fn retire(&mut self, i: usize) {
+            assert!(!self.retired[i], "slot {i} retired twice");
+            self.retired[i] = true;
+        }
+    }
+
+    #[test]
+    fn finished_sequences_are_retired_and_left_alone() {
+        let m = random_model(&Config::preset("tiny").unwrap(), 3, DType::F32).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: Sampling::default(), // greedy (top-k 1)
+            seed: 1,
+            eos: None,
+            vocab_limit: m.cfg.vocab_size,
+        };
+        let prompts = [vec![5, 6, 7, 8, 9], vec![1, 2], vec![3], vec![4, 4, 4]];
+        let starts = || prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect::<Vec<_>>();
+        // Sequence i stops after i + 2 tokens, so slots retire one by one while others decode.
+        let stop = |i: usize, n: &mut [usize; 4]| {
+            n[i] += 1;
+            if n[i] >= i + 2 {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        };
+        let mut strict = Strict { cpu: Cpu::new(&m), retired: vec![] };
+        let mut n = [0; 4];
+        let got = generate_on(&mut strict, starts(), &opts, |i, _| stop(i, &mut n)).unwrap();
+        assert!(strict.retired.iter().all(|&r| r), "every finished slot is retired");
+        let mut n = [0; 4];
+        let want = generate(&m, starts(), &opts, |i, _| stop(i, &mut n)).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.new_ids.len(), (i + 2).min(6));
+            assert_eq!(a.new_ids, b.new_ids);
+            assert_eq!(a.snapshot.state.pos, b.snapshot.state.pos);
+        }
+    }
+}
