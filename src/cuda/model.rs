@@ -1289,7 +1289,8 @@ impl Backend for GpuRun<'_> {
         slots.iter().for_each(|&i| self.pos[i] += l as u64);
         let v = self.model.cfg.vocab_padded;
         // One token for some of the slots while others still wait for their prompts (a group of
-        // one-token prompts) goes the prefill way, which touches only its own slots.
+        // one-token prompts, or prompts whose last chunk is one token) goes the prefill way,
+        // which touches only its own slots.
         if l == 1 && n_logits == 1 && self.step_spares_the_rest(slots) {
             let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
             self.step(tokens, slots, limit)?;
