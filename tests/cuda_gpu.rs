@@ -13,7 +13,7 @@ use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
 use mamba_lm::init::random_model;
 use mamba_lm::sampling::Sampling;
 use mamba_lm::state::State;
-use mamba_lm::tensor::DType;
+use mamba_lm::tensor::{DType, Store};
 use mamba_lm::Model;
 
 fn gpu_model(m: &Model) -> GpuModel {
@@ -270,18 +270,15 @@ fn projections_match_f64_sums() {
     let shapes = [(19, 96, 3), (50, 48, 1), (160, 4096, 7), (8192, 2048, 16), (2048, 4104, 16), (300, 264, 17)];
     for dtype in [DType::BF16, DType::F16] {
         for (out, inp, rows) in shapes {
-            let round = |v: f32| match dtype {
-                DType::BF16 => half::bf16::from_f32(v).to_bits(),
-                _ => half::f16::from_f32(v).to_bits(),
-            };
+            let mut rounded = |n: usize| Store::from_f32((0..n).map(|_| rng.random_range(-1.0..1.0)).collect(), dtype);
+            let x_rs = inp + 8; // rows with a gap, as the model's strided inputs
+            let (w, x) = (rounded(out * inp), rounded(rows * x_rs));
+            let (dw, dx) = (gpu.upload(&w.to_le_bytes()).unwrap(), gpu.upload(&x.to_le_bytes()).unwrap());
+            let (w, x) = (w.to_f32_vec(), x.to_f32_vec());
             let back = |b: u16| match dtype {
-                DType::BF16 => half::bf16::from_bits(b).to_f32() as f64,
+                DType::BF16 => half::bf16::from_bits(b).to_f64(),
                 _ => half::f16::from_bits(b).to_f64(),
             };
-            let w: Vec<u16> = (0..out * inp).map(|_| round(rng.random_range(-1.0..1.0))).collect();
-            let x_rs = inp + 8; // rows with a gap, as the model's strided inputs
-            let x: Vec<u16> = (0..rows * x_rs).map(|_| round(rng.random_range(-1.0..1.0))).collect();
-            let (dw, dx) = (gpu.upload(&w).unwrap(), gpu.upload(&x).unwrap());
             for y_f32 in [false, true] {
                 let y_rs = out + 3;
                 let dy = gpu.alloc::<u8>(rows * y_rs * 4).unwrap();
@@ -294,7 +291,7 @@ fn projections_match_f64_sums() {
                     for o in 0..out {
                         let (mut s, mut mag) = (0.0f64, 0.0f64);
                         for i in 0..inp {
-                            let t = back(w[o * inp + i]) * back(x[r * x_rs + i]);
+                            let t = w[o * inp + i] as f64 * x[r * x_rs + i] as f64;
                             s += t;
                             mag += t.abs();
                         }

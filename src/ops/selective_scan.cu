@@ -456,6 +456,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
 // 2R + ~6N FLOPs per (channel, sequence).
 #define SCAN_STEP_N 16
 #define SCAN_STEP_SEQS 2  // 4 left one warp a scheduler at batch 16, 5 % slower there
+#define SCAN_STEP_CHANNELS 128
 
 struct ScanStepParams {
     const void* u;          // conv output, (S, E) T
@@ -474,7 +475,7 @@ struct ScanStepParams {
 // Dynamic shared memory: x_proj rows in f32 and as stored (Q × XD each), then 128 dt_proj rows
 // of R + one 16-byte piece (the padding keeps a quarter-warp's row reads on distinct banks).
 template <typename T> __device__ void scan_step(const ScanStepParams p) {
-    constexpr int V = 16 / sizeof(T), Q = SCAN_STEP_SEQS, C = 128;
+    constexpr int V = 16 / sizeof(T), Q = SCAN_STEP_SEQS, C = SCAN_STEP_CHANNELS;
     extern __shared__ float4 step_smem[];
     const int E = p.E, N = p.N, R = p.R, XD = R + 2 * N, RP = R + V, pieces = R / V, xpieces = XD / V;
     float* xf = (float*)step_smem;
@@ -539,7 +540,7 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
 }
 
 #define SCAN_STEP_KERNEL(T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(128) scan_step_##T(const ScanStepParams p) { scan_step<T>(p); }
+    extern "C" __global__ void __launch_bounds__(SCAN_STEP_CHANNELS) scan_step_##T(const ScanStepParams p) { scan_step<T>(p); }
 
 #define STATES_KERNEL(T)                                                                              \
     extern "C" __global__ void __launch_bounds__(128, 1) scan_states_##T(const ScanParams p) { scan_states<T>(p); }
