@@ -126,12 +126,19 @@ fn fixtures_sampled_tokens_match_the_cpu() {
 }
 
 /// Random 130M-size models: bf16 on the GPU against the CPU in f32 on the same (bf16-rounded)
-/// weights, 2 sequences of 200 tokens, prefill and then 8 recurrent steps.
+/// weights, 2 sequences of 200 tokens, prefill and then 8 recurrent steps. Also 2 layers of a
+/// Mamba-1 240 channels wide, so the batched decode step's scan (128 channels a block) ends in
+/// a partial block.
 #[test]
 #[ignore = "needs a GPU"]
 fn gpu_bf16_matches_cpu_on_random_130m_models() {
-    for preset in ["mamba-130m", "mamba2-130m"] {
-        let cfg = Config::preset(preset).unwrap();
+    let mut narrow = preset_with_layers("mamba-130m", Some(2));
+    (narrow.d_model, narrow.d_inner, narrow.dt_rank) = (120, 240, 8);
+    for (preset, cfg) in [
+        ("mamba-130m", Config::preset("mamba-130m").unwrap()),
+        ("mamba2-130m", Config::preset("mamba2-130m").unwrap()),
+        ("mamba-1, 240 channels", narrow),
+    ] {
         let cpu = random_model(&cfg, 7, DType::BF16).unwrap();
         let g = gpu_model(&cpu);
         let ids: Vec<Vec<u32>> =

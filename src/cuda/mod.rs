@@ -33,6 +33,8 @@ pub struct Gpu {
     funcs: Mutex<HashMap<String, CudaFunction>>,
     /// Dynamic shared memory each kernel has been allowed beyond the default.
     smem_allowed: Mutex<HashMap<String, u32>>,
+    /// Programmatic dependent launch is there (compute capability 9.0 on).
+    early_launch: bool,
     pub gemm: Gemm,
     _workspace: CudaSlice<u8>,
 }
@@ -73,6 +75,7 @@ impl Gpu {
             modules: Mutex::default(),
             funcs: Mutex::default(),
             smem_allowed: Mutex::default(),
+            early_launch: major >= 9,
             gemm,
             _workspace: workspace,
         };
@@ -154,9 +157,41 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Launches kernel `f` (named `name`, one parameter struct) cooperatively: the driver checks
-    /// that every block can be resident at once, as a kernel with grid barriers needs.
-    pub fn launch_cooperative<P: DeviceRepr>(
+    /// Launches kernel `name` with `smem` bytes of dynamic shared memory, allowed to start while
+    /// the kernel before it on the stream finishes (programmatic dependent launch, sm_90 on): its
+    /// launch and the loads it issues before `wait_inputs()` (of the model's weights only)
+    /// overlap that kernel's tail. Only for kernels that call `wait_inputs()` (common.cuh)
+    /// before they read anything else or write anything.
+    pub fn launch_early<P: DeviceRepr>(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        p: &P,
+    ) -> Result<()> {
+        if !self.early_launch {
+            return self.launch_smem(name, grid, block, smem, p, None);
+        }
+        let f = self.kernel(name, smem)?;
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        self.launch_with(name, &f, grid, block, smem, p, attr)
+    }
+
+    /// The launch attribute that has the driver check that every block can be resident at
+    /// once, as a kernel with grid barriers needs.
+    pub fn cooperative() -> sys::CUlaunchAttribute {
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attr.value.cooperative = 1;
+        attr
+    }
+
+    /// Launches kernel `f` (named `name`, one parameter struct) with launch attribute `attr`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_with<P: DeviceRepr>(
         &self,
         name: &str,
         f: &CudaFunction,
@@ -164,10 +199,8 @@ impl Gpu {
         block: u32,
         smem: u32,
         p: &P,
+        mut attr: sys::CUlaunchAttribute,
     ) -> Result<()> {
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-        attr.value.cooperative = 1;
         let cfg = sys::CUlaunchConfig {
             gridDimX: grid.0,
             gridDimY: grid.1,

@@ -684,7 +684,7 @@ impl GpuModel {
             eps: n.eps,
         };
         let threads = self.cfg.d_model.div_ceil(NORM_VALUES).next_multiple_of(32);
-        g.launch(&format!("add_norm_{}", suffix(self.dtype)), ((seqs * nsel) as u32, 1, 1), threads as u32, &p, None)
+        g.launch_early(&format!("add_norm_{}", suffix(self.dtype)), ((seqs * nsel) as u32, 1, 1), threads as u32, 0, &p)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -715,7 +715,7 @@ impl GpuModel {
         let t = suffix(self.dtype);
         let cb = (ch as u32).div_ceil(128);
         if l == 1 {
-            return g.launch(&format!("conv1d_step_{t}"), (cb, seqs as u32, 1), 128, &p, None);
+            return g.launch_early(&format!("conv1d_step_{t}"), (cb, seqs as u32, 1), 128, 0, &p);
         }
         g.launch(&format!("conv1d_silu_{t}"), (cb, (l as u32).div_ceil(16), seqs as u32), 128, &p, None)?;
         g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
@@ -817,7 +817,7 @@ impl GpuModel {
                         };
                         let grid = (e.div_ceil(SCAN_STEP_CHANNELS) as u32, seqs.div_ceil(SCAN_STEP_SEQS) as u32, 1);
                         let name = format!("scan_step_{}", suffix(self.dtype));
-                        g.launch_smem(&name, grid, SCAN_STEP_CHANNELS as u32, smem as u32, &p, None)?;
+                        g.launch_early(&name, grid, SCAN_STEP_CHANNELS as u32, smem as u32, &p)?;
                     } else {
                         self.gemm(&m.dt_proj, xdbl, xdw, rows, dt, e, false)?;
                         let mut p = ScanParams {
@@ -1166,7 +1166,7 @@ struct StepKernel {
 
 impl StepKernel {
     fn launch(&self, g: &Gpu) -> Result<()> {
-        g.launch_cooperative(&self.name, &self.func, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p)
+        g.launch_with(&self.name, &self.func, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p, Gpu::cooperative())
     }
 }
 

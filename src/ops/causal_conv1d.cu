@@ -10,7 +10,8 @@
 // per channel, in place (it reads index L+j ≥ j before writing j).
 //
 // conv1d_step: the decode step (L = 1) as one kernel, both of the above for a single input: one
-// thread per (channel, sequence). Bytes: 4(W−1) state read and written, x and y.
+// thread per (channel, sequence), launched early (its taps load before the input is in). Bytes:
+// 4(W−1) state read and written, x and y.
 
 #define CONV_RUN 16
 #define CONV_MAX_W 8
@@ -76,16 +77,20 @@ template <typename T> __device__ void conv1d_step(const ConvParams p) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= p.C) return;
     const int s = blockIdx.y, W = p.W;
+    float wt[CONV_MAX_W];
+#pragma unroll
+    for (int k = 0; k < CONV_MAX_W; k++) wt[k] = k < W ? p.w[k * p.C + c] : 0.0f;
+    float acc = p.bias ? p.bias[c] : 0.0f;
+    wait_inputs();
     float* st = p.state + (long)s * (W - 1) * p.C + c;
     float win[CONV_MAX_W];  // the W−1 inputs before this one, then the input
 #pragma unroll
     for (int k = 0; k < CONV_MAX_W; k++) win[k] = k < W - 1 ? st[k * p.C] : 0.0f;
     const float xt = to_f32(((const T*)p.x)[(long)s * p.x_rs + c]);
-    float acc = p.bias ? p.bias[c] : 0.0f;
 #pragma unroll
     for (int k = 0; k < CONV_MAX_W; k++) {
         if (k == W - 1) win[k] = xt;
-        if (k < W) acc += p.w[k * p.C + c] * win[k];
+        if (k < W) acc += wt[k] * win[k];
     }
     ((T*)p.y)[(long)s * p.C + c] = from_f32<T>(silu(acc));
 #pragma unroll

@@ -48,6 +48,15 @@ __device__ __forceinline__ void cp4(void* s, const void* g) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// A kernel that Gpu::launch_early starts may run while the kernels before it finish: it reads
+// only the model's weights (never written after loading) before calling this, which returns
+// once the kernel before has completed and its writes are visible (a no-op for other launches).
+__device__ __forceinline__ void wait_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // 2^x on the special-function unit alone (exp2f adds a range fix-up around it); results below
 // 2^−126 flush to zero, which decays may.
 __device__ __forceinline__ float exp2_ftz(float x) {

@@ -6,7 +6,8 @@
 // FLOPs. A thread holds NORM_VALUES of the row in registers (blockDim.x = d / NORM_VALUES
 // rounded up to a warp) and issues all its loads, the weights' too, before it uses any: in a
 // decode step (a row per sequence) the kernel is bound by memory latency, and this makes it one
-// round trip instead of one per value. It also gathers the embedding rows into the residual
+// round trip instead of one per value; launched early, it has the weights in before the kernel
+// that writes `delta` ends. It also gathers the embedding rows into the residual
 // stream for the first layer (`tokens` set), and can select the last `nsel` rows of each
 // sequence (the final norm only runs on positions that give logits).
 //
@@ -31,20 +32,22 @@ struct AddNormParams {
 
 template <typename T> __device__ void add_norm(const AddNormParams p) {
     const int r = blockIdx.x, d = p.d;
-    const long in_row = (long)(r / p.nsel) * p.l + (p.l - p.nsel) + r % p.nsel;
-    float* x = p.resid + in_row * d;
-    const T* dl = (const T*)p.delta + in_row * d;
-    const T* emb = p.tokens ? (const T*)p.table + (long)p.tokens[in_row] * d : nullptr;
     float v[NORM_VALUES], w[NORM_VALUES], b[NORM_VALUES];
 #pragma unroll
     for (int j = 0; j < NORM_VALUES; j++) {
         const int i = threadIdx.x + j * blockDim.x;
-        v[j] = w[j] = b[j] = 0.0f;
-        if (i < d) {
-            v[j] = emb ? to_f32(emb[i]) : x[i] + (p.delta ? to_f32(dl[i]) : 0.0f);
-            w[j] = p.w[i];
-            if (p.b) b[j] = p.b[i];
-        }
+        w[j] = i < d ? p.w[i] : 0.0f;
+        b[j] = i < d && p.b ? p.b[i] : 0.0f;
+    }
+    wait_inputs();
+    const long in_row = (long)(r / p.nsel) * p.l + (p.l - p.nsel) + r % p.nsel;
+    float* x = p.resid + in_row * d;
+    const T* dl = (const T*)p.delta + in_row * d;
+    const T* emb = p.tokens ? (const T*)p.table + (long)p.tokens[in_row] * d : nullptr;
+#pragma unroll
+    for (int j = 0; j < NORM_VALUES; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i >= d ? 0.0f : emb ? to_f32(emb[i]) : x[i] + (p.delta ? to_f32(dl[i]) : 0.0f);
     }
     float s = 0.0f, s2 = 0.0f;
 #pragma unroll

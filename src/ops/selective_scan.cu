@@ -450,8 +450,9 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
 // the N-state update, D skip and SiLU(z) gate as scan_chunk computes them. The block's dt_proj
 // rows lie contiguous in memory, so they arrive by coalesced 16-byte cp.async into shared memory
 // (a thread reading its own row there instead would touch 32 rows a load); every load is issued
-// before the one wait, so a step costs about one memory round trip, and the sequences' dot
-// products run as independent sums. Bytes per (channel, sequence): the state read and written
+// before the one wait, so a step costs about one memory round trip (launched early, the weights'
+// part of it overlaps the x_proj kernel's end), and the sequences' dot products run as
+// independent sums. Bytes per (channel, sequence): the state read and written
 // (8N), u, z, y (6 in 16-bit types); dt_proj and A once per block (2R + 4N per channel).
 // 2R + ~6N FLOPs per (channel, sequence).
 #define SCAN_STEP_N 16
@@ -486,14 +487,16 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
     const int cc = on ? c : 0;  // loads of idle threads stay in bounds
     for (int i = threadIdx.x; i < min(C, E - c0) * pieces; i += C)
         cp16(rows + i / pieces * RP + i % pieces * V, (const T*)p.dt_w + (long)c0 * R + (long)i * V);
+    float a2[SCAN_STEP_N], h[Q][SCAN_STEP_N], u[Q], z[Q];
+#pragma unroll
+    for (int j = 0; j < SCAN_STEP_N; j++) a2[j] = j < N ? p.a2[j * E + cc] : 0.0f;
+    const float bias = p.dt_bias[cc], dskip = p.d[cc];
+    wait_inputs();
     for (int i = threadIdx.x; i < Q * xpieces; i += C) {
         const int s = min(s0 + i / xpieces, p.S - 1);  // past the batch: a copy of the last, not stored
         cp16(xraw + i * V, (const T*)p.xdbl + (long)s * XD + i % xpieces * V);
     }
     cp_commit();
-    float a2[SCAN_STEP_N], h[Q][SCAN_STEP_N], u[Q], z[Q];
-#pragma unroll
-    for (int j = 0; j < SCAN_STEP_N; j++) a2[j] = j < N ? p.a2[j * E + cc] : 0.0f;
 #pragma unroll
     for (int q = 0; q < Q; q++) {
         const int s = min(s0 + q, p.S - 1);
@@ -503,7 +506,6 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
         u[q] = to_f32(((const T*)p.u)[(long)s * E + cc]);
         z[q] = to_f32(((const T*)p.z)[(long)s * p.z_rs + cc]);
     }
-    const float bias = p.dt_bias[cc], dskip = p.d[cc];
     cp_wait<0>();
     __syncthreads();
     for (int i = threadIdx.x; i < Q * XD; i += C) xf[i] = to_f32(xraw[i]);
