@@ -13,9 +13,10 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--stage" ]; then
     mkdir -p .gpu
     cp target/release/mamba-lm .gpu/mamba-lm
-    # The test binary of the cuda build (a default build leaves one without the GPU tests).
+    # The test binary of the cuda build (a default build leaves one without the GPU tests). Cargo
+    # lists the mamba-lm binary among the artifacts too, in no fixed order: pick the test's.
     t=$(cargo test --release --features cuda --no-run --test cuda_gpu --message-format=json 2>/dev/null |
-        grep -o '"executable":"[^"]*"' | tail -1 | cut -d'"' -f4)
+        grep -o '"executable":"[^"]*/deps/cuda_gpu-[^"]*"' | tail -1 | cut -d'"' -f4)
     [ -x "$t" ] || { echo "no cuda_gpu test binary: run cargo test --release --features cuda --no-run" >&2; exit 1; }
     cp "$t" .gpu/cuda_gpu
     strip .gpu/mamba-lm .gpu/cuda_gpu
