@@ -60,6 +60,9 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
     if let Some(t) = kernel.strip_prefix("scan_step_") {
         return Some(unit(kernel, &format!("{SCAN}\nSCAN_STEP_KERNEL({t})\n")));
     }
+    if let Some(t) = kernel.strip_prefix("ssd_step_") {
+        return Some(unit(kernel, &format!("{SCAN}\nSSD_STEP_KERNEL({t})\n")));
+    }
     if let Some(t) = kernel.strip_prefix("ssd_state_").or_else(|| kernel.strip_prefix("ssd_out_")) {
         return Some(unit(&format!("ssd_{t}"), &format!("{SCAN}\n{SSD}\nSSD_KERNELS({t})\n")));
     }
@@ -90,6 +93,7 @@ pub fn all_units() -> Vec<Unit> {
         }
         v.extend(unit_for(&format!("scan_states_{t}")));
         v.extend(unit_for(&format!("scan_step_{t}")));
+        v.extend(unit_for(&format!("ssd_step_{t}")));
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));

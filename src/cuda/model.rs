@@ -97,6 +97,12 @@ fn scan_step_smem(es: usize, r: usize, xdw: usize) -> usize {
     SCAN_STEP_SEQS * xdw * (4 + es) + SCAN_STEP_CHANNELS * (r * es + 16)
 }
 
+/// selective_scan.cu's ssd_step (Mamba-2's batched decode step): channels per block, the ways
+/// each channel's states are split (threads = their product), the most states.
+const SSD_STEP_CHANNELS: usize = 64;
+const SSD_STEP_SPLIT: usize = 8;
+const SSD_STEP_NMAX: usize = 256;
+
 /// Mirrors `ScanParams` in selective_scan.cu (see the index formulas there).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -861,7 +867,12 @@ impl GpuModel {
                     self.gemm(&m.in_proj, h, dm, rows, zx, w_in, false)?;
                     self.conv(zx + es * ds as u64, w_in, &m.conv_w, &m.conv_b, conv_state, xbc, seqs, l, cd)?;
                     let mut p = self.m2_scan_params(m, zx, xbc, ssm_state, y, st, l);
-                    if ssd_fits(c, self.dtype, l) {
+                    if l == 1 && c.d_state <= SSD_STEP_NMAX && (ds / gr).is_multiple_of(SSD_STEP_CHANNELS) {
+                        // The decode step of a batch (a block's channels share one group).
+                        let grid = (ds.div_ceil(SSD_STEP_CHANNELS) as u32, seqs as u32, 1);
+                        let name = format!("ssd_step_{}", suffix(self.dtype));
+                        g.launch(&name, grid, (SSD_STEP_CHANNELS * SSD_STEP_SPLIT) as u32, &p, None)?;
+                    } else if ssd_fits(c, self.dtype, l) {
                         ssd(g, self.dtype, &mut p, seqs, g.ptr(&b.scan))?;
                     } else {
                         selective_scan(g, self.dtype, &mut p, seqs, true, g.ptr(&b.scan))?;

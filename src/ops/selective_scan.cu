@@ -11,8 +11,9 @@
 //   scan_carry one thread per (channel, state) walks the K chunk summaries: the state entering
 //              chunk k+1 is exp(A·Σδ_k)·h_in,k + h_end,k (A is constant over the chunk);
 //   scan_out   each (channel, chunk) rescans from its true entering state and writes y.
-// With K = 1 (short prompts, big batches, Mamba-2's decode step) scan_out alone runs, reading
-// and writing the state; Mamba-1's decode step of a batch is scan_step (below), dt_proj fused.
+// With K = 1 (short prompts, big batches) scan_out alone runs, reading and writing the state;
+// the decode step of a batch is scan_step for Mamba-1 (dt_proj fused) and ssd_step for Mamba-2
+// (below).
 // Bytes per (t, c): u, δ, z read and y written (8 in 16-bit types; B, C are per group, read once
 // per block), twice u and δ when chunked. Work per (t, c, state): one exp2 and ~5
 // other instructions per pass — at N = 16 the special-function unit (16 exp2/clk/SM: 4.2e12/s
@@ -540,6 +541,61 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
         ((T*)p.y)[(long)s * E + c] = from_f32<T>((acc + dskip * u[q]) * silu(z[q]));
     }
 }
+
+// ssd_step: Mamba-2's decode step for a batch of sequences (L = 1). A block takes 64 channels
+// (head·P + p) of one sequence; its 8 warp pairs split each channel's N states 8 ways (pair q
+// takes n ≡ q mod 8), so a small batch still has enough loads in flight. Consecutive lanes take
+// consecutive p, which lie next to each other in the state's (head, state, P) layout, so every
+// state load and store of a warp is one coalesced row (scan_out's lanes split a channel's
+// states instead, so a warp's loads there touch 8 rows, a quarter of each used). The block's
+// channels share one group, whose B and C rows it stages in shared memory as f32; δ and A are
+// per head: one exp2 per thread. The 8 partial readouts meet in shared memory. The math is
+// scan_chunk's for one step. Bytes per (channel, sequence): the state read and written (8N), u,
+// z and y; B, C per block. 4N FLOPs.
+#define SSD_STEP_CHANNELS 64
+#define SSD_STEP_SPLIT 8
+#define SSD_STEP_NMAX 256
+
+template <typename T> __device__ void ssd_step(const ScanParams p) {
+    __shared__ float bc[2][SSD_STEP_NMAX];
+    __shared__ float part[SSD_STEP_SPLIT][SSD_STEP_CHANNELS];
+    const int k = threadIdx.x % SSD_STEP_CHANNELS, q = threadIdx.x / SSD_STEP_CHANNELS;
+    const int c0 = blockIdx.x * SSD_STEP_CHANNELS, c = c0 + k, s = blockIdx.y, N = p.N;
+    const bool on = c < p.E;
+    const int cc = on ? c : c0;  // loads of idle threads stay in bounds
+    const long r = s;            // the sequence's one row
+    const T* bsrc = (const T*)p.b + r * p.bc_rs + (long)(c0 / p.g_ch) * N;
+    const T* csrc = (const T*)p.cm + r * p.bc_rs + (long)(c0 / p.g_ch) * N;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) {
+        bc[0][i] = to_f32(bsrc[i]);
+        bc[1][i] = to_f32(csrc[i]);
+    }
+    const float u = to_f32(((const T*)p.u)[r * p.u_rs + cc]);
+    const float d = fminf(fmaxf(softplus(to_f32(((const T*)p.dt)[r * p.dt_rs + cc / p.dt_div]) + p.dt_bias[cc / p.dt_div]), p.dt_min), p.dt_max);
+    const float decay = exp2_ftz(d * p.a2[cc / p.a_div]), du = d * u;
+    __syncthreads();
+    float acc = 0.0f;
+    if (on) {
+        float* st = p.state + s * p.state_stride + state_index(p, c, 0);
+#pragma unroll 4
+        for (int n = q; n < N; n += SSD_STEP_SPLIT) {
+            const float h = fmaf(decay, st[(long)n * p.p_blk], du * bc[0][n]);
+            st[(long)n * p.p_blk] = h;
+            acc = fmaf(bc[1][n], h, acc);
+        }
+    }
+    part[q][k] = acc;
+    __syncthreads();
+    if (q != 0 || !on) return;
+    float y = (p.d ? p.d[c / p.d_div] : 0.0f) * u;
+#pragma unroll
+    for (int j = 0; j < SSD_STEP_SPLIT; j++) y += part[j][k];
+    if (p.z) y *= silu(to_f32(((const T*)p.z)[r * p.z_rs + c]));
+    ((T*)p.y)[r * p.y_rs + c] = from_f32<T>(y);
+}
+
+#define SSD_STEP_KERNEL(T)                                                                            \
+    extern "C" __global__ void __launch_bounds__(SSD_STEP_CHANNELS * SSD_STEP_SPLIT) ssd_step_##T(const ScanParams p) { ssd_step<T>(p); }
 
 #define SCAN_STEP_KERNEL(T)                                                                           \
     extern "C" __global__ void __launch_bounds__(SCAN_STEP_CHANNELS) scan_step_##T(const ScanStepParams p) { scan_step<T>(p); }
