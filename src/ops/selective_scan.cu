@@ -550,8 +550,9 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
 // states instead, so a warp's loads there touch 8 rows, a quarter of each used). The block's
 // channels share one group, whose B and C rows it stages in shared memory as f32; δ and A are
 // per head: one exp2 per thread. The 8 partial readouts meet in shared memory. The math is
-// scan_chunk's for one step. Bytes per (channel, sequence): the state read and written (8N), u,
-// z and y; B, C per block. 4N FLOPs.
+// scan_chunk's for one step. Channels per group (so E) are a multiple of 64, as the caller
+// checks. Bytes per (channel, sequence): the state read and written (8N), u, z and y; B, C per
+// block. 4N FLOPs.
 #define SSD_STEP_CHANNELS 64
 #define SSD_STEP_SPLIT 8
 #define SSD_STEP_NMAX 256
@@ -561,32 +562,28 @@ template <typename T> __device__ void ssd_step(const ScanParams p) {
     __shared__ float part[SSD_STEP_SPLIT][SSD_STEP_CHANNELS];
     const int k = threadIdx.x % SSD_STEP_CHANNELS, q = threadIdx.x / SSD_STEP_CHANNELS;
     const int c0 = blockIdx.x * SSD_STEP_CHANNELS, c = c0 + k, s = blockIdx.y, N = p.N;
-    const bool on = c < p.E;
-    const int cc = on ? c : c0;  // loads of idle threads stay in bounds
-    const long r = s;            // the sequence's one row
+    const long r = s;  // the sequence's one row
     const T* bsrc = (const T*)p.b + r * p.bc_rs + (long)(c0 / p.g_ch) * N;
     const T* csrc = (const T*)p.cm + r * p.bc_rs + (long)(c0 / p.g_ch) * N;
     for (int i = threadIdx.x; i < N; i += blockDim.x) {
         bc[0][i] = to_f32(bsrc[i]);
         bc[1][i] = to_f32(csrc[i]);
     }
-    const float u = to_f32(((const T*)p.u)[r * p.u_rs + cc]);
-    const float d = fminf(fmaxf(softplus(to_f32(((const T*)p.dt)[r * p.dt_rs + cc / p.dt_div]) + p.dt_bias[cc / p.dt_div]), p.dt_min), p.dt_max);
-    const float decay = exp2_ftz(d * p.a2[cc / p.a_div]), du = d * u;
+    const float u = to_f32(((const T*)p.u)[r * p.u_rs + c]);
+    const float d = fminf(fmaxf(softplus(to_f32(((const T*)p.dt)[r * p.dt_rs + c / p.dt_div]) + p.dt_bias[c / p.dt_div]), p.dt_min), p.dt_max);
+    const float decay = exp2_ftz(d * p.a2[c / p.a_div]), du = d * u;
     __syncthreads();
+    float* st = p.state + s * p.state_stride + state_index(p, c, 0);
     float acc = 0.0f;
-    if (on) {
-        float* st = p.state + s * p.state_stride + state_index(p, c, 0);
 #pragma unroll 4
-        for (int n = q; n < N; n += SSD_STEP_SPLIT) {
-            const float h = fmaf(decay, st[(long)n * p.p_blk], du * bc[0][n]);
-            st[(long)n * p.p_blk] = h;
-            acc = fmaf(bc[1][n], h, acc);
-        }
+    for (int n = q; n < N; n += SSD_STEP_SPLIT) {
+        const float h = fmaf(decay, st[(long)n * p.p_blk], du * bc[0][n]);
+        st[(long)n * p.p_blk] = h;
+        acc = fmaf(bc[1][n], h, acc);
     }
     part[q][k] = acc;
     __syncthreads();
-    if (q != 0 || !on) return;
+    if (q != 0) return;
     float y = (p.d ? p.d[c / p.d_div] : 0.0f) * u;
 #pragma unroll
     for (int j = 0; j < SSD_STEP_SPLIT; j++) y += part[j][k];
