@@ -73,6 +73,15 @@ if has sanitize; then
             done
         done
     done
+    # The batched decode graph (scan_step, ssd_step, kernels launched early) runs in the greedy
+    # test's batches, which the single-prompt runs above do not reach.
+    mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
+    for tool in memcheck racecheck; do
+        echo "--- $tool greedy-tokens test" >>"$OUT/sanitize.log"
+        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 .gpu/cuda_gpu --include-ignored \
+            --test-threads=1 fixtures_greedy_tokens_identical >>"$OUT/sanitize.log" 2>&1
+        echo "sanitize $tool greedy-tokens test (batched decode graph): rc=$?"
+    done
     grep -a -E "ERROR SUMMARY|RACECHECK SUMMARY|Invalid|Program hit" "$OUT/sanitize.log" | sort | uniq -c | head -20
     # Which kernels any reported race is in (cuBLASLt's nvjet_* GEMMs report some at 768 wide).
     grep -a -o -E "Race reported between [A-Za-z]+ access at [^ (]+" "$OUT/sanitize.log" | sort | uniq -c
