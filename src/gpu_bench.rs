@@ -24,6 +24,7 @@ fn models(a: &BenchGpuArgs, default: &[&str]) -> Result<Vec<(String, GpuModel)>>
     if let Some(m) = &a.model {
         let dir = mamba_lm::loader::hub::resolve(m)?;
         let model = Model::load_dir(&dir, a.dtype)?;
+        mamba_lm::cuda::model::check_supported(&model.cfg)?;
         return Ok(vec![(m.clone(), GpuModel::new(open(&a.out)?, &model)?)]);
     }
     let presets: Vec<String> =

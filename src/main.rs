@@ -313,6 +313,7 @@ impl Placed {
             Device::Cpu => Ok(Placed::Cpu(model)),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
+                mamba_lm::cuda::model::check_supported(&model.cfg)?;
                 let gpu = mamba_lm::cuda::Gpu::open(n)?;
                 Ok(Placed::Gpu(mamba_lm::cuda::model::GpuModel::new(gpu, &model)?))
             }

@@ -125,3 +125,32 @@ fn cuda_device_without_gpu_or_support_is_a_clear_error() {
     let err = fails(&["generate", "-m", dir.to_str().unwrap(), "--device", "tpu", "--prompt-ids", "1"]);
     assert!(err.contains("unknown device 'tpu'"), "{err}");
 }
+
+/// A model the GPU path cannot run says why before a GPU is opened, so on any machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn configs_the_gpu_lacks_are_named_before_a_gpu_is_opened() {
+    use mamba_lm::config::Config;
+    use mamba_lm::cuda::model::check_supported;
+    let config = |d_model: usize, ssm: &str| {
+        format!(r#"{{"d_model": {d_model}, "n_layer": 1, "vocab_size": 32, "ssm_cfg": {{{ssm}}}}}"#)
+    };
+    for (d_model, ssm, want) in [
+        (64, r#""d_conv": 9"#, "d_conv 9 is not supported on the GPU (at most 8)"),
+        (64, r#""bias": true"#, "projection biases (bias = true) are not supported on the GPU yet"),
+        (8200, "", "d_model 8200 is not supported on the GPU (at most 8192)"),
+        (64, r#""layer": "Mamba2", "headdim": 16, "d_ssm": 64"#, "with an MLP branch (d_ssm < d_inner)"),
+    ] {
+        let text = config(d_model, ssm);
+        let err = check_supported(&Config::from_json(&text).unwrap()).unwrap_err().to_string();
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    assert!(check_supported(&Config::preset("mamba2-130m").unwrap()).is_ok());
+    // Through the CLI: the config's message, not the missing GPU's.
+    let t = tempfile::tempdir().unwrap();
+    let (json, dir) = (t.path().join("config.json"), t.path().join("m"));
+    std::fs::write(&json, config(64, r#""d_conv": 9"#)).unwrap();
+    run(&["init", "--config", json.to_str().unwrap(), "--out", dir.to_str().unwrap()]);
+    let err = fails(&["generate", "-m", dir.to_str().unwrap(), "--device", "cuda", "--prompt-ids", "1,2"]);
+    assert!(err.starts_with("error:") && err.contains("d_conv 9 is not supported on the GPU"), "{err}");
+}

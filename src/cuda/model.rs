@@ -496,20 +496,30 @@ pub struct GpuModel {
     bufs: Mutex<Option<Buffers>>,
 }
 
+/// What a model needs that the GPU path lacks, as an error naming it; checked before a GPU is
+/// opened, so a model that cannot run there says why on any machine.
+pub fn check_supported(cfg: &Config) -> Result<()> {
+    if cfg.bias {
+        bail!("projection biases (bias = true) are not supported on the GPU yet");
+    }
+    if cfg.d_conv > 8 {
+        bail!("d_conv {} is not supported on the GPU (at most 8)", cfg.d_conv);
+    }
+    if cfg.d_model > NORM_VALUES * 1024 {
+        bail!("d_model {} is not supported on the GPU (at most {})", cfg.d_model, NORM_VALUES * 1024);
+    }
+    if cfg.arch == Arch::Mamba2 && cfg.d_mlp() > 0 {
+        bail!("Mamba-2 layers with an MLP branch (d_ssm < d_inner) are not supported on the GPU yet");
+    }
+    Ok(())
+}
+
 impl GpuModel {
     /// Uploads `model` to `gpu`. Its weights keep their storage type, which becomes the
     /// activation type.
     pub fn new(gpu: Gpu, model: &Model) -> Result<GpuModel> {
         let cfg = model.cfg.clone();
-        if cfg.bias {
-            bail!("projection biases (bias = true) are not supported on the GPU yet");
-        }
-        if cfg.d_conv > 8 {
-            bail!("d_conv {} is not supported on the GPU (at most 8)", cfg.d_conv);
-        }
-        if cfg.d_model > NORM_VALUES * 1024 {
-            bail!("d_model {} is not supported on the GPU (at most {})", cfg.d_model, NORM_VALUES * 1024);
-        }
+        check_supported(&cfg)?;
         let up = |v: &[f32]| gpu.upload(v);
         let mat = |m: &Matrix| -> Result<DMatrix> {
             Ok(DMatrix { w: gpu.upload(&m.data.to_le_bytes())?, out: m.rows, inp: m.cols })
@@ -533,21 +543,16 @@ impl GpuModel {
                     d: up(&m.d)?,
                     out_proj: lin(&m.out_proj)?,
                 }),
-                Mixer::M2(m) => {
-                    if m.d_mlp > 0 {
-                        bail!("Mamba-2 layers with an MLP branch (d_ssm < d_inner) are not supported on the GPU yet");
-                    }
-                    DMixer::M2(DMamba2 {
-                        in_proj: lin(&m.in_proj)?,
-                        conv_w: up(&m.conv_w)?,
-                        conv_b: m.conv_b.as_deref().map(up).transpose()?,
-                        dt_bias: up(&m.dt_bias)?,
-                        a2: up(&m.a.iter().map(|a| a * log2e).collect::<Vec<_>>())?,
-                        d: up(&m.d)?,
-                        norm_w: up(&m.norm_w)?,
-                        out_proj: lin(&m.out_proj)?,
-                    })
-                }
+                Mixer::M2(m) => DMixer::M2(DMamba2 {
+                    in_proj: lin(&m.in_proj)?,
+                    conv_w: up(&m.conv_w)?,
+                    conv_b: m.conv_b.as_deref().map(up).transpose()?,
+                    dt_bias: up(&m.dt_bias)?,
+                    a2: up(&m.a.iter().map(|a| a * log2e).collect::<Vec<_>>())?,
+                    d: up(&m.d)?,
+                    norm_w: up(&m.norm_w)?,
+                    out_proj: lin(&m.out_proj)?,
+                }),
             };
             layers.push((norm(&layer.norm)?, mixer));
         }
