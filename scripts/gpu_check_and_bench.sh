@@ -30,6 +30,8 @@ STAGES=${*:-start check sanitize scan models baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+# The test binary (check and sanitize) finds the fixtures under the path it was built in.
+mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
 log() { echo "== $*" >&2; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -49,8 +51,6 @@ fi
 
 if has check; then
     log "correctness: fixtures, GPU vs CPU, chunked scan"
-    # The test binary finds the fixtures under the path it was built in.
-    mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
     .gpu/cuda_gpu --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/check.log" | grep -E "rel L2|test |result"
 fi
 
@@ -75,7 +75,6 @@ if has sanitize; then
     done
     # The batched decode graph (scan_step, ssd_step, kernels launched early) runs in the greedy
     # test's batches, which the single-prompt runs above do not reach.
-    mkdir -p /work && [ -e /work/main ] || ln -s "$PWD" /work/main
     for tool in memcheck racecheck; do
         echo "--- $tool greedy-tokens test" >>"$OUT/sanitize.log"
         timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 .gpu/cuda_gpu --include-ignored \
