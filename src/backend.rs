@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::model::Model;
+use crate::ops::cross_entropy;
 use crate::sampling::Sampling;
 use crate::state::State;
 use anyhow::{bail, Result};
@@ -20,15 +21,24 @@ pub trait Backend {
     /// Slot `i`'s state will be neither read nor fed again (its sequence finished), so the
     /// backend may step it along with the others (the GPU's decode step advances every slot).
     fn retire(&mut self, _i: usize) {}
-    /// Whether [`Backend::forward_pick`] can pick next tokens by `sampling`'s rules itself (on
-    /// the GPU: no logits copied out per step).
+    /// Feeds `tokens` to slot `slot` and returns, for each of the first `targets.len()`
+    /// positions, `−log p(target)`: the log-sum-exp of the position's logits over the padded
+    /// vocabulary minus the target's logit (f64). Backends with the logits elsewhere (the GPU)
+    /// compute it there and hand back 8 bytes a position.
+    fn forward_nll(&mut self, tokens: &[u32], slot: usize, targets: &[u32]) -> Result<Vec<f64>> {
+        let l = tokens.len();
+        let logits = self.forward(tokens, l, &[slot], l)?;
+        Ok(cross_entropy::nll_rows(&logits, self.cfg().vocab_padded, targets))
+    }
+    /// Whether [`Backend::forward_pick`] picks next tokens itself (on the GPU: no logits
+    /// copied out per step).
     fn picks(&self, _sampling: &Sampling) -> bool {
         false
     }
     /// [`Backend::forward`] of one token per slot that hands back each slot's next token
-    /// instead of its logits: picked below `limit` by `sampling`'s rules (which
-    /// [`Backend::picks`] accepted) with the uniform number `us[j]` for slot `j` (unused when
-    /// greedy).
+    /// instead of its logits: picked below `limit` by `sampling`'s rules with the uniform
+    /// number `us[j]` for slot `j` (unused when greedy), the repetition penalty over
+    /// `history[j]` (every token slot `j` has seen, those fed now included).
     fn forward_pick(
         &mut self,
         _tokens: &[u32],
@@ -36,6 +46,7 @@ pub trait Backend {
         _limit: usize,
         _sampling: &Sampling,
         _us: &[f64],
+        _history: &[&[u32]],
     ) -> Result<Vec<u32>> {
         bail!("this backend does not pick tokens itself")
     }
@@ -77,5 +88,9 @@ impl Backend for Cpu<'_> {
 
     fn state(&mut self, i: usize) -> Result<State> {
         Ok(self.states[i].clone())
+    }
+
+    fn forward_nll(&mut self, tokens: &[u32], slot: usize, targets: &[u32]) -> Result<Vec<f64>> {
+        self.model.forward_nll(tokens, &mut self.states[slot], targets)
     }
 }

@@ -6,6 +6,8 @@ use crate::backend::{Backend, Cpu};
 use crate::model::Model;
 use crate::sampling::{sample, Sampling};
 use crate::state::{Snapshot, State};
+use crate::text_stream::TextStream;
+use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -20,6 +22,8 @@ pub const PREFILL_CHUNK: usize = 2048;
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Sequence `i` of the batch draws from its own generator seeded with `seed + i`, so its
+    /// tokens do not depend on which other sequences share the batch.
     pub seed: u64,
     /// Generation of a sequence stops after it produces this token.
     pub eos: Option<u32>,
@@ -39,7 +43,11 @@ pub struct Output {
     pub prompt_ids: Vec<u32>,
     pub new_ids: Vec<u32>,
     pub prefill_ms: f64,
+    /// Wall time per new token as the caller sees it: from the end of the prefill to this
+    /// sequence's last token, host work (sampling, the `on_token` callback) included.
     pub decode_ms_per_token: f64,
+    /// The part of it spent in the model's forward steps (waiting for the device included).
+    pub device_ms_per_token: f64,
     /// The session after the last new token was fed back (every token consumed).
     pub snapshot: Snapshot,
 }
@@ -75,8 +83,8 @@ pub fn generate_on(
     if limit == 0 {
         bail!("no usable vocabulary");
     }
-    let mut rng = StdRng::seed_from_u64(opts.seed);
     let n = starts.len();
+    let mut rngs: Vec<StdRng> = (0..n as u64).map(|i| StdRng::seed_from_u64(opts.seed.wrapping_add(i))).collect();
     let mut states: Vec<State> = Vec::with_capacity(n);
     let mut logits: Vec<Vec<f32>> = Vec::with_capacity(n);
     let mut history: Vec<Vec<u32>> = Vec::with_capacity(n);
@@ -115,7 +123,8 @@ pub fn generate_on(
             let toks: Vec<u32> = group.iter().flat_map(|&i| prompts[i][c0..c1].iter().copied()).collect();
             let out = be.forward(&toks, c1 - c0, &slots, 1)?;
             for (j, &i) in group.iter().enumerate() {
-                logits[i] = out[j * v..(j + 1) * v].to_vec();
+                logits[i].clear();
+                logits[i].extend_from_slice(&out[j * v..(j + 1) * v]);
             }
         }
 
@@ -125,11 +134,14 @@ pub fn generate_on(
     let mut new_ids: Vec<Vec<u32>> = vec![vec![]; n];
     let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { order.clone() };
     let mut decode_time = vec![0.0f64; n];
+    let mut last_at = vec![0.0f64; n];
+    let decode_start = Instant::now();
+    let greedy = opts.sampling.is_greedy();
     // A sequence's state once it has consumed everything (taken when it finishes).
     let mut finals: Vec<Option<State>> = vec![None; n];
-    // The backend may pick the tokens itself (the GPU: greedy, temperature, min-p; no logits
-    // copied out per step), drawing on the same random numbers, in the same order, as the host
-    // would; `next` holds what it picked.
+    // The backend may pick the tokens itself (the GPU: no logits copied out per step), drawing
+    // on the same random numbers, in the same order, as the host would; `next` holds what it
+    // picked.
     let on_device = be.picks(&opts.sampling);
     let mut next: Vec<Option<u32>> = vec![None; n];
     while !live.is_empty() {
@@ -139,28 +151,33 @@ pub fn generate_on(
         for &i in &live {
             let tok = match next[i].take() {
                 Some(t) => t,
-                None => sample(&mut logits[i][..limit], &history[i], &opts.sampling, &mut rng),
+                None => {
+                    let u = if greedy { 0.0 } else { rngs[i].random::<f64>() };
+                    sample(&mut logits[i][..limit], &history[i], &opts.sampling, u)
+                }
             };
             new_ids[i].push(tok);
             history[i].push(tok);
             if Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop {
                 done.push(i);
             }
+            last_at[i] = decode_start.elapsed().as_secs_f64() * 1e3;
             // Feed even the last token so the saved state has consumed everything.
             feed.push(slot[i]);
             toks.push(tok);
         }
         let t0 = Instant::now();
         if on_device {
-            let greedy = opts.sampling.is_greedy();
             let us: Vec<f64> =
-                live.iter().map(|i| if greedy || done.contains(i) { 0.0 } else { rng.random::<f64>() }).collect();
-            let ids = be.forward_pick(&toks, &feed, limit, &opts.sampling, &us)?;
+                live.iter().map(|&i| if greedy || done.contains(&i) { 0.0 } else { rngs[i].random::<f64>() }).collect();
+            let hist: Vec<&[u32]> = live.iter().map(|&i| history[i].as_slice()).collect();
+            let ids = be.forward_pick(&toks, &feed, limit, &opts.sampling, &us, &hist)?;
             live.iter().zip(ids).for_each(|(&i, t)| next[i] = Some(t));
         } else {
             let out = be.forward(&toks, 1, &feed, 1)?;
             for (j, &i) in live.iter().enumerate() {
-                logits[i] = out[j * v..(j + 1) * v].to_vec();
+                logits[i].clear();
+                logits[i].extend_from_slice(&out[j * v..(j + 1) * v]);
             }
         }
         let dt = t0.elapsed().as_secs_f64() * 1e3;
@@ -185,7 +202,8 @@ pub fn generate_on(
             prompt_ids: std::mem::take(&mut prompts[i]),
             new_ids: std::mem::take(&mut new_ids[i]),
             prefill_ms: prefill_ms[i],
-            decode_ms_per_token: decode_time[i] / k as f64,
+            decode_ms_per_token: last_at[i] / k as f64,
+            device_ms_per_token: decode_time[i] / k as f64,
             snapshot: Snapshot {
                 state,
                 next_logits: std::mem::take(&mut logits[i]),
@@ -194,6 +212,52 @@ pub fn generate_on(
         });
     }
     Ok(outs)
+}
+
+/// [`generate_on`] with each sequence's text streamed (the loop `mamba-lm generate` runs):
+/// `on_text(seq, piece)` gets text as it becomes final, never part of a stop string or of an
+/// incomplete character; a stop string ends its sequence, and the end-of-sequence token is
+/// not part of the text. Returns each output with its whole text.
+pub fn generate_text(
+    be: &mut dyn Backend,
+    starts: Vec<Start>,
+    opts: &GenerateOptions,
+    tok: &Tokenizer,
+    stops: &[String],
+    mut on_text: impl FnMut(usize, &str),
+) -> Result<Vec<(Output, String)>> {
+    let mut streams: Vec<TextStream> = starts.iter().map(|_| TextStream::new(tok, stops)).collect();
+    let mut err = None;
+    let outs = generate_on(be, starts, opts, |i, id| {
+        let step = if Some(id) == opts.eos { streams[i].finish().map(|t| (t, true)) } else { streams[i].push(id) };
+        match step {
+            Ok((text, stop)) => {
+                if !text.is_empty() {
+                    on_text(i, &text);
+                }
+                if stop {
+                    Control::Stop
+                } else {
+                    Control::Continue
+                }
+            }
+            Err(e) => {
+                err = Some(e);
+                Control::Stop
+            }
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    // Sequences that reached their length limit release what they held back.
+    for (i, s) in streams.iter_mut().enumerate() {
+        let text = s.finish()?;
+        if !text.is_empty() {
+            on_text(i, &text);
+        }
+    }
+    Ok(outs.into_iter().zip(streams).map(|(o, s)| (o, s.text().to_string())).collect())
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@ pub mod sampling;
 pub mod score;
 pub mod state;
 pub mod tensor;
+pub mod text_stream;
 pub mod tokenizer;
 
 pub use config::Config;

@@ -3,7 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mamba_lm::backend::Backend;
-use mamba_lm::generate::{generate_on, Control, GenerateOptions, Start};
+use mamba_lm::generate::{generate_text, GenerateOptions, Start};
 use mamba_lm::sampling::Sampling;
 use mamba_lm::tensor::DType;
 use mamba_lm::{loader, tokenizer, Config, Model, Snapshot};
@@ -378,46 +378,6 @@ fn eos_id(cfg: &Config, dir: &Path, tok: &tokenizer::Tokenizer) -> Option<u32> {
         .or_else(|| tok.token_to_id("<|endoftext|>"))
 }
 
-/// Prints generated text as it comes, holding back what could still become a stop string or
-/// an incomplete UTF-8 character.
-struct TextStream {
-    ids: Vec<u32>,
-    shown: usize,
-    stops: Vec<String>,
-    text: String,
-}
-
-impl TextStream {
-    /// Adds a token; returns the text now safe to show and whether a stop string was hit.
-    fn push(&mut self, tok: &tokenizer::Tokenizer, id: u32, is_eos: bool) -> Result<(String, bool)> {
-        if is_eos {
-            let rest = self.rest().to_string();
-            self.shown = self.text.len();
-            return Ok((rest, true));
-        }
-        self.ids.push(id);
-        let text = tokenizer::decode(tok, &self.ids)?;
-        if let Some(at) = self.stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-            let out = text.get(self.shown..at).unwrap_or("").to_string();
-            self.text = text[..at].to_string();
-            self.shown = at;
-            return Ok((out, true));
-        }
-        let hold = self.stops.iter().map(|s| s.len()).max().unwrap_or(1).saturating_sub(1);
-        let mut safe = text.trim_end_matches('\u{FFFD}').len().saturating_sub(hold);
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        let out = if safe > self.shown { text[self.shown..safe].to_string() } else { String::new() };
-        self.shown = self.shown.max(safe);
-        self.text = text;
-        Ok((out, false))
-    }
-    fn rest(&self) -> &str {
-        self.text.get(self.shown..).unwrap_or("")
-    }
-}
-
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let sampling = Sampling {
         temperature: a.temperature,
@@ -466,10 +426,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         vocab_limit: model.cfg().vocab_size.min(tok_vocab),
     };
     let stream = prompts.len() == 1 && !a.json;
-    let mut streams: Vec<TextStream> = prompts
-        .iter()
-        .map(|_| TextStream { ids: vec![], shown: 0, stops: a.stop.clone(), text: String::new() })
-        .collect();
     let mut out = std::io::stdout().lock();
     if stream && !prompts[0].is_empty() {
         write!(out, "{}", tokenizer::decode(&tok, &prompts[0])?)?;
@@ -479,47 +435,29 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         Some(snap) => vec![Start { prompt: prompts[0].clone(), resume: Some(snap) }],
         None => prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect(),
     };
-    let mut err = None;
-    let eos = opts.eos;
-    // The end-of-sequence token ends the text; it is not part of it.
-    let outs = generate_on(model.backend().as_mut(), starts, &opts, |i, id| {
-        match streams[i].push(&tok, id, Some(id) == eos) {
-            Ok((text, stop)) => {
-                if stream {
-                    let _ = write!(out, "{text}").and_then(|_| out.flush());
-                }
-                if stop {
-                    Control::Stop
-                } else {
-                    Control::Continue
-                }
-            }
-            Err(e) => {
-                err = Some(e);
-                Control::Stop
-            }
+    let outs = generate_text(model.backend().as_mut(), starts, &opts, &tok, &a.stop, |_, text| {
+        if stream {
+            let _ = write!(out, "{text}").and_then(|_| out.flush());
         }
     })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    for (i, o) in outs.iter().enumerate() {
-        let s = &streams[i];
+    for (o, text) in &outs {
         if a.json {
             let v = json!({
-                "prompt_ids": o.prompt_ids, "new_ids": o.new_ids, "text": s.text,
+                "prompt_ids": o.prompt_ids, "new_ids": o.new_ids, "text": text,
                 "prefill_ms": o.prefill_ms, "decode_ms_per_token": o.decode_ms_per_token,
+                "device_ms_per_token": o.device_ms_per_token,
             });
             writeln!(out, "{v}")?;
         } else if stream {
-            writeln!(out, "{}", s.rest())?;
+            writeln!(out)?;
         } else {
-            writeln!(out, "{}{}\n", tokenizer::decode(&tok, &o.prompt_ids)?, s.text)?;
+            writeln!(out, "{}{}\n", tokenizer::decode(&tok, &o.prompt_ids)?, text)?;
         }
     }
     if let Some(p) = &a.save_state {
-        outs[0].snapshot.save(model.cfg(), p, a.force)?;
-        eprintln!("saved session ({} tokens) to {}", outs[0].snapshot.tokens.len(), p.display());
+        let snap = &outs[0].0.snapshot;
+        snap.save(model.cfg(), p, a.force)?;
+        eprintln!("saved session ({} tokens) to {}", snap.tokens.len(), p.display());
     }
     Ok(())
 }
@@ -557,11 +495,10 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"),
     );
     for (i, s) in seqs.iter().enumerate() {
-        let r = mamba_lm::score::score_on(model.backend().as_mut(), s, a.chunk, |l| {
-            bar.inc((l.len() / model.cfg().vocab_padded) as u64);
-            if a.logits_out.is_some() {
-                all_logits.extend_from_slice(l);
-            }
+        let keep = a.logits_out.is_some();
+        let r = mamba_lm::score::score_on(model.backend().as_mut(), s, a.chunk, keep, |n, l| {
+            bar.inc(n as u64);
+            all_logits.extend_from_slice(l);
             Ok(())
         })
         .with_context(|| format!("sequence {i}"))?;

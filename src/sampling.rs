@@ -6,8 +6,6 @@
 //! (src/ops/sampling.cu) does, so from the same uniform number both pick the same token up to
 //! rounding.
 
-use rand::Rng;
-
 /// Sampling parameters (names and defaults as in `mamba_ssm`'s `generate`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
@@ -46,96 +44,132 @@ impl Sampling {
     }
 }
 
-/// Index of the largest value (the first on ties, as `argmax` does).
+/// Index of the largest value (the first on ties, as `argmax` does; NaNs are passed over).
+/// Two passes that vectorise: the largest value, then where it first occurs.
 pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-/// Picks the next token from `logits` (already restricted to the usable vocabulary), given
-/// the tokens seen so far. `logits` is modified (penalty applied).
-pub fn sample(logits: &mut [f32], history: &[u32], s: &Sampling, rng: &mut impl Rng) -> u32 {
-    if s.repetition_penalty != 1.0 {
-        let mut seen = vec![false; logits.len()];
-        for &t in history {
-            if let Some(f) = seen.get_mut(t as usize) {
-                if !*f {
-                    *f = true;
-                    let l = &mut logits[t as usize];
-                    *l = if *l < 0.0 { *l * s.repetition_penalty } else { *l / s.repetition_penalty };
-                }
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            if x > *m {
+                *m = x;
             }
         }
     }
+    let m = lanes.iter().chain(chunks.remainder()).fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    v.iter().position(|&x| x == m).unwrap_or(0)
+}
+
+/// Applies the repetition penalty (CTRL rule) to every id in `history`, each once.
+pub fn penalize(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = vec![false; logits.len()];
+    for &t in history {
+        if let Some(f) = seen.get_mut(t as usize) {
+            if !*f {
+                *f = true;
+                let l = &mut logits[t as usize];
+                *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+            }
+        }
+    }
+}
+
+/// Candidate order for top-k and top-p, shared with the GPU (sampling.cu): larger logit first,
+/// the lower id first among equals.
+fn before(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Picks the next token from `logits` (already restricted to the usable vocabulary), given the
+/// tokens seen so far and a uniform number `u` in [0, 1) (unused when greedy). `logits` is
+/// modified (penalty applied). The kept tokens are walked in id order with top-k 0 and no
+/// top-p, else from the most likely down (the order of [`before`]); the pick is the first
+/// where the running weight reaches `u` times the kept total.
+pub fn sample(logits: &mut [f32], history: &[u32], s: &Sampling, u: f64) -> u32 {
+    penalize(logits, history, s.repetition_penalty);
     if s.is_greedy() {
         return argmax(logits) as u32;
     }
-    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-    if s.top_k > 0 && s.top_k < cand.len() {
-        cand.select_nth_unstable_by(s.top_k - 1, |a, b| b.1.total_cmp(&a.1));
-        cand.truncate(s.top_k);
-    }
-    // Unnormalised probabilities after temperature; the most likely token has weight 1.
     let inv_t = 1.0 / s.temperature as f64;
-    let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1)) as f64;
-    let mut w: Vec<(u32, f64)> = cand.iter().map(|c| (c.0, ((c.1 as f64 - max) * inv_t).exp())).collect();
-    if s.top_k == 0 && s.min_p > 0.0 {
-        w.retain(|c| c.1 >= s.min_p as f64);
+    let top_p = s.top_p > 0.0 && s.top_p < 1.0;
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &c| m.max(c)) as f64;
+    // Unnormalised probabilities after temperature; the most likely token has weight 1.
+    let weight = |l: f32| ((l as f64 - max) * inv_t).exp();
+    let min_p = if s.top_k == 0 { s.min_p as f64 } else { 0.0 };
+    if s.top_k == 0 && !top_p {
+        let w: Vec<(u32, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i as u32, weight(l))).filter(|c| c.1 >= min_p).collect();
+        return draw(&w, u);
     }
-    if s.top_p > 0.0 && s.top_p < 1.0 {
-        nucleus(&mut w, s.top_p as f64);
+    let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    if s.top_k > 0 {
+        if s.top_k < cand.len() {
+            cand.select_nth_unstable_by(s.top_k - 1, before);
+            cand.truncate(s.top_k);
+        }
+        cand.sort_unstable_by(before);
+    } else {
+        cand.retain(|c| weight(c.1) >= min_p);
     }
-    let total: f64 = w.iter().map(|c| c.1).sum();
-    let mut u = rng.random::<f64>() * total;
-    for c in &w {
-        u -= c.1;
-        if u <= 0.0 {
+    let mut w: Vec<(u32, f64)> = Vec::new();
+    if top_p {
+        let goal = s.top_p as f64 * cand.iter().map(|c| weight(c.1)).sum::<f64>();
+        nucleus(&mut cand, goal, weight, &mut w);
+    } else {
+        w.extend(cand.iter().map(|c| (c.0, weight(c.1))));
+    }
+    draw(&w, u)
+}
+
+/// The first entry where the running weight reaches `u` times the total (the last on rounding).
+fn draw(w: &[(u32, f64)], u: f64) -> u32 {
+    let mut left = u * w.iter().map(|c| c.1).sum::<f64>();
+    for c in w {
+        left -= c.1;
+        if left <= 0.0 {
             return c.0;
         }
     }
     w[w.len() - 1].0
 }
 
-/// Keeps the smallest set of most likely entries whose mass reaches `p` of the total (the one
-/// that crosses the threshold included). Sorts only as many entries as it needs: a few dozen
-/// usually carry the mass, so this is O(V) rather than a full sort of the vocabulary.
-fn nucleus(w: &mut Vec<(u32, f64)>, p: f64) {
-    let goal = p * w.iter().map(|c| c.1).sum::<f64>();
-    let by_weight = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1);
-    let mut k = w.len().min(64);
+/// Into `w`: the smallest set of most likely candidates whose weight reaches `goal` (the one
+/// that crosses it included), in [`before`] order. Sorts only as many entries as it needs: a few
+/// dozen usually carry the mass, so this is O(V) rather than a full sort of the vocabulary.
+fn nucleus(cand: &mut [(u32, f32)], goal: f64, weight: impl Fn(f32) -> f64, w: &mut Vec<(u32, f64)>) {
+    let mut k = cand.len().min(64);
     loop {
-        if k < w.len() {
-            w.select_nth_unstable_by(k - 1, by_weight);
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, before);
         }
-        w[..k].sort_by(by_weight);
+        cand[..k].sort_unstable_by(before);
+        w.clear();
         let mut acc = 0.0;
-        for i in 0..k {
-            acc += w[i].1;
+        for c in &cand[..k] {
+            w.push((c.0, weight(c.1)));
+            acc += weight(c.1);
             if acc >= goal {
-                w.truncate(i + 1);
                 return;
             }
         }
-        if k == w.len() {
+        if k == cand.len() {
             return;
         }
-        k = (k * 4).min(w.len());
+        k = (k * 4).min(cand.len());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{rngs::StdRng, SeedableRng};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
 
     fn draws(logits: &[f32], s: &Sampling, n: usize) -> Vec<u32> {
         let mut rng = StdRng::seed_from_u64(7);
-        (0..n).map(|_| sample(&mut logits.to_vec(), &[], s, &mut rng)).collect()
+        (0..n).map(|_| sample(&mut logits.to_vec(), &[], s, rng.random())).collect()
     }
 
     #[test]
@@ -173,7 +207,7 @@ mod tests {
     fn repetition_penalty_follows_the_ctrl_rule() {
         let mut l = vec![2.0, 1.5, -1.0];
         let s = Sampling { repetition_penalty: 2.0, ..Sampling::default() };
-        let t = sample(&mut l, &[0, 0, 2], &s, &mut StdRng::seed_from_u64(0));
+        let t = sample(&mut l, &[0, 0, 2], &s, 0.5);
         assert_eq!(l, vec![1.0, 1.5, -2.0]);
         assert_eq!(t, 1);
     }

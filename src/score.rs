@@ -3,6 +3,7 @@
 
 use crate::backend::{Backend, Cpu};
 use crate::model::Model;
+use crate::ops::cross_entropy;
 use crate::state::State;
 use anyhow::{bail, Result};
 
@@ -22,16 +23,18 @@ impl Score {
     }
 }
 
-/// `log Σ exp(v)` in f64.
-pub fn log_sum_exp(v: &[f32]) -> f64 {
-    let m = v.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
-}
-
-/// Scores `ids` in chunks of `chunk` tokens (`chunk == 1` is the pure recurrence). Each chunk's
-/// logits (`len × vocab_padded`) are passed to `on_logits` as they are produced.
-pub fn score(model: &Model, ids: &[u32], chunk: usize, on_logits: impl FnMut(&[f32]) -> Result<()>) -> Result<Score> {
-    score_on(&mut Cpu::new(model), ids, chunk, on_logits)
+/// Scores `ids` in chunks of `chunk` tokens (`chunk == 1` is the pure recurrence).
+/// `on_chunk(tokens, logits)` is called after each chunk with its token count and, if
+/// `keep_logits`, its logits (`len × vocab_padded`; otherwise empty, and the logits never leave
+/// the backend: each position's cross-entropy is computed where they are).
+pub fn score(
+    model: &Model,
+    ids: &[u32],
+    chunk: usize,
+    keep_logits: bool,
+    on_chunk: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<Score> {
+    score_on(&mut Cpu::new(model), ids, chunk, keep_logits, on_chunk)
 }
 
 /// [`score`] on any backend.
@@ -39,7 +42,8 @@ pub fn score_on(
     be: &mut dyn Backend,
     ids: &[u32],
     chunk: usize,
-    mut on_logits: impl FnMut(&[f32]) -> Result<()>,
+    keep_logits: bool,
+    mut on_chunk: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<Score> {
     if chunk == 0 {
         bail!("--chunk must be at least 1");
@@ -53,14 +57,17 @@ pub fn score_on(
     for start in (0..ids.len()).step_by(chunk) {
         let end = (start + chunk).min(ids.len());
         let len = end - start;
-        let logits = be.forward(&ids[start..end], len, &[0], len)?;
-        for (j, row) in logits.chunks(v).enumerate() {
-            if let Some(&target) = ids.get(start + j + 1) {
-                s.nll_sum += log_sum_exp(row) - row[target as usize] as f64;
-                s.predicted += 1;
-            }
-        }
-        on_logits(&logits)?;
+        // Each position predicts the next token; the sequence's last has nothing to predict.
+        let targets = &ids[start + 1..(end + 1).min(ids.len())];
+        let (nll, logits) = if keep_logits {
+            let logits = be.forward(&ids[start..end], len, &[0], len)?;
+            (cross_entropy::nll_rows(&logits, v, targets), logits)
+        } else {
+            (be.forward_nll(&ids[start..end], 0, targets)?, vec![])
+        };
+        s.nll_sum += nll.iter().sum::<f64>();
+        s.predicted += nll.len();
+        on_chunk(len, &logits)?;
     }
     Ok(s)
 }

@@ -43,8 +43,10 @@ fn recurrent_and_chunked_paths_match_reference() {
             let (logits, nll) = chunked_logits(&m, &e.ids, chunk);
             let err = rel_l2(&logits, &e.logits);
             assert!(err <= 1e-4, "{name}: chunk {chunk}: rel L2 {err:e}");
-            for (a, b) in nll.iter().zip(&e.nll) {
+            let fused = fused_nll(&mut mamba_lm::backend::Cpu::new(&m), &e.ids, chunk);
+            for ((a, f), b) in nll.iter().zip(&fused).zip(&e.nll) {
                 assert!((a - b).abs() <= 1e-4, "{name}: chunk {chunk}: nll {a} vs {b}");
+                assert!((f - b).abs() <= 1e-4, "{name}: chunk {chunk}: fused nll {f} vs {b}");
             }
         }
     }

@@ -1,8 +1,10 @@
 //! Operator-level checks against the official reference functions' outputs (ops.safetensors):
-//! the Mamba-1 selective scan and the Mamba-2 chunked SSD, under every instruction set.
+//! the Mamba-1 selective scan and the Mamba-2 chunked SSD, under every instruction set; and the
+//! fused cross-entropy against its plain f64 form.
 
 mod common;
 use common::*;
+use mamba_lm::ops::cross_entropy::{nll_rows, nll_rows_slow};
 use mamba_lm::ops::selective_scan::{selective_scan, ScanInputs};
 use mamba_lm::ops::simd::{set_isa, Isa};
 use mamba_lm::ops::ssd::{ssd, SsdDims, SsdInputs};
@@ -126,6 +128,28 @@ fn ssd_matches_reference_for_any_block() {
                 assert!(max_err(&st, sr) <= 1e-5, "{} block {block}: state err {}", isa.name(), max_err(&st, sr));
             }
         }
+    }
+    set_isa(Isa::detect());
+}
+
+#[test]
+fn cross_entropy_matches_the_f64_reference() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(3);
+    // A vocabulary that is no multiple of the vector width, logits spread over ±30.
+    let (rows, v) = (9, 50_281);
+    let logits: Vec<f32> = (0..rows * v).map(|_| rng.random_range(-30.0..30.0f32)).collect();
+    let targets: Vec<u32> = (0..rows).map(|_| rng.random_range(0..v as u32)).collect();
+    let want = nll_rows_slow(&logits, v, &targets);
+    for isa in isas() {
+        set_isa(isa);
+        for (a, b) in nll_rows(&logits, v, &targets).iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{}: {a} vs {b}", isa.name());
+        }
+        // A one-hot row: the target's own probability is 1 to within e^-1e4.
+        let mut one = vec![-1e4f32; 100];
+        one[7] = 0.0;
+        assert!(nll_rows(&one, 100, &[7])[0].abs() < 1e-12);
     }
     set_isa(Isa::detect());
 }

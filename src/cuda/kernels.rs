@@ -14,6 +14,7 @@ const CONV: &str = include_str!("../ops/causal_conv1d.cu");
 const SCAN: &str = include_str!("../ops/selective_scan.cu");
 const SSD: &str = include_str!("../ops/ssd.cu");
 const SAMPLING: &str = include_str!("../ops/sampling.cu");
+const CROSS_ENTROPY: &str = include_str!("../ops/cross_entropy.cu");
 const DECODE: &str = include_str!("../ops/decode.cu");
 
 /// One NVRTC compilation: a module name and its source (common.cuh is prepended).
@@ -69,11 +70,14 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
     if let Some(t) = kernel.strip_prefix("decode_step_") {
         return Some(unit(&format!("decode_{t}"), &format!("{DECODE}\nSTEP_KERNEL({t})\n")));
     }
+    if matches!(kernel, "argmax" | "sample_rows" | "pick_top") {
+        return Some(unit("sampling", &format!("{}{SAMPLING}", super::pick::defines())));
+    }
     let (name, src) = match kernel {
         k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") => ("rms_norm", RMS_NORM),
         k if k.starts_with("conv1d_") => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
-        "argmax" | "sample_rows" => ("sampling", SAMPLING),
+        "nll_rows" => ("cross_entropy", CROSS_ENTROPY),
         _ => return None,
     };
     Some(unit(name, src))
@@ -97,6 +101,7 @@ pub fn all_units() -> Vec<Unit> {
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));
+    v.extend(unit_for("nll_rows"));
     v
 }
 

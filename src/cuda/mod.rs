@@ -7,6 +7,7 @@ pub mod bench;
 pub mod gemm;
 pub mod kernels;
 pub mod model;
+pub mod pick;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{

@@ -4,11 +4,12 @@
 //! `l == 1`) without synchronising; [`Decoder`] runs the step, argmax included, as one launch:
 //! decode.cu's persistent kernel for one sequence, a captured CUDA graph for several.
 
+use super::pick::{needs_pick, Picker, PICK_HOST};
 use super::{err, Gpu};
 use crate::backend::Backend;
 use crate::config::{Arch, Config};
 use crate::model::{Linear, Mixer, Model, Norm};
-use crate::sampling::Sampling;
+use crate::sampling::{sample, Sampling};
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
 use anyhow::{bail, Result};
@@ -149,17 +150,15 @@ struct ArgmaxParams {
     limit: i32,
 }
 
-/// Mirrors `SampleParams` in sampling.cu.
+/// Mirrors `NllParams` in cross_entropy.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct SampleParams {
+struct NllParams {
     logits: u64,
-    out: u64,
-    u: u64,
+    targets: u64,
+    nll: u64,
     stride: i32,
-    limit: i32,
-    inv_t_log2e: f32,
-    min_p: f32,
+    v: i32,
 }
 
 /// Mirrors `StepLayer` in decode.cu: one layer's weights and state for the step kernel.
@@ -248,7 +247,7 @@ unsafe impl DeviceRepr for GatedNormParams {}
 unsafe impl DeviceRepr for ConvParams {}
 unsafe impl DeviceRepr for ScanParams {}
 unsafe impl DeviceRepr for ScanStepParams {}
-unsafe impl DeviceRepr for SampleParams {}
+unsafe impl DeviceRepr for NllParams {}
 unsafe impl DeviceRepr for ArgmaxParams {}
 
 fn suffix(t: DType) -> &'static str {
@@ -1090,6 +1089,51 @@ impl GpuModel {
     /// positions.
     pub fn run(&self, tokens: &[u32], l: usize, st: &GpuStates, first: usize, n_logits: usize) -> Result<Vec<f32>> {
         let seqs = tokens.len() / l.max(1);
+        self.run_then(tokens, l, st, first, n_logits, |b| {
+            self.gpu.download(&b.logits, seqs * n_logits * self.cfg.vocab_padded)
+        })
+    }
+
+    /// Runs `tokens` (one sequence) from slot `slot` of `st` and returns `−log p(target)` for
+    /// each of its first `targets.len()` positions, computed on the device (cross_entropy.cu).
+    pub fn run_nll(&self, tokens: &[u32], st: &GpuStates, slot: usize, targets: &[u32]) -> Result<Vec<f64>> {
+        let (l, n, v) = (tokens.len(), targets.len(), self.cfg.vocab_padded);
+        if n > l {
+            bail!("GPU forward: {n} targets for {l} positions");
+        }
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+        }
+        self.run_then(tokens, l, st, slot, l, |b| {
+            if n == 0 {
+                return Ok(vec![]);
+            }
+            let g = &self.gpu;
+            let t = g.upload(targets)?;
+            let nll = g.alloc::<f64>(n)?;
+            let p = NllParams {
+                logits: g.ptr(&b.logits),
+                targets: g.ptr(&t),
+                nll: g.ptr(&nll),
+                stride: v as i32,
+                v: v as i32,
+            };
+            g.launch("nll_rows", (n as u32, 1, 1), 1024, &p, None)?;
+            g.download(&nll, n)
+        })
+    }
+
+    /// Enqueues a forward pass as [`GpuModel::run`] describes, then hands its buffers to `then`.
+    fn run_then<T>(
+        &self,
+        tokens: &[u32],
+        l: usize,
+        st: &GpuStates,
+        first: usize,
+        n_logits: usize,
+        then: impl FnOnce(&Buffers) -> Result<T>,
+    ) -> Result<T> {
+        let seqs = tokens.len() / l.max(1);
         let v = self.cfg.vocab_padded;
         if l == 0 || tokens.len() != seqs * l || first + seqs > st.seqs || n_logits > l {
             bail!(
@@ -1113,7 +1157,7 @@ impl GpuModel {
         let mut dst = b.tokens.slice_mut(..tokens.len());
         self.gpu.stream.memcpy_htod(tokens, &mut dst).map_err(err)?;
         self.forward(b, st, first, seqs, l, n_logits)?;
-        self.gpu.download(&b.logits, seqs * n_logits * v)
+        then(b)
     }
 
     /// The decode step of slots `0..seqs` of `st`: the persistent kernel of decode.cu for one
@@ -1133,7 +1177,14 @@ impl GpuModel {
             g.sync()?;
             drop(warm);
             let k = self.step_kernel(&bufs, st, vocab_limit)?;
-            return Ok(Decoder { model: self, bufs, replay: Replay::Kernel(Box::new(k)), seqs, vocab_limit });
+            return Ok(Decoder {
+                model: self,
+                bufs,
+                replay: Replay::Kernel(Box::new(k)),
+                seqs,
+                vocab_limit,
+                picker: None,
+            });
         }
         // Create every cuBLASLt plan and load every kernel before capture, on scratch states
         // (capture records work without running it; this warm-up runs it).
@@ -1152,7 +1203,7 @@ impl GpuModel {
             // device without the host in the loop.
             g.stream.memcpy_dtod(&bufs.ids, &mut bufs.tokens).map_err(err)
         })?;
-        Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs, vocab_limit })
+        Ok(Decoder { model: self, bufs, replay: Replay::Graph(graph), seqs, vocab_limit, picker: None })
     }
 }
 
@@ -1206,6 +1257,8 @@ pub struct Decoder<'a> {
     pub seqs: usize,
     /// The greedy pick is below this token id.
     pub vocab_limit: usize,
+    /// Buffers of picks other than greedy, made when first needed.
+    picker: Option<Picker>,
 }
 
 impl Decoder<'_> {
@@ -1235,23 +1288,16 @@ impl Decoder<'_> {
         self.model.gpu.download(&self.bufs.ids, self.seqs)
     }
 
-    /// Each sequence's next token drawn from the last step's logits with `s`'s temperature and
-    /// min-p (its top-k must be 0, top-p off) and the uniform number `u[i]` (sampling.cu).
-    pub fn sample(&self, s: &Sampling, u: &[f32]) -> Result<Vec<u32>> {
+    /// Each sequence's next token picked from the last step's logits by `s` (see
+    /// [`Picker::pick`]; rows it leaves to the host come back as [`PICK_HOST`]).
+    pub fn pick(&mut self, s: &Sampling, u: &[f32], history: &[&[u32]]) -> Result<Vec<u32>> {
         let g = &self.model.gpu;
-        let u = g.upload(u)?;
-        let padded = self.model.cfg.vocab_padded;
-        let p = SampleParams {
-            logits: g.ptr(&self.bufs.logits),
-            out: g.ptr(&self.bufs.ids),
-            u: g.ptr(&u),
-            stride: padded as i32,
-            limit: self.vocab_limit.min(padded) as i32,
-            inv_t_log2e: std::f32::consts::LOG2_E / s.temperature,
-            min_p: s.min_p,
-        };
-        g.launch("sample_rows", (self.seqs as u32, 1, 1), 1024, &p, None)?;
-        g.download(&self.bufs.ids, self.seqs)
+        let v = self.model.cfg.vocab_padded;
+        if self.picker.is_none() {
+            self.picker = Some(Picker::new(g, self.seqs, v)?);
+        }
+        let logits = g.ptr(&self.bufs.logits);
+        self.picker.as_mut().unwrap().pick(g, logits, v, self.vocab_limit.min(v), s, u, history)
     }
 
     /// The logits of sequences `seqs` after the last step, row after row.
@@ -1329,9 +1375,14 @@ impl Backend for GpuRun<'_> {
         self.retired[i] = true;
     }
 
-    fn picks(&self, s: &Sampling) -> bool {
-        let top_p = s.top_p > 0.0 && s.top_p < 1.0;
-        s.repetition_penalty == 1.0 && (s.is_greedy() || (s.top_k == 0 && !top_p))
+    fn forward_nll(&mut self, tokens: &[u32], slot: usize, targets: &[u32]) -> Result<Vec<f64>> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        self.pos[slot] += tokens.len() as u64;
+        self.model.run_nll(tokens, st, slot, targets)
+    }
+
+    fn picks(&self, _s: &Sampling) -> bool {
+        true
     }
 
     fn forward_pick(
@@ -1341,21 +1392,34 @@ impl Backend for GpuRun<'_> {
         limit: usize,
         sampling: &Sampling,
         us: &[f64],
+        history: &[&[u32]],
     ) -> Result<Vec<u32>> {
         if !self.step_spares_the_rest(slots) {
             bail!("a GPU decode step of some slots needs the others retired");
         }
         slots.iter().for_each(|&i| self.pos[i] += 1);
         self.step(tokens, slots, limit)?;
-        let dec = self.decoder.as_ref().unwrap();
-        let ids = if sampling.is_greedy() {
-            dec.argmax()?
-        } else {
-            let mut u = vec![0.0f32; dec.seqs];
-            slots.iter().zip(us).for_each(|(&i, &x)| u[i] = x as f32);
-            dec.sample(sampling, &u)?
-        };
-        Ok(slots.iter().map(|&i| ids[i]).collect())
+        let dec = self.decoder.as_mut().unwrap();
+        if !needs_pick(sampling) {
+            let ids = dec.argmax()?;
+            return Ok(slots.iter().map(|&i| ids[i]).collect());
+        }
+        let mut u = vec![0.0f32; dec.seqs];
+        let mut hist: Vec<&[u32]> = vec![&[]; dec.seqs];
+        for ((&i, &x), &h) in slots.iter().zip(us).zip(history) {
+            u[i] = x as f32;
+            hist[i] = h;
+        }
+        let ids = dec.pick(sampling, &u, &hist)?;
+        let mut out = Vec::with_capacity(slots.len());
+        for (j, &i) in slots.iter().enumerate() {
+            out.push(match ids[i] {
+                // A kept set too large for the device's sort: the host picks from the logits.
+                PICK_HOST => sample(&mut dec.logits(i..i + 1)?[..limit], history[j], sampling, us[j]),
+                t => t,
+            });
+        }
+        Ok(out)
     }
 
     fn picked_logits(&mut self, i: usize) -> Result<Vec<f32>> {

@@ -5,6 +5,7 @@ use super::Linear;
 use crate::config::Config;
 use crate::loader::Checkpoint;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
+use crate::ops::matmul::Rows;
 use crate::ops::selective_scan::{selective_scan, ScanInputs};
 use crate::state::LayerState;
 use crate::tensor::DType;
@@ -83,8 +84,9 @@ impl Mamba1 {
     pub fn forward(&self, h: &[f32], l: usize, states: &mut [&mut LayerState], out: &mut [f32]) {
         let (e, n, r) = (self.e, self.n, self.r);
         let rows = states.len() * l;
+        let kind = Rows::of(states.len(), l);
         let mut xz = vec![0.0f32; rows * 2 * e];
-        self.in_proj.forward(h, rows, &mut xz);
+        self.in_proj.forward(h, kind, &mut xz);
         let mut xc = vec![0.0f32; rows * e];
         let xdw = r + 2 * n;
         let mut xdbl = vec![0.0f32; rows * xdw];
@@ -104,8 +106,8 @@ impl Mamba1 {
                 &mut xc[c0..],
             );
         }
-        self.x_proj.forward(&xc, rows, &mut xdbl);
-        self.dt_proj.forward_strided(&xdbl, rows, xdw, &mut dt, e);
+        self.x_proj.forward(&xc, kind, &mut xdbl);
+        self.dt_proj.forward_strided(&xdbl, kind, xdw, &mut dt, e);
         for (s, st) in states.iter_mut().enumerate() {
             let (x0, c0, d0) = (s * l * 2 * e, s * l * e, s * l * xdw);
             let inp = ScanInputs {
@@ -123,6 +125,6 @@ impl Mamba1 {
             };
             selective_scan(&inp, l, e, n, &mut st.ssm, &mut y[c0..]);
         }
-        self.out_proj.forward(&y, rows, out);
+        self.out_proj.forward(&y, kind, out);
     }
 }

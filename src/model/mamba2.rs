@@ -6,6 +6,7 @@ use super::Linear;
 use crate::config::Config;
 use crate::loader::Checkpoint;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
+use crate::ops::matmul::Rows;
 use crate::ops::rms_norm::{gate, gated_rms_norm};
 use crate::ops::simd::softplus_f32;
 use crate::ops::ssd::{ssd, SsdDims, SsdInputs, DEFAULT_BLOCK};
@@ -80,8 +81,9 @@ impl Mamba2 {
         let conv_dim = d_ssm + 2 * groups * n;
         let w_in = self.in_proj.w.rows;
         let rows = states.len() * l;
+        let kind = Rows::of(states.len(), l);
         let mut zx = vec![0.0f32; rows * w_in];
-        self.in_proj.forward(hs, rows, &mut zx);
+        self.in_proj.forward(hs, kind, &mut zx);
         // Column offsets inside in_proj's output.
         let (z_at, xbc_at, dt_at) = (2 * d_mlp, 2 * d_mlp + d_ssm, 2 * d_mlp + d_ssm + conv_dim);
         let mut xbc = vec![0.0f32; rows * conv_dim];
@@ -124,7 +126,7 @@ impl Mamba2 {
         }
         gated_rms_norm(&mut y, &zx[z_at..], w_in, &self.norm_w, d_ssm / groups, self.eps);
         if d_mlp == 0 {
-            self.out_proj.forward(&y, rows, out);
+            self.out_proj.forward(&y, kind, out);
         } else {
             let mut cat = vec![0.0f32; rows * self.d_inner];
             for r in 0..rows {
@@ -133,7 +135,7 @@ impl Mamba2 {
                 gate(&mut row[..d_mlp], &zx[r * w_in..r * w_in + d_mlp]);
                 row[d_mlp..].copy_from_slice(&y[r * d_ssm..(r + 1) * d_ssm]);
             }
-            self.out_proj.forward(&cat, rows, out);
+            self.out_proj.forward(&cat, kind, out);
         }
     }
 }

@@ -7,7 +7,8 @@ pub mod mamba2;
 
 use crate::config::{Arch, Config};
 use crate::loader::Checkpoint;
-use crate::ops::matmul::{add_bias, matmul_t};
+use crate::ops::cross_entropy;
+use crate::ops::matmul::{add_bias, matmul_t, Rows};
 use crate::ops::rms_norm::{layer_norm, rms_norm};
 use crate::state::{LayerState, State};
 use crate::tensor::{DType, Matrix};
@@ -30,15 +31,15 @@ impl Linear {
         })
     }
 
-    /// `rows` contiguous input rows of `w.cols` → `rows` contiguous output rows of `w.rows`.
-    pub fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+    /// Contiguous input rows of `w.cols` → contiguous output rows of `w.rows`.
+    pub fn forward(&self, x: &[f32], rows: Rows, y: &mut [f32]) {
         self.forward_strided(x, rows, self.w.cols, y, self.w.rows)
     }
 
-    pub fn forward_strided(&self, x: &[f32], rows: usize, x_rs: usize, y: &mut [f32], y_rs: usize) {
+    pub fn forward_strided(&self, x: &[f32], rows: Rows, x_rs: usize, y: &mut [f32], y_rs: usize) {
         matmul_t(x, rows, x_rs, &self.w, y, y_rs);
         if let Some(b) = &self.b {
-            add_bias(y, rows, y_rs, b);
+            add_bias(y, rows.count(), y_rs, b);
         }
     }
 }
@@ -205,13 +206,62 @@ impl Model {
     /// `l == 1` is the recurrent step; larger `l` is a parallel prefill.
     pub fn forward(&self, tokens: &[u32], l: usize, states: &mut [&mut State], n_logits: usize) -> Result<Vec<f32>> {
         let b = states.len();
-        let d = self.cfg.d_model;
         if tokens.len() != b * l {
             bail!("forward: {} tokens for {b} sequences of {l}", tokens.len());
         }
         if n_logits > l {
             bail!("forward: {n_logits} logits asked from {l} positions");
         }
+        let v = self.cfg.vocab_padded;
+        if l > 1 && b > 1 {
+            // Prefill one sequence at a time: each then goes through the same products as when
+            // it runs alone, so its results do not depend on the batch.
+            let mut logits = Vec::with_capacity(b * n_logits * v);
+            for (s, st) in states.iter_mut().enumerate() {
+                logits.extend(self.forward(&tokens[s * l..(s + 1) * l], l, &mut [&mut **st], n_logits)?);
+            }
+            return Ok(logits);
+        }
+        let resid = self.layers_forward(tokens, l, states)?;
+        if n_logits == 0 {
+            return Ok(vec![]);
+        }
+        let d = self.cfg.d_model;
+        // Only the asked-for positions go through the final norm and the LM head.
+        let mut last = Vec::with_capacity(b * n_logits * d);
+        for s in 0..b {
+            last.extend_from_slice(&resid[(s * l + l - n_logits) * d..(s * l + l) * d]);
+        }
+        let mut normed = vec![0.0f32; last.len()];
+        self.norm_f.forward(&last, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
+        let mut logits = vec![0.0f32; b * n_logits * v];
+        let rows = if l == 1 { Rows::Sequences(b) } else { Rows::Positions(b * n_logits) };
+        matmul_t(&normed, rows, d, head, &mut logits, v);
+        Ok(logits)
+    }
+
+    /// Feeds `tokens` to one sequence and returns `−log p(target)` for each of its first
+    /// `targets.len()` positions (f64), the logits never held whole (see
+    /// [`cross_entropy::head_nll`]).
+    pub fn forward_nll(&self, tokens: &[u32], state: &mut State, targets: &[u32]) -> Result<Vec<f64>> {
+        if targets.len() > tokens.len() {
+            bail!("forward: {} targets for {} positions", targets.len(), tokens.len());
+        }
+        let v = self.cfg.vocab_padded;
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+            bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+        }
+        let resid = self.layers_forward(tokens, tokens.len(), &mut [state])?;
+        let d = self.cfg.d_model;
+        let mut normed = vec![0.0f32; targets.len() * d];
+        self.norm_f.forward(&resid[..normed.len()], &mut normed);
+        Ok(cross_entropy::head_nll(&normed, self.lm_head.as_ref().unwrap_or(&self.embedding), targets))
+    }
+
+    /// The residual stream after every layer (`states.len() × l` rows of d_model).
+    fn layers_forward(&self, tokens: &[u32], l: usize, states: &mut [&mut State]) -> Result<Vec<f32>> {
+        let (b, d) = (states.len(), self.cfg.d_model);
         let v = self.cfg.vocab_padded;
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
             bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
@@ -238,19 +288,6 @@ impl Model {
         for s in states.iter_mut() {
             s.pos += l as u64;
         }
-        if n_logits == 0 {
-            return Ok(vec![]);
-        }
-        // Only the asked-for positions go through the final norm and the LM head.
-        let mut last = Vec::with_capacity(b * n_logits * d);
-        for s in 0..b {
-            last.extend_from_slice(&resid[(s * l + l - n_logits) * d..(s * l + l) * d]);
-        }
-        let mut normed = vec![0.0f32; last.len()];
-        self.norm_f.forward(&last, &mut normed);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
-        let mut logits = vec![0.0f32; b * n_logits * v];
-        matmul_t(&normed, b * n_logits, d, head, &mut logits, v);
-        Ok(logits)
+        Ok(resid)
     }
 }

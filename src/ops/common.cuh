@@ -99,9 +99,10 @@ __device__ __forceinline__ float softplus(float x) {
 
 __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 __device__ __forceinline__ float2 shfl_xor(float2 v, int o) { return make_float2(shfl_xor(v.x, o), shfl_xor(v.y, o)); }
+__device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 
 // `op` (with identity `id`) over a block of `blockDim.x` threads (a multiple of 32, at most
-// 1024), warps first; every thread gets the result. V: float or float2.
+// 1024), warps first; every thread gets the result. V: float, float2 or double.
 template <typename V, typename Op> __device__ __forceinline__ V block_reduce(V v, V id, Op op) {
     __shared__ V part[32];
     for (int o = 16; o > 0; o >>= 1) v = op(v, shfl_xor(v, o));
@@ -121,6 +122,10 @@ __device__ __forceinline__ float2 block_sum2(float a, float b) {
 }
 
 __device__ __forceinline__ float block_sum(float v) { return block_sum2(v, 0.0f).x; }
+
+__device__ __forceinline__ float block_max(float v) {
+    return block_reduce(v, __int_as_float(0xff800000), [](float x, float y) { return fmaxf(x, y); });
+}
 
 // The normalisation of a row from its per-thread partial sums of x and x²: returns 1/σ and sets
 // the mean (zero for RMSNorm; LayerNorm when `with_mean`). Every thread of the block calls it.

@@ -1,8 +1,10 @@
 //! `y = x · Wᵀ` for a batch of activation rows against a stored weight matrix.
 //!
-//! Few rows (decode): a streaming matrix-vector kernel that reads every weight exactly once,
-//! widening bf16/f16 on the fly, rows split across threads — bound by memory bandwidth
-//! (`rows × cols × sizeof(weight)` bytes per call). Many rows (prefill): the `gemm` crate's
+//! Decode steps (one row per sequence) and few rows: a streaming matrix-vector kernel that
+//! reads every weight exactly once, widening bf16/f16 on the fly, rows split across threads —
+//! bound by memory bandwidth (`rows × cols × sizeof(weight)` bytes per call). Each row's dot
+//! products are the same whatever other rows share the call, so a sequence's tokens do not
+//! depend on the batch it decodes in. Many positions of one sequence (prefill): the `gemm` crate's
 //! blocked f32 kernel, compute bound (`2 · n · rows · cols` FLOPs); bf16 weights go through
 //! the AVX-512-BF16 kernel where the CPU has it, other half-precision weights are widened once
 //! per call into a scratch matrix first.
@@ -12,7 +14,7 @@ use crate::dispatch;
 use crate::tensor::{Matrix, Store};
 use rayon::prelude::*;
 
-/// Up to this many activation rows use the streaming kernel.
+/// Up to this many positions use the streaming kernel.
 const GEMV_MAX_ROWS: usize = 4;
 
 /// Bytes ahead of the current weight that the streaming kernel prefetches, with the
@@ -33,15 +35,44 @@ impl<T> SendPtr<T> {
     }
 }
 
-/// `y[i·y_rs + j] = Σ_k x[i·x_rs + k] · w[j, k]` for `i < n`, `j < w.rows`.
-pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize) {
+/// What the rows of a product are, which picks its kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Consecutive positions of one sequence (prefill, scoring): the blocked GEMM from a few
+    /// rows up.
+    Positions(usize),
+    /// One row per sequence (a decode step): the streaming kernel at any count, so each row's
+    /// result does not depend on the others.
+    Sequences(usize),
+}
+
+impl Rows {
+    /// The rows of `seqs` sequences of `l` tokens each (`l == 1`: a decode step).
+    pub fn of(seqs: usize, l: usize) -> Rows {
+        if l == 1 {
+            Rows::Sequences(seqs)
+        } else {
+            Rows::Positions(seqs * l)
+        }
+    }
+
+    pub fn count(self) -> usize {
+        match self {
+            Rows::Positions(n) | Rows::Sequences(n) => n,
+        }
+    }
+}
+
+/// `y[i·y_rs + j] = Σ_k x[i·x_rs + k] · w[j, k]` for `i < n`, `j < w.rows` (`n` rows).
+pub fn matmul_t(x: &[f32], rows: Rows, x_rs: usize, w: &Matrix, y: &mut [f32], y_rs: usize) {
+    let n = rows.count();
     if n == 0 {
         return;
     }
     let (m, k) = (w.rows, w.cols);
     assert!(x_rs >= k && x.len() >= (n - 1) * x_rs + k, "matmul: x too short");
     assert!(y_rs >= m && y.len() >= (n - 1) * y_rs + m, "matmul: y too short");
-    if n <= GEMV_MAX_ROWS {
+    if n <= GEMV_MAX_ROWS || matches!(rows, Rows::Sequences(_)) {
         gemv(x, n, x_rs, w, y, y_rs);
         return;
     }
@@ -60,6 +91,39 @@ pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_r
             &widened
         }
     };
+    gemm_f32(x, n, x_rs, wf, m, k, y, y_rs, gemm::Parallelism::Rayon(rayon::current_num_threads()));
+}
+
+/// `y = x · Wᵀ` for `n` rows against a contiguous `m × k` f32 matrix, on the calling thread
+/// (for callers that run many products in parallel themselves).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_t_serial(
+    x: &[f32],
+    n: usize,
+    x_rs: usize,
+    w: &[f32],
+    m: usize,
+    k: usize,
+    y: &mut [f32],
+    y_rs: usize,
+) {
+    gemm_f32(x, n, x_rs, w, m, k, y, y_rs, gemm::Parallelism::None);
+}
+
+/// The `gemm` crate's blocked f32 product, `y[i, j] = Σ_k x[i, k] · w[j, k]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    x: &[f32],
+    n: usize,
+    x_rs: usize,
+    w: &[f32],
+    m: usize,
+    k: usize,
+    y: &mut [f32],
+    y_rs: usize,
+    par: gemm::Parallelism,
+) {
+    assert!(n > 0 && x.len() >= (n - 1) * x_rs + k && w.len() >= m * k && y.len() >= (n - 1) * y_rs + m);
     unsafe {
         gemm::gemm(
             n,
@@ -72,7 +136,7 @@ pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_r
             x.as_ptr(),
             1,
             x_rs as isize,
-            wf.as_ptr(),
+            w.as_ptr(),
             k as isize,
             1,
             0.0,
@@ -80,7 +144,7 @@ pub fn matmul_t(x: &[f32], n: usize, x_rs: usize, w: &Matrix, y: &mut [f32], y_r
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            par,
         );
     }
 }

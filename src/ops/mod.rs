@@ -2,6 +2,7 @@
 //! written once against [`simd::Simd`] and dispatched at run time to AVX-512, AVX2 or scalar.
 
 pub mod causal_conv1d;
+pub mod cross_entropy;
 pub mod gemm_bf16;
 pub mod matmul;
 pub mod pool;

@@ -40,37 +40,81 @@ extern "C" __global__ void __launch_bounds__(1024) argmax(const ArgmaxParams p) 
     }
 }
 
-// Sampling on the GPU with temperature and min-p, by the CPU's rules (src/sampling.rs, top-k 0,
-// no top-p): weights w = exp((l − max)/T), tokens with w ≥ min-p kept; the pick is the first
-// token, in id order, where the cumulative kept weight reaches u·Σw for the row's uniform
-// number u (drawn by the host, as the CPU draws it), so both make the same pick up to rounding.
-// (Top-k and top-p stay on the host: radix selects over the vocabulary in one block per row
-// measured slower than copying the logits out.) One block of 1024 threads per row; reads the
-// row's logits 3 times (from L2), hands the host 4 bytes.
+// The other samplers, by the CPU's rules (src/sampling.rs), each row's pick drawn with the
+// uniform number u the host drew for it (as the CPU draws it), so both make the same pick up to
+// rounding. Both kernels below take PickParams, run one block of 1024 threads per row and hand
+// the host 4 bytes a row. The repetition penalty reads a bitmask of the ids each row has seen,
+// kept on the device: a pick first sets the bits of the ids fed since the last one.
+// PICK_CAP, PICK_BINS, PICK_BINS_PER_UNIT and PICK_HOST are #defined by the host (src/cuda/pick.rs).
 
-struct SampleParams {
-    const float* logits;   // (rows, stride)
-    unsigned* out;         // (rows)
-    const float* u;        // (rows) uniform in [0, 1)
+struct PickParams {
+    const float* logits;      // (rows, stride)
+    unsigned* out;            // (rows) the pick, or PICK_HOST: the host picks from the logits
+    const float* u;           // (rows) uniform in [0, 1)
+    unsigned* seen;           // (rows, seen_words) bit i: id i was seen (used with a penalty)
+    const unsigned* new_ids;  // ids fed since the last pick: row r's at new_at[r] .. new_at[r + 1]
+    const int* new_at;        // (rows + 1)
+    int seen_words;
     int stride;
-    int limit;             // only ids below this are considered
-    float inv_t_log2e;     // log2(e) / temperature
-    float min_p;           // 0: off
+    int limit;                // only ids below this are considered
+    float inv_t_log2e;        // log2(e) / temperature
+    float min_p;              // with top-k 0; 0: off
+    float top_p;              // 1: off
+    float penalty;            // 1: off
+    int top_k;                // 0: off
 };
 
-__device__ __forceinline__ float block_max(float v) {
-    return block_reduce(v, __int_as_float(0xff800000), [](float x, float y) { return fmaxf(x, y); });
+// Marks the row's newly fed ids as seen; returns its seen bits (null without a penalty).
+__device__ __forceinline__ const unsigned* mark_seen(const PickParams& p) {
+    if (p.penalty == 1.0f) return nullptr;
+    unsigned* seen = p.seen + (long)blockIdx.x * p.seen_words;
+    for (int j = p.new_at[blockIdx.x] + threadIdx.x; j < p.new_at[blockIdx.x + 1]; j += blockDim.x) {
+        const unsigned id = p.new_ids[j];
+        if (id < 32u * p.seen_words) atomicOr(&seen[id >> 5], 1u << (id & 31));
+    }
+    __syncthreads();  // the block's global writes are visible to it after the barrier
+    return seen;
 }
 
-extern "C" __global__ void __launch_bounds__(1024) sample_rows(const SampleParams p) {
+// Logit i after the repetition penalty (CTRL rule).
+__device__ __forceinline__ float penalized(const float* x, const unsigned* seen, float penalty, int i) {
+    const float v = x[i];
+    if (seen && ((seen[i >> 5] >> (i & 31)) & 1u)) return v < 0.0f ? v * penalty : v / penalty;
+    return v;
+}
+
+// Inclusive scan of `v` over the block; sets `total` to the block's sum. Every thread calls it.
+__device__ __forceinline__ float block_scan(float v, float& total) {
+    __shared__ float wsum[32];
+    for (int o = 1; o < 32; o <<= 1) {
+        const float t = __shfl_up_sync(0xffffffffu, v, o);
+        if (threadIdx.x % 32 >= o) v += t;
+    }
+    __syncthreads();  // `wsum` may still be read by a previous call
+    if (threadIdx.x % 32 == 31) wsum[threadIdx.x / 32] = v;
+    __syncthreads();
+    float before = 0.0f;
+    total = 0.0f;
+    for (int w = 0; w < blockDim.x / 32; w++) {
+        if (w < threadIdx.x / 32) before += wsum[w];
+        total += wsum[w];
+    }
+    return before + v;
+}
+
+// Temperature and min-p with top-k 0 and no top-p: weights w = exp((l − max)/T), tokens with
+// w ≥ min-p kept; the pick is the first token, in id order, where the cumulative kept weight
+// reaches u·Σw. Reads the row's logits 3 times (from L2).
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const PickParams p) {
     const float* x = p.logits + (long)blockIdx.x * p.stride;
+    const unsigned* seen = mark_seen(p);
     const int n = p.limit;
     float m = __int_as_float(0xff800000);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, x[i]);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, penalized(x, seen, p.penalty, i));
     m = block_max(m);
     const float s = p.inv_t_log2e;
     auto kept = [&](int i) {
-        const float w = exp2f((x[i] - m) * s);
+        const float w = exp2f((penalized(x, seen, p.penalty, i) - m) * s);
         return w >= p.min_p ? w : 0.0f;
     };
     // Each thread takes a contiguous run of ids, so a prefix sum over threads orders the mass
@@ -78,23 +122,11 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const SampleParam
     const int run = (n + blockDim.x - 1) / blockDim.x, i0 = threadIdx.x * run, i1 = min(i0 + run, n);
     float mine = 0.0f;
     for (int i = i0; i < i1; i++) mine += kept(i);
-    // Inclusive scan over the block: warps, then warp totals.
-    __shared__ float wsum[32];
     __shared__ unsigned pick;
-    float inc = mine;
-    for (int o = 1; o < 32; o <<= 1) {
-        const float v = __shfl_up_sync(0xffffffffu, inc, o);
-        if (threadIdx.x % 32 >= o) inc += v;
-    }
-    if (threadIdx.x % 32 == 31) wsum[threadIdx.x / 32] = inc;
     if (threadIdx.x == 0) pick = 0xffffffffu;
-    __syncthreads();
-    float before = 0.0f, total = 0.0f;
-    for (int w = 0; w < blockDim.x / 32; w++) {
-        if (w < threadIdx.x / 32) before += wsum[w];
-        total += wsum[w];
-    }
-    const float excl = before + inc - mine, target = p.u[blockIdx.x] * total;
+    float total;
+    const float inc = block_scan(mine, total);
+    const float excl = inc - mine, target = p.u[blockIdx.x] * total;
     if (mine > 0.0f && excl <= target && target <= excl + mine) {
         float acc = excl;
         for (int i = i0; i < i1; i++) {
@@ -114,4 +146,158 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const SampleParam
         }
         p.out[blockIdx.x] = pick == 0xffffffffu ? 0 : pick;
     }
+}
+
+// Top-k and/or top-p (and greedy with a penalty, as top-k 1): the kept tokens walked from the
+// most likely down (larger logit first, lower id among equals), the pick the first where the
+// cumulative weight reaches u times the kept total.
+// 1. The row's maximum m.
+// 2. A histogram of d = (m − l)·log2(e)/T, the token's weight exponent (w = 2^−d), in
+//    PICK_BINS bins of 1/PICK_BINS_PER_UNIT; tokens past the last bin (w < 2^−32) count as
+//    weight 0. Integer counts, so the pass is deterministic; also Σw (and Σw over min-p) by a
+//    fixed-order reduction.
+// 3. Warp 0 finds the first bin B whose bins ≤ B surely hold the kept set: k tokens (top-k), or
+//    a lower bound of their weight (count × the bin's smallest weight) reaching top-p's goal.
+// 4. The tokens of bins ≤ B (at most PICK_CAP, else the host picks) are gathered into shared
+//    memory and bitonic-sorted; top-k, top-p and the draw are exact over that sorted list.
+// Reads the row 3 times (from L2); the sort is over a few hundred entries for usual settings.
+extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) {
+    const float* x = p.logits + (long)blockIdx.x * p.stride;
+    const unsigned* seen = mark_seen(p);
+    const int n = p.limit, tid = threadIdx.x, nt = blockDim.x;
+    const float neg_inf = __int_as_float(0xff800000);
+    __shared__ unsigned hist[PICK_BINS];
+    __shared__ float key[PICK_CAP], cum[PICK_CAP];
+    __shared__ int idx[PICK_CAP];
+    __shared__ int cut_bin, count, filled, cut, pick;
+    for (int b = tid; b < PICK_BINS; b += nt) hist[b] = 0;
+    float m = neg_inf;
+    for (int i = tid; i < n; i += nt) m = fmaxf(m, penalized(x, seen, p.penalty, i));
+    m = block_max(m);
+    const float s = p.inv_t_log2e;
+    auto bin_of = [&](float v) {
+        const float d = (m - v) * s * PICK_BINS_PER_UNIT;
+        return d < PICK_BINS ? (int)d : PICK_BINS;  // NaN and −inf land past the end
+    };
+    float tot = 0.0f, tot_min = 0.0f;
+    for (int i = tid; i < n; i += nt) {
+        const float v = penalized(x, seen, p.penalty, i);
+        const float w = exp2f((v - m) * s);
+        tot += w;
+        tot_min += w >= p.min_p ? w : 0.0f;
+        const int b = bin_of(v);
+        if (b < PICK_BINS) atomicAdd(&hist[b], 1u);
+    }
+    const float2 sums = block_sum2(tot, tot_min);  // its barriers also complete the histogram
+    const bool by_count = p.top_k > 0, top_p = p.top_p < 1.0f;
+    const float goal = p.top_p * (p.min_p > 0.0f ? sums.y : sums.x);
+    if (tid < 32) {
+        constexpr int per = PICK_BINS / 32;
+        auto low = [](int b) { return exp2f(-(float)(b + 1) / PICK_BINS_PER_UNIT); };
+        unsigned c = 0;
+        float w = 0.0f;
+        for (int b = tid * per; b < (tid + 1) * per; b++) {
+            c += hist[b];
+            w += hist[b] * low(b);
+        }
+        unsigned ci = c;
+        float wi = w;
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned c2 = __shfl_up_sync(0xffffffffu, ci, o);
+            const float w2 = __shfl_up_sync(0xffffffffu, wi, o);
+            if (tid >= o) {
+                ci += c2;
+                wi += w2;
+            }
+        }
+        const unsigned reached = __ballot_sync(0xffffffffu, by_count ? ci >= (unsigned)p.top_k : wi >= goal);
+        if (reached == 0 && tid == 31) {
+            cut_bin = PICK_BINS - 1;
+            count = ci;
+        }
+        if (reached != 0 && tid == __ffs(reached) - 1) {
+            unsigned c2 = ci - c;
+            float w2 = wi - w;
+            int b = tid * per;
+            for (; b < (tid + 1) * per - 1; b++) {
+                c2 += hist[b];
+                w2 += hist[b] * low(b);
+                if (by_count ? c2 >= (unsigned)p.top_k : w2 >= goal) break;
+            }
+            if (b == (tid + 1) * per - 1) c2 += hist[b];
+            cut_bin = b;
+            count = c2;
+        }
+    }
+    if (tid == 0) filled = 0;
+    __syncthreads();
+    if (count == 0 || count > PICK_CAP) {
+        if (tid == 0) p.out[blockIdx.x] = PICK_HOST;
+        return;
+    }
+    for (int i = tid; i < n; i += nt) {
+        const float v = penalized(x, seen, p.penalty, i);
+        if (bin_of(v) <= cut_bin) {
+            const int j = atomicAdd(&filled, 1);
+            key[j] = v;
+            idx[j] = i;
+        }
+    }
+    int size = 1;
+    while (size < count) size <<= 1;
+    for (int j = count + tid; j < size; j += nt) {
+        key[j] = neg_inf;
+        idx[j] = 0x7fffffff;
+    }
+    __syncthreads();
+    // Bitonic sort, the entry that goes first (larger logit, then lower id) at the front.
+    for (int k = 2; k <= size; k <<= 1) {
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            for (int t = tid; t < size / 2; t += nt) {
+                const int a = 2 * j * (t / j) + t % j, b = a + j;
+                const bool b_first = key[b] > key[a] || (key[b] == key[a] && idx[b] < idx[a]);
+                if (b_first == ((a & k) == 0)) {
+                    const float kt = key[a];
+                    key[a] = key[b];
+                    key[b] = kt;
+                    const int it = idx[a];
+                    idx[a] = idx[b];
+                    idx[b] = it;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    // Weights in that order (min-p zeroes some with top-k 0) and their running sum.
+    const int kk = by_count ? min(p.top_k, count) : count;
+    const int run = (kk + nt - 1) / nt, j0 = min(tid * run, kk), j1 = min(j0 + run, kk);
+    float mine = 0.0f;
+    for (int j = j0; j < j1; j++) {
+        float w = exp2f((key[j] - m) * s);
+        if (!by_count && w < p.min_p) w = 0.0f;
+        cum[j] = w;
+        mine += w;
+    }
+    float total;
+    float acc = block_scan(mine, total) - mine;
+    for (int j = j0; j < j1; j++) {
+        acc += cum[j];
+        cum[j] = acc;
+    }
+    if (tid == 0) cut = kk - 1;
+    __syncthreads();
+    if (top_p) {
+        // The smallest prefix whose weight reaches top-p of the total (over the top-k with top-k).
+        const float g = by_count ? p.top_p * cum[kk - 1] : goal;
+        for (int j = tid; j < kk; j += nt)
+            if (cum[j] >= g && (j == 0 || cum[j - 1] < g)) cut = j;
+        __syncthreads();
+    }
+    const float target = p.u[blockIdx.x] * cum[cut];
+    if (tid == 0) pick = cut;
+    __syncthreads();
+    for (int j = tid; j <= cut; j += nt)
+        if (cum[j] >= target && (j == 0 || cum[j - 1] < target)) pick = j;
+    __syncthreads();
+    if (tid == 0) p.out[blockIdx.x] = idx[pick];
 }

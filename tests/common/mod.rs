@@ -78,7 +78,7 @@ pub fn scored_logits(be: &mut dyn mamba_lm::backend::Backend, ids: &[Vec<u32>], 
     let mut all = Vec::new();
     let mut nll = Vec::new();
     for row in ids {
-        let s = mamba_lm::score::score_on(be, row, chunk, |l| {
+        let s = mamba_lm::score::score_on(be, row, chunk, true, |_, l| {
             all.extend_from_slice(l);
             Ok(())
         })
@@ -86,4 +86,12 @@ pub fn scored_logits(be: &mut dyn mamba_lm::backend::Backend, ids: &[Vec<u32>], 
         nll.push(s.nll_per_token());
     }
     (all, nll)
+}
+
+/// Each row's NLL per token scored on `be` in chunks of `chunk`, the logits kept where they are
+/// computed (the fused cross-entropy path).
+pub fn fused_nll(be: &mut dyn mamba_lm::backend::Backend, ids: &[Vec<u32>], chunk: usize) -> Vec<f64> {
+    ids.iter()
+        .map(|row| mamba_lm::score::score_on(be, row, chunk, false, |_, _| Ok(())).unwrap().nll_per_token())
+        .collect()
 }
