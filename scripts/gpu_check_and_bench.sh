@@ -4,8 +4,9 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (the device tool: carry [".gpu"]):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models baselines plot (default: all; a device call is limited
-# to 10 minutes, so run them as two calls: "start check sanitize scan baselines plot", "models").
+# Stages: start check sanitize scan models usage baselines plot (default: all; a device call is
+# limited to 10 minutes, so run them as two calls: "start check sanitize scan baselines plot",
+# "models usage").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models baselines plot}
+STAGES=${*:-start check sanitize scan models usage baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -100,6 +101,55 @@ if has models; then
     $B prefill --preset mamba-130m --preset mamba2-130m --preset mamba-1.4b --json-out "$J"
     $B generate --preset mamba-1.4b --json-out "$J" --plot "$OUT/generate.png"
     $B memory --preset mamba-1.4b --json-out "$J"
+fi
+
+if has usage; then
+    log "what users run: generate and score, wall clock, mamba-130m bf16 (JSON lines in usage.jsonl)"
+    $BIN init --preset mamba-130m --out /tmp/m130 >/dev/null 2>&1 || true
+    U=$OUT/usage.jsonl
+    # Runs mamba-lm with the given arguments, records its wall time and its --json line.
+    run() {
+        local what=$1
+        shift
+        local s e
+        s=$(date +%s%N)
+        "$BIN" "$@" >"$OUT/last.json" || echo "$what failed"
+        e=$(date +%s%N)
+        echo "{\"what\":\"$what\",\"wall_s\":$(( (e - s) / 1000000 ))e-3,\"out\":$(tail -c 400 "$OUT/last.json" |
+            python3 -c 'import json,sys; t=sys.stdin.read(); i=t.find("\"prefill_ms\""); print(json.dumps(t[i:] if i >= 0 else t.strip()[-200:]))')}" | tee -a "$U"
+    }
+    G=(generate -m /tmp/m130 --device cuda --dtype bf16 --prompt "The state space model" --ignore-eos --json)
+    run "warm-up" "${G[@]}" --max-new-tokens 1
+    run "start + prefill + 1 token" "${G[@]}" --max-new-tokens 1
+    for n in 2000 8000; do run "greedy $n" "${G[@]}" --max-new-tokens $n; done
+    run "sampled 20000 (top-k 0)" "${G[@]}" --max-new-tokens 20000 --top-k 0
+    for a in "--top-k 1" "--top-k 40 --top-p 0.95" "--top-k 0" "--top-k 0 --min-p 0.05" "--top-k 40" \
+        "--top-k 0 --top-p 0.9" "--repetition-penalty 1.2" "--top-k 40 --top-p 0.95 --repetition-penalty 1.2"; do
+        # shellcheck disable=SC2086
+        run "2000 tokens $a" "${G[@]}" --max-new-tokens 2000 $a
+    done
+    $BIN bench decode --preset mamba-130m --json-out "$J"
+    python3 -c "import json,random; random.seed(1); print(json.dumps([[random.randrange(50277) for _ in range(262144)]]))" >/tmp/ids256k.json
+    for c in 1024 4096; do
+        run "score 262144 tokens, chunk $c" score -m /tmp/m130 --device cuda --dtype bf16 --ids-file /tmp/ids256k.json --json --chunk $c
+    done
+    # Batch invariance: 4 prompts of 1 to 3000 words together, then each alone (greedy).
+    python3 -c "
+import random; random.seed(2); w='state space models scale linearly with sequence length and keep a constant state'.split()
+for n in (1, 40, 700, 3000): print(' '.join(random.choice(w) for _ in range(n)))" >/tmp/prompts.txt
+    for m in mamba-130m mamba2-130m; do
+        $BIN init --preset $m --out /tmp/inv-$m >/dev/null 2>&1 || true
+        for dt in f32 bf16; do
+            I=(generate -m /tmp/inv-$m --device cuda --dtype $dt --max-new-tokens 64 --ignore-eos --json)
+            "$BIN" "${I[@]}" --prompt-file /tmp/prompts.txt | python3 -c 'import json,sys; [print(json.loads(l)["new_ids"]) for l in sys.stdin]' >/tmp/batch.txt
+            : >/tmp/alone.txt
+            while IFS= read -r line; do
+                "$BIN" "${I[@]}" --prompt "$line" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["new_ids"])' >>/tmp/alone.txt
+            done </tmp/prompts.txt
+            same=$(paste -d'|' /tmp/batch.txt /tmp/alone.txt | awk -F'|' '$1 == $2' | wc -l)
+            echo "{\"what\":\"batch invariance $m $dt\",\"same_as_alone\":$same,\"of\":4}" | tee -a "$U"
+        done
+    done
 fi
 
 if has baselines; then

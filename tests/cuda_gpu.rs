@@ -35,8 +35,11 @@ fn fixtures_f32_prefill_recurrent_and_chunked() {
             let err = rel_l2(&l, &e.logits);
             println!("{name} f32 chunk {chunk}: rel L2 {err:.2e}");
             assert!(err <= 1e-4, "{name}: chunk {chunk}: rel L2 {err:e}");
-            for (a, b) in nll.iter().zip(&e.nll) {
+            // The cross-entropy computed on the device (score without --logits-out).
+            let fused = fused_nll(&mut GpuRun::new(&g), &e.ids, chunk);
+            for ((a, f), b) in nll.iter().zip(&fused).zip(&e.nll) {
                 assert!((a - b).abs() <= 1e-4, "{name}: chunk {chunk}: nll {a} vs {b}");
+                assert!((f - b).abs() <= 1e-4, "{name}: chunk {chunk}: device nll {f} vs {b}");
             }
         }
     }
@@ -97,17 +100,27 @@ fn fixtures_greedy_tokens_identical() {
     }
 }
 
-/// Sampling on the GPU (temperature, min-p) draws the same tokens as the CPU from the same
-/// seed: both walk the kept tokens in id order with the same uniform numbers. (Top-k and top-p
-/// run on the host, from the logits.)
+/// Every sampler on the GPU draws the same tokens as the CPU from the same seed: both walk the
+/// kept tokens in the same order with the same uniform numbers.
+fn sampling_rules() -> Vec<Sampling> {
+    let s = Sampling::default();
+    vec![
+        Sampling { temperature: 0.8, top_k: 0, ..s },
+        Sampling { temperature: 1.2, top_k: 0, min_p: 0.05, ..s },
+        Sampling { temperature: 1.0, top_k: 20, top_p: 0.9, ..s },
+        Sampling { temperature: 0.7, top_k: 40, ..s },
+        Sampling { temperature: 1.0, top_k: 0, top_p: 0.6, ..s },
+        Sampling { temperature: 1.0, top_k: 0, top_p: 0.8, min_p: 0.1, ..s },
+        Sampling { repetition_penalty: 1.3, ..s },
+        Sampling { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.2, ..s },
+        Sampling { temperature: 1.1, top_k: 0, repetition_penalty: 0.8, ..s },
+    ]
+}
+
 #[test]
 #[ignore = "needs a GPU"]
 fn fixtures_sampled_tokens_match_the_cpu() {
-    let rules = [
-        Sampling { temperature: 0.8, top_k: 0, ..Sampling::default() },
-        Sampling { temperature: 1.2, top_k: 0, min_p: 0.05, ..Sampling::default() },
-        Sampling { temperature: 1.0, top_k: 20, top_p: 0.9, ..Sampling::default() },
-    ];
+    let rules = sampling_rules();
     for name in FIXTURES {
         let m = load(name, DType::F32);
         let g = gpu_model(&m);
@@ -317,4 +330,59 @@ fn projections_match_f64_sums() {
             }
         }
     }
+}
+
+/// The pick kernels against the CPU's `sample` on rows of random logits over a 50K vocabulary:
+/// flat rows (where top-p alone keeps most of the vocabulary and the host picks), peaked rows,
+/// rows rounded to bf16 (ties, broken by the lower id), each with a random history for the
+/// penalty and many uniform numbers.
+#[test]
+#[ignore = "needs a GPU"]
+fn pick_kernels_match_cpu_sampling() {
+    use mamba_lm::cuda::pick::{Picker, PICK_HOST};
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let gpu = Gpu::open(0).expect("a GPU");
+    let (rows, v, limit) = (6, 50_288, 50_277);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut host_picks = 0;
+    for trial in 0..12 {
+        let mut logits = vec![0.0f32; rows * v];
+        for (r, row) in logits.chunks_mut(v).enumerate() {
+            let spread = [0.3f32, 1.0, 4.0, 8.0][(r + trial) % 4];
+            for x in row.iter_mut() {
+                *x = rng.random_range(-1.0..1.0f32) * spread;
+            }
+            if r % 3 == 2 {
+                row.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+            }
+        }
+        let dev = gpu.upload(&logits).unwrap();
+        let history: Vec<Vec<u32>> = (0..rows)
+            .map(|_| (0..rng.random_range(0..300)).map(|_| rng.random_range(0..limit as u32)).collect())
+            .collect();
+        let hist: Vec<&[u32]> = history.iter().map(|h| h.as_slice()).collect();
+        for s in sampling_rules().into_iter().chain([Sampling {
+            temperature: 2.0,
+            top_k: 0,
+            top_p: 0.99,
+            ..Sampling::default()
+        }]) {
+            let mut picker = Picker::new(&gpu, rows, v).unwrap();
+            for _ in 0..4 {
+                let u: Vec<f32> = (0..rows).map(|_| rng.random::<f32>()).collect();
+                let got = picker.pick(&gpu, gpu.ptr(&dev), v, limit, &s, &u, &hist).unwrap();
+                for r in 0..rows {
+                    if got[r] == PICK_HOST {
+                        host_picks += 1;
+                        continue;
+                    }
+                    let mut row = logits[r * v..r * v + limit].to_vec();
+                    let want = mamba_lm::sampling::sample(&mut row, hist[r], &s, u[r] as f64);
+                    assert_eq!(got[r], want, "trial {trial} row {r} {s:?} u {}", u[r]);
+                }
+            }
+        }
+    }
+    println!("pick kernels: {host_picks} rows left to the host");
+    assert!(host_picks > 0, "the host fallback was never exercised");
 }
