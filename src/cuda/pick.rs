@@ -17,6 +17,8 @@ pub const PICK_CAP: usize = 2048;
 /// cover weights down to 2^−32 of the most likely token's.
 pub const PICK_BINS: usize = 1024;
 pub const PICK_BINS_PER_UNIT: usize = 32;
+/// Loads each thread of a pick kernel keeps in flight.
+pub const PICK_LOADS: usize = 8;
 /// A row's pick when the host must make it.
 pub const PICK_HOST: u32 = u32::MAX;
 
@@ -24,7 +26,7 @@ pub const PICK_HOST: u32 = u32::MAX;
 pub fn defines() -> String {
     format!(
         "#define PICK_CAP {PICK_CAP}\n#define PICK_BINS {PICK_BINS}\n#define PICK_BINS_PER_UNIT \
-         {PICK_BINS_PER_UNIT}\n#define PICK_HOST {PICK_HOST}u\n"
+         {PICK_BINS_PER_UNIT}\n#define PICK_HOST {PICK_HOST}u\n#define PICK_LOADS {PICK_LOADS}\n"
     )
 }
 

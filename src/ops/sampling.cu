@@ -76,25 +76,47 @@ __device__ __forceinline__ const unsigned* mark_seen(const PickParams& p) {
     return seen;
 }
 
-// Logit i after the repetition penalty (CTRL rule).
-__device__ __forceinline__ float penalized(const float* x, const unsigned* seen, float penalty, int i) {
-    const float v = x[i];
-    if (seen && ((seen[i >> 5] >> (i & 31)) & 1u)) return v < 0.0f ? v * penalty : v / penalty;
+// Logit v of id i after the repetition penalty (CTRL rule); `bits` is seen[i / 32].
+__device__ __forceinline__ float penalized(float v, unsigned bits, float penalty, int i) {
+    if ((bits >> (i & 31)) & 1u) return v < 0.0f ? v * penalty : v / penalty;
     return v;
 }
 
+// Calls f(i, v) for the ids i < n of this thread's share (ids `first + k·step`, k = 0, 1, ...),
+// v the penalised logit, in that order. Loads are issued PICK_LOADS at a time: one block walks
+// a 200 KB row, so one load after another would leave each pass bound by L2 latency.
+template <typename F>
+__device__ __forceinline__ void each_logit(const float* x, const unsigned* seen, float penalty, int first, int step,
+                                           int n, F f) {
+    for (int i0 = first; i0 < n; i0 += PICK_LOADS * step) {
+        float v[PICK_LOADS];
+        unsigned bits[PICK_LOADS];
+#pragma unroll
+        for (int k = 0; k < PICK_LOADS; k++) {
+            const int i = i0 + k * step;
+            v[k] = i < n ? x[i] : 0.0f;
+            bits[k] = seen && i < n ? seen[i >> 5] : 0u;
+        }
+#pragma unroll
+        for (int k = 0; k < PICK_LOADS; k++) {
+            const int i = i0 + k * step;
+            if (i < n) f(i, penalized(v[k], bits[k], penalty, i));
+        }
+    }
+}
+
 // Inclusive scan of `v` over the block; sets `total` to the block's sum. Every thread calls it.
-__device__ __forceinline__ float block_scan(float v, float& total) {
-    __shared__ float wsum[32];
+template <typename V> __device__ __forceinline__ V block_scan(V v, V& total) {
+    __shared__ V wsum[32];
     for (int o = 1; o < 32; o <<= 1) {
-        const float t = __shfl_up_sync(0xffffffffu, v, o);
+        const V t = __shfl_up_sync(0xffffffffu, v, o);
         if (threadIdx.x % 32 >= o) v += t;
     }
     __syncthreads();  // `wsum` may still be read by a previous call
     if (threadIdx.x % 32 == 31) wsum[threadIdx.x / 32] = v;
     __syncthreads();
-    float before = 0.0f;
-    total = 0.0f;
+    V before = 0;
+    total = 0;
     for (int w = 0; w < blockDim.x / 32; w++) {
         if (w < threadIdx.x / 32) before += wsum[w];
         total += wsum[w];
@@ -110,39 +132,43 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const PickParams 
     const unsigned* seen = mark_seen(p);
     const int n = p.limit;
     float m = __int_as_float(0xff800000);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, penalized(x, seen, p.penalty, i));
+    each_logit(x, seen, p.penalty, threadIdx.x, blockDim.x, n, [&](int, float v) { m = fmaxf(m, v); });
     m = block_max(m);
     const float s = p.inv_t_log2e;
-    auto kept = [&](int i) {
-        const float w = exp2f((penalized(x, seen, p.penalty, i) - m) * s);
+    auto kept = [&](float v) {
+        const float w = exp2f((v - m) * s);
         return w >= p.min_p ? w : 0.0f;
     };
     // Each thread takes a contiguous run of ids, so a prefix sum over threads orders the mass
-    // by id; the thread whose run crosses u·Σw walks it.
+    // by id; the thread whose run crosses u·Σw walks it. Sums across threads are in f64: over
+    // a flat 50K vocabulary f32 would move the target by about a token's weight.
     const int run = (n + blockDim.x - 1) / blockDim.x, i0 = threadIdx.x * run, i1 = min(i0 + run, n);
     float mine = 0.0f;
-    for (int i = i0; i < i1; i++) mine += kept(i);
+    each_logit(x, seen, p.penalty, i0, 1, i1, [&](int, float v) { mine += kept(v); });
     __shared__ unsigned pick;
     if (threadIdx.x == 0) pick = 0xffffffffu;
-    float total;
-    const float inc = block_scan(mine, total);
-    const float excl = inc - mine, target = p.u[blockIdx.x] * total;
-    if (mine > 0.0f && excl <= target && target <= excl + mine) {
-        float acc = excl;
-        for (int i = i0; i < i1; i++) {
-            const float w = kept(i);
+    double total;
+    const double inc = block_scan((double)mine, total);
+    const double excl = inc - mine, target = p.u[blockIdx.x] * total;
+    if (mine > 0.0f && excl <= target && target <= inc) {
+        double acc = excl;
+        bool found = false;
+        each_logit(x, seen, p.penalty, i0, 1, i1, [&](int i, float v) {
+            const float w = kept(v);
             acc += w;
-            if (w > 0.0f && acc >= target) {
+            if (!found && w > 0.0f && acc >= target) {
                 atomicMin(&pick, (unsigned)i);
-                break;
+                found = true;
             }
-        }
+        });
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         if (pick == 0xffffffffu) {  // rounding put the target past the last kept token
-            for (int i = n - 1; i >= 0 && pick == 0xffffffffu; i--)
-                if (kept(i) > 0.0f) pick = i;
+            for (int i = n - 1; i >= 0 && pick == 0xffffffffu; i--) {
+                const unsigned bits = seen ? seen[i >> 5] : 0u;
+                if (kept(penalized(x[i], bits, p.penalty, i)) > 0.0f) pick = i;
+            }
         }
         p.out[blockIdx.x] = pick == 0xffffffffu ? 0 : pick;
     }
@@ -167,12 +193,13 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
     const int n = p.limit, tid = threadIdx.x, nt = blockDim.x;
     const float neg_inf = __int_as_float(0xff800000);
     __shared__ unsigned hist[PICK_BINS];
-    __shared__ float key[PICK_CAP], cum[PICK_CAP];
+    __shared__ float key[PICK_CAP];
+    __shared__ double cum[PICK_CAP];
     __shared__ int idx[PICK_CAP];
     __shared__ int cut_bin, count, filled, cut, pick;
     for (int b = tid; b < PICK_BINS; b += nt) hist[b] = 0;
     float m = neg_inf;
-    for (int i = tid; i < n; i += nt) m = fmaxf(m, penalized(x, seen, p.penalty, i));
+    each_logit(x, seen, p.penalty, tid, nt, n, [&](int, float v) { m = fmaxf(m, v); });
     m = block_max(m);
     const float s = p.inv_t_log2e;
     auto bin_of = [&](float v) {
@@ -180,14 +207,13 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
         return d < PICK_BINS ? (int)d : PICK_BINS;  // NaN and −inf land past the end
     };
     float tot = 0.0f, tot_min = 0.0f;
-    for (int i = tid; i < n; i += nt) {
-        const float v = penalized(x, seen, p.penalty, i);
+    each_logit(x, seen, p.penalty, tid, nt, n, [&](int, float v) {
         const float w = exp2f((v - m) * s);
         tot += w;
         tot_min += w >= p.min_p ? w : 0.0f;
         const int b = bin_of(v);
         if (b < PICK_BINS) atomicAdd(&hist[b], 1u);
-    }
+    });
     const float2 sums = block_sum2(tot, tot_min);  // its barriers also complete the histogram
     const bool by_count = p.top_k > 0, top_p = p.top_p < 1.0f;
     const float goal = p.top_p * (p.min_p > 0.0f ? sums.y : sums.x);
@@ -235,14 +261,13 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
         if (tid == 0) p.out[blockIdx.x] = PICK_HOST;
         return;
     }
-    for (int i = tid; i < n; i += nt) {
-        const float v = penalized(x, seen, p.penalty, i);
+    each_logit(x, seen, p.penalty, tid, nt, n, [&](int i, float v) {
         if (bin_of(v) <= cut_bin) {
             const int j = atomicAdd(&filled, 1);
             key[j] = v;
             idx[j] = i;
         }
-    }
+    });
     int size = 1;
     while (size < count) size <<= 1;
     for (int j = count + tid; j < size; j += nt) {
@@ -268,18 +293,18 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
             __syncthreads();
         }
     }
-    // Weights in that order (min-p zeroes some with top-k 0) and their running sum.
+    // Weights in that order (min-p zeroes some with top-k 0) and their running sum, in f64.
     const int kk = by_count ? min(p.top_k, count) : count;
     const int run = (kk + nt - 1) / nt, j0 = min(tid * run, kk), j1 = min(j0 + run, kk);
-    float mine = 0.0f;
+    double mine = 0.0;
     for (int j = j0; j < j1; j++) {
         float w = exp2f((key[j] - m) * s);
         if (!by_count && w < p.min_p) w = 0.0f;
         cum[j] = w;
         mine += w;
     }
-    float total;
-    float acc = block_scan(mine, total) - mine;
+    double total;
+    double acc = block_scan(mine, total) - mine;
     for (int j = j0; j < j1; j++) {
         acc += cum[j];
         cum[j] = acc;
@@ -288,12 +313,12 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
     __syncthreads();
     if (top_p) {
         // The smallest prefix whose weight reaches top-p of the total (over the top-k with top-k).
-        const float g = by_count ? p.top_p * cum[kk - 1] : goal;
+        const double g = by_count ? p.top_p * cum[kk - 1] : (double)goal;
         for (int j = tid; j < kk; j += nt)
             if (cum[j] >= g && (j == 0 || cum[j - 1] < g)) cut = j;
         __syncthreads();
     }
-    const float target = p.u[blockIdx.x] * cum[cut];
+    const double target = p.u[blockIdx.x] * cum[cut];
     if (tid == 0) pick = cut;
     __syncthreads();
     for (int j = tid; j <= cut; j += nt)
