@@ -384,5 +384,22 @@ fn pick_kernels_match_cpu_sampling() {
         }
     }
     println!("pick kernels: {host_picks} rows left to the host");
+    // Time of one pick of one 50K row, transfers and the host's wait included.
+    let row: Vec<f32> = (0..v).map(|_| rng.random_range(-4.0..4.0f32)).collect();
+    let dev = gpu.upload(&row).unwrap();
+    let s = Sampling::default();
+    for (what, s) in [
+        ("greedy + penalty", Sampling { repetition_penalty: 1.2, ..s.clone() }),
+        ("top-k 0", Sampling { top_k: 0, ..s.clone() }),
+        ("top-k 40 + top-p 0.95", Sampling { top_k: 40, top_p: 0.95, ..s.clone() }),
+    ] {
+        let mut picker = Picker::new(&gpu, 1, v).unwrap();
+        let t = std::time::Instant::now();
+        for i in 0..200u32 {
+            let h = [i % 1000];
+            picker.pick(&gpu, gpu.ptr(&dev), v, limit, &s, &[0.5], &[&h[..]]).unwrap();
+        }
+        println!("pick of one row, {what}: {:.1} µs", t.elapsed().as_secs_f64() * 1e6 / 200.0);
+    }
     assert!(host_picks > 0, "the host fallback was never exercised");
 }
