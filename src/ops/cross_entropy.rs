@@ -10,7 +10,7 @@
 //! 1024 positions of a 50K vocabulary they are 200 MB, and writing and reading them back cost
 //! more than the head's FLOPs on a CPU.
 
-use super::matmul::matmul_t_serial;
+use super::matmul::gemm_f32;
 use super::simd::{exp, Simd};
 use crate::dispatch;
 use crate::tensor::{Matrix, Store};
@@ -88,7 +88,7 @@ pub fn head_nll(h: &[f32], head: &Matrix, targets: &[u32]) -> Vec<f64> {
                 let mut hits = Vec::new();
                 for r0 in (0..n).step_by(ROWS) {
                     let rows = (n - r0).min(ROWS);
-                    matmul_t_serial(&h[r0 * d..], rows, d, w, m, d, buf, m);
+                    gemm_f32(&h[r0 * d..], rows, d, w, m, d, buf, m, gemm::Parallelism::None);
                     for (r, x) in buf.chunks(m).take(rows).enumerate() {
                         parts.push(dispatch!(max_and_sum(x)));
                         let target = targets[r0 + r] as usize;

@@ -94,25 +94,11 @@ pub fn matmul_t(x: &[f32], rows: Rows, x_rs: usize, w: &Matrix, y: &mut [f32], y
     gemm_f32(x, n, x_rs, wf, m, k, y, y_rs, gemm::Parallelism::Rayon(rayon::current_num_threads()));
 }
 
-/// `y = x · Wᵀ` for `n` rows against a contiguous `m × k` f32 matrix, on the calling thread
-/// (for callers that run many products in parallel themselves).
+/// The `gemm` crate's blocked f32 product `y[i, j] = Σ_k x[i, k] · w[j, k]` of `n` rows against
+/// a contiguous `m × k` matrix (`Parallelism::None`: on the calling thread, for callers that run
+/// many products in parallel themselves).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_t_serial(
-    x: &[f32],
-    n: usize,
-    x_rs: usize,
-    w: &[f32],
-    m: usize,
-    k: usize,
-    y: &mut [f32],
-    y_rs: usize,
-) {
-    gemm_f32(x, n, x_rs, w, m, k, y, y_rs, gemm::Parallelism::None);
-}
-
-/// The `gemm` crate's blocked f32 product, `y[i, j] = Σ_k x[i, k] · w[j, k]`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
+pub(crate) fn gemm_f32(
     x: &[f32],
     n: usize,
     x_rs: usize,
