@@ -17,8 +17,6 @@ pub const PICK_CAP: usize = 2048;
 /// cover weights down to 2^−32 of the most likely token's.
 pub const PICK_BINS: usize = 1024;
 pub const PICK_BINS_PER_UNIT: usize = 32;
-/// Rows whose uniform numbers travel in the kernel's parameters (no copy before the launch).
-pub const PICK_INLINE: usize = 64;
 /// Loads each thread of a pick kernel keeps in flight.
 pub const PICK_LOADS: usize = 8;
 /// A row's pick when the host must make it.
@@ -28,8 +26,7 @@ pub const PICK_HOST: u32 = u32::MAX;
 pub fn defines() -> String {
     format!(
         "#define PICK_CAP {PICK_CAP}\n#define PICK_BINS {PICK_BINS}\n#define PICK_BINS_PER_UNIT \
-         {PICK_BINS_PER_UNIT}\n#define PICK_HOST {PICK_HOST}u\n#define PICK_LOADS {PICK_LOADS}\n#define PICK_INLINE \
-         {PICK_INLINE}\n"
+         {PICK_BINS_PER_UNIT}\n#define PICK_HOST {PICK_HOST}u\n#define PICK_LOADS {PICK_LOADS}\n"
     )
 }
 
@@ -51,7 +48,6 @@ struct PickParams {
     top_p: f32,
     penalty: f32,
     top_k: i32,
-    u_inline: [f32; PICK_INLINE],
 }
 
 unsafe impl DeviceRepr for PickParams {}
@@ -104,12 +100,7 @@ impl Picker {
         history: &[&[u32]],
     ) -> Result<Vec<u32>> {
         assert!(u.len() == self.rows && history.len() == self.rows);
-        let mut u_inline = [0.0f32; PICK_INLINE];
-        if self.rows <= PICK_INLINE {
-            u_inline[..self.rows].copy_from_slice(u);
-        } else {
-            gpu.stream.memcpy_htod(u, &mut self.u).map_err(err)?;
-        }
+        gpu.stream.memcpy_htod(u, &mut self.u).map_err(err)?;
         let penalty = s.repetition_penalty != 1.0;
         if penalty {
             if self.seen.is_none() {
@@ -137,7 +128,7 @@ impl Picker {
         let p = PickParams {
             logits,
             out: gpu.ptr(&self.out),
-            u: if self.rows <= PICK_INLINE { 0 } else { gpu.ptr(&self.u) },
+            u: gpu.ptr(&self.u),
             seen: self.seen.as_ref().map_or(0, |b| gpu.ptr(b)),
             new_ids: gpu.ptr(&self.new_ids),
             new_at: gpu.ptr(&self.new_at),
@@ -150,17 +141,9 @@ impl Picker {
             top_p: if top_p { s.top_p } else { 1.0 },
             penalty: s.repetition_penalty,
             top_k: if greedy { 1 } else { s.top_k as i32 },
-            u_inline,
         };
         let kernel = if !greedy && s.top_k == 0 && !top_p { "sample_rows" } else { "pick_top" };
-        let grid = (self.rows as u32, 1, 1);
-        if penalty || self.rows > PICK_INLINE {
-            gpu.launch(kernel, grid, 1024, &p, None)?;
-        } else {
-            // Straight after the decode step's kernel: launched early, so the launch overlaps
-            // the step's end, which the kernel waits for.
-            gpu.launch_early(kernel, grid, 1024, 0, &p)?;
-        }
+        gpu.launch(kernel, (self.rows as u32, 1, 1), 1024, &p, None)?;
         gpu.download(&self.out, self.rows)
     }
 }

@@ -50,7 +50,7 @@ extern "C" __global__ void __launch_bounds__(1024) argmax(const ArgmaxParams p) 
 struct PickParams {
     const float* logits;      // (rows, stride)
     unsigned* out;            // (rows) the pick, or PICK_HOST: the host picks from the logits
-    const float* u;           // (rows) uniform in [0, 1), or null: they are in u_inline
+    const float* u;           // (rows) uniform in [0, 1)
     unsigned* seen;           // (rows, seen_words) bit i: id i was seen (used with a penalty)
     const unsigned* new_ids;  // ids fed since the last pick: row r's at new_at[r] .. new_at[r + 1]
     const int* new_at;        // (rows + 1)
@@ -62,17 +62,10 @@ struct PickParams {
     float top_p;              // 1: off
     float penalty;            // 1: off
     int top_k;                // 0: off
-    float u_inline[PICK_INLINE];  // the uniform numbers of up to PICK_INLINE rows
 };
 
-// The row's uniform number.
-__device__ __forceinline__ float row_u(const PickParams& p) { return p.u ? p.u[blockIdx.x] : p.u_inline[blockIdx.x]; }
-
-// Marks the row's newly fed ids as seen; returns its seen bits (null without a penalty). The
-// pick kernels start early (programmatic dependent launch), so this first waits for the decode
-// step before them to finish.
+// Marks the row's newly fed ids as seen; returns its seen bits (null without a penalty).
 __device__ __forceinline__ const unsigned* mark_seen(const PickParams& p) {
-    wait_inputs();
     if (p.penalty == 1.0f) return nullptr;
     unsigned* seen = p.seen + (long)blockIdx.x * p.seen_words;
     for (int j = p.new_at[blockIdx.x] + threadIdx.x; j < p.new_at[blockIdx.x + 1]; j += blockDim.x) {
@@ -156,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const PickParams 
     if (threadIdx.x == 0) pick = 0xffffffffu;
     double total;
     const double inc = block_scan((double)mine, total);
-    const double excl = inc - mine, target = row_u(p) * total;
+    const double excl = inc - mine, target = p.u[blockIdx.x] * total;
     if (mine > 0.0f && excl <= target && target <= inc) {
         double acc = excl;
         bool found = false;
@@ -325,7 +318,7 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
             if (cum[j] >= g && (j == 0 || cum[j - 1] < g)) cut = j;
         __syncthreads();
     }
-    const double target = row_u(p) * cum[cut];
+    const double target = p.u[blockIdx.x] * cum[cut];
     if (tid == 0) pick = cut;
     __syncthreads();
     for (int j = tid; j <= cut; j += nt)
