@@ -107,24 +107,29 @@ pub fn sample(logits: &mut [f32], history: &[u32], s: &Sampling, u: f64) -> u32 
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
     if s.top_k > 0 {
         if s.top_k < cand.len() {
-            cand.select_nth_unstable_by(s.top_k - 1, before);
+            cand.select_nth_unstable_by(s.top_k - 1, |a, b| before(a, b));
             cand.truncate(s.top_k);
         }
-        cand.sort_unstable_by(before);
     } else {
         cand.retain(|c| weight(c.1) >= min_p);
     }
-    let mut w: Vec<(u32, f64)> = Vec::new();
-    if top_p {
-        let goal = s.top_p as f64 * cand.iter().map(|c| weight(c.1)).sum::<f64>();
-        nucleus(&mut cand, goal, weight, &mut w);
+    let mut w: Vec<Weighted> = cand.iter().map(|c| (c.0, c.1, weight(c.1))).collect();
+    let kept = if top_p {
+        let goal = s.top_p as f64 * w.iter().map(|c| c.2).sum::<f64>();
+        first_reaching(&mut w, goal) + 1
     } else {
-        w.extend(cand.iter().map(|c| (c.0, weight(c.1))));
-    }
-    draw(&w, u)
+        w.len()
+    };
+    let total: f64 = w[..kept].iter().map(|c| c.2).sum();
+    let j = first_reaching(&mut w[..kept], u * total);
+    w[j].0
 }
 
-/// The first entry where the running weight reaches `u` times the total (the last on rounding).
+/// A candidate: id, logit, weight.
+type Weighted = (u32, f32, f64);
+
+/// The first entry where the running weight reaches `u` times the total, in id order (the
+/// last on rounding).
 fn draw(w: &[(u32, f64)], u: f64) -> u32 {
     let mut left = u * w.iter().map(|c| c.1).sum::<f64>();
     for c in w {
@@ -136,30 +141,35 @@ fn draw(w: &[(u32, f64)], u: f64) -> u32 {
     w[w.len() - 1].0
 }
 
-/// Into `w`: the smallest set of most likely candidates whose weight reaches `goal` (the one
-/// that crosses it included), in [`before`] order. Sorts only as many entries as it needs: a few
-/// dozen usually carry the mass, so this is O(V) rather than a full sort of the vocabulary.
-fn nucleus(cand: &mut [(u32, f32)], goal: f64, weight: impl Fn(f32) -> f64, w: &mut Vec<(u32, f64)>) {
-    let mut k = cand.len().min(64);
-    loop {
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, before);
+/// The position `j` (in [`before`] order) of the first candidate whose running weight, counted
+/// from the most likely, reaches `x` (the last on rounding); `c` is reordered so that `c[..=j]`
+/// are the candidates up to it. A weighted quickselect: each round splits the range at its
+/// median and keeps the half that holds the answer, so it takes O(n) rather than a sort — a
+/// nucleus can hold most of a 50K vocabulary.
+fn first_reaching(c: &mut [Weighted], x: f64) -> usize {
+    let order = |a: &Weighted, b: &Weighted| before(&(a.0, a.1), &(b.0, b.1));
+    let (mut lo, mut hi, mut acc) = (0, c.len(), 0.0);
+    while hi - lo > 64 {
+        let mid = lo + (hi - lo) / 2;
+        c[lo..hi].select_nth_unstable_by(mid - lo, order);
+        let left: f64 = c[lo..mid].iter().map(|e| e.2).sum();
+        if acc + left >= x {
+            hi = mid;
+        } else if acc + left + c[mid].2 >= x {
+            return mid;
+        } else {
+            acc += left + c[mid].2;
+            lo = mid + 1;
         }
-        cand[..k].sort_unstable_by(before);
-        w.clear();
-        let mut acc = 0.0;
-        for c in &cand[..k] {
-            w.push((c.0, weight(c.1)));
-            acc += weight(c.1);
-            if acc >= goal {
-                return;
-            }
-        }
-        if k == cand.len() {
-            return;
-        }
-        k = (k * 4).min(cand.len());
     }
+    c[lo..hi].sort_unstable_by(order);
+    for (j, e) in c[lo..hi].iter().enumerate() {
+        acc += e.2;
+        if acc >= x {
+            return lo + j;
+        }
+    }
+    hi.max(1) - 1
 }
 
 #[cfg(test)]
@@ -210,5 +220,33 @@ mod tests {
         let t = sample(&mut l, &[0, 0, 2], &s, 0.5);
         assert_eq!(l, vec![1.0, 1.5, -2.0]);
         assert_eq!(t, 1);
+    }
+
+    #[test]
+    fn weighted_select_agrees_with_a_sorted_walk() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for n in [1, 3, 64, 65, 1000, 20_000] {
+            // Logits on a coarse grid, so many are equal and the id decides their order.
+            let c: Vec<Weighted> = (0..n)
+                .map(|i| {
+                    let l = (rng.random_range(-40..40) as f32) / 8.0;
+                    (i as u32, l, (l as f64).exp())
+                })
+                .collect();
+            let mut sorted = c.clone();
+            sorted.sort_by(|a, b| before(&(a.0, a.1), &(b.0, b.1)));
+            let total: f64 = c.iter().map(|e| e.2).sum();
+            for _ in 0..20 {
+                let x = rng.random::<f64>() * total;
+                let mut acc = 0.0;
+                let want = sorted.iter().position(|e| {
+                    acc += e.2;
+                    acc >= x
+                });
+                let mut got = c.clone();
+                let j = first_reaching(&mut got, x);
+                assert_eq!(Some(got[j].0), want.map(|k| sorted[k].0), "n {n} x {x}");
+            }
+        }
     }
 }
