@@ -107,7 +107,7 @@ pub fn sample(logits: &mut [f32], history: &[u32], s: &Sampling, u: f64) -> u32 
     let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
     if s.top_k > 0 {
         if s.top_k < cand.len() {
-            cand.select_nth_unstable_by(s.top_k - 1, |a, b| before(a, b));
+            cand.select_nth_unstable_by(s.top_k - 1, before);
             cand.truncate(s.top_k);
         }
     } else {
