@@ -133,21 +133,25 @@ if has usage; then
     for c in 1024 4096; do
         run "score 262144 tokens, chunk $c" score -m /tmp/m130 --device cuda --dtype bf16 --ids-file /tmp/ids256k.json --json --chunk $c
     done
-    # Batch invariance: 4 prompts of 1 to 3000 words together, then each alone (greedy).
+    # Batch invariance: 4 prompts of 1 to 3000 words together, then each alone (greedy); bf16
+    # with and without --deterministic (f32 always runs each sequence alone), and the batch's time.
     python3 -c "
 import random; random.seed(2); w='state space models scale linearly with sequence length and keep a constant state'.split()
 for n in (1, 40, 700, 3000): print(' '.join(random.choice(w) for _ in range(n)))" >/tmp/prompts.txt
     for m in mamba-130m mamba2-130m; do
         $BIN init --preset $m --out /tmp/inv-$m >/dev/null 2>&1 || true
-        for dt in f32 bf16; do
-            I=(generate -m /tmp/inv-$m --device cuda --dtype $dt --max-new-tokens 64 --ignore-eos --json)
+        for mode in "f32" "bf16" "bf16 --deterministic"; do
+            # shellcheck disable=SC2206
+            I=(generate -m /tmp/inv-$m --device cuda --dtype $mode --max-new-tokens 256 --ignore-eos --json)
+            s=$(date +%s%N)
             "$BIN" "${I[@]}" --prompt-file /tmp/prompts.txt | python3 -c 'import json,sys; [print(json.loads(l)["new_ids"]) for l in sys.stdin]' >/tmp/batch.txt
+            e=$(date +%s%N)
             : >/tmp/alone.txt
             while IFS= read -r line; do
                 "$BIN" "${I[@]}" --prompt "$line" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["new_ids"])' >>/tmp/alone.txt
             done </tmp/prompts.txt
             same=$(paste -d'|' /tmp/batch.txt /tmp/alone.txt | awk -F'|' '$1 == $2' | wc -l)
-            echo "{\"what\":\"batch invariance $m $dt\",\"same_as_alone\":$same,\"of\":4}" | tee -a "$U"
+            echo "{\"what\":\"batch invariance $m $mode\",\"same_as_alone\":$same,\"of\":4,\"batch_wall_s\":$(( (e - s) / 1000000 ))e-3}" | tee -a "$U"
         done
     done
 fi

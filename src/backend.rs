@@ -94,3 +94,80 @@ impl Backend for Cpu<'_> {
         self.model.forward_nll(tokens, &mut self.states[slot], targets)
     }
 }
+
+/// A backend that runs every sequence on its own single-slot backend, so a sequence's numbers
+/// never depend on the others of its batch: the same kernels, with the same reduction order,
+/// as when it runs alone (the GPU's batched GEMMs pick their algorithm by the batch size). It
+/// gives up batching: each step costs the sum of the sequences' single-sequence steps.
+pub struct PerSequence<'m, B> {
+    cfg: Config,
+    make: Box<dyn Fn() -> B + 'm>,
+    runs: Vec<B>,
+}
+
+impl<'m, B: Backend> PerSequence<'m, B> {
+    pub fn new(cfg: Config, make: impl Fn() -> B + 'm) -> PerSequence<'m, B> {
+        PerSequence { cfg, make: Box::new(make), runs: vec![] }
+    }
+}
+
+impl<B: Backend> Backend for PerSequence<'_, B> {
+    fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn begin(&mut self, states: Vec<State>) -> Result<()> {
+        self.runs.clear();
+        for s in states {
+            let mut run = (self.make)();
+            run.begin(vec![s])?;
+            self.runs.push(run);
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(slots.len() * n_logits * self.cfg.vocab_padded);
+        for (&i, row) in slots.iter().zip(tokens.chunks(l)) {
+            out.extend(self.runs[i].forward(row, l, &[0], n_logits)?);
+        }
+        Ok(out)
+    }
+
+    fn state(&mut self, i: usize) -> Result<State> {
+        self.runs[i].state(0)
+    }
+
+    fn retire(&mut self, i: usize) {
+        self.runs[i].retire(0)
+    }
+
+    fn forward_nll(&mut self, tokens: &[u32], slot: usize, targets: &[u32]) -> Result<Vec<f64>> {
+        self.runs[slot].forward_nll(tokens, 0, targets)
+    }
+
+    fn picks(&self, sampling: &Sampling) -> bool {
+        self.runs.first().is_some_and(|r| r.picks(sampling))
+    }
+
+    fn forward_pick(
+        &mut self,
+        tokens: &[u32],
+        slots: &[usize],
+        limit: usize,
+        sampling: &Sampling,
+        us: &[f64],
+        history: &[&[u32]],
+    ) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(slots.len());
+        for (j, &i) in slots.iter().enumerate() {
+            let one = j..j + 1;
+            out.extend(self.runs[i].forward_pick(&tokens[one.clone()], &[0], limit, sampling, &us[one.clone()], &history[one])?);
+        }
+        Ok(out)
+    }
+
+    fn picked_logits(&mut self, i: usize) -> Result<Vec<f32>> {
+        self.runs[i].picked_logits(0)
+    }
+}

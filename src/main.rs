@@ -114,6 +114,11 @@ struct GenerateArgs {
     /// Allow --save-state to replace an existing file.
     #[arg(long)]
     force: bool,
+    /// Make each sequence's tokens independent of the others in its batch on the GPU in bf16/f16:
+    /// every sequence decodes through the single-sequence kernels (the CPU, and the GPU in f32,
+    /// always do). Costs the batching: a step of n sequences takes n single-sequence steps.
+    #[arg(long)]
+    deterministic: bool,
 }
 
 #[derive(Args)]
@@ -333,9 +338,17 @@ impl Placed {
         }
     }
 
-    fn backend(&self) -> Box<dyn Backend + '_> {
+    /// The model as a backend. `deterministic`: a sequence's numbers do not depend on its batch
+    /// (the CPU's always hold that; the GPU's batched GEMMs hold it only in f32 with one
+    /// sequence per batch, so there each sequence runs alone).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn backend(&self, deterministic: bool) -> Box<dyn Backend + '_> {
         match self {
             Placed::Cpu(m) => Box::new(mamba_lm::backend::Cpu::new(m)),
+            #[cfg(feature = "cuda")]
+            Placed::Gpu(m) if deterministic || m.dtype == DType::F32 => {
+                Box::new(mamba_lm::backend::PerSequence::new(m.cfg.clone(), || mamba_lm::cuda::model::GpuRun::new(m)))
+            }
             #[cfg(feature = "cuda")]
             Placed::Gpu(m) => Box::new(mamba_lm::cuda::model::GpuRun::new(m)),
         }
@@ -435,7 +448,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         Some(snap) => vec![Start { prompt: prompts[0].clone(), resume: Some(snap) }],
         None => prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect(),
     };
-    let outs = generate_text(model.backend().as_mut(), starts, &opts, &tok, &a.stop, |_, text| {
+    let outs = generate_text(model.backend(a.deterministic).as_mut(), starts, &opts, &tok, &a.stop, |_, text| {
         if stream {
             let _ = write!(out, "{text}").and_then(|_| out.flush());
         }
@@ -496,7 +509,7 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     );
     for (i, s) in seqs.iter().enumerate() {
         let keep = a.logits_out.is_some();
-        let r = mamba_lm::score::score_on(model.backend().as_mut(), s, a.chunk, keep, |n, l| {
+        let r = mamba_lm::score::score_on(model.backend(false).as_mut(), s, a.chunk, keep, |n, l| {
             bar.inc(n as u64);
             all_logits.extend_from_slice(l);
             Ok(())

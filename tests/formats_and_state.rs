@@ -5,7 +5,8 @@
 mod common;
 use common::*;
 use mamba_lm::config::Config;
-use mamba_lm::generate::{generate, Control, GenerateOptions, Start};
+use mamba_lm::backend::{Cpu, PerSequence};
+use mamba_lm::generate::{generate, generate_on, Control, GenerateOptions, Start};
 use mamba_lm::sampling::Sampling;
 use mamba_lm::tensor::DType;
 use mamba_lm::{Model, Snapshot};
@@ -228,6 +229,12 @@ fn a_sequence_does_not_depend_on_its_batch() {
                 GenerateOptions { max_new_tokens: 8, sampling, seed: 40, eos: None, vocab_limit: m.cfg.vocab_size };
             let start = |p: &Vec<u32>| Start { prompt: p.clone(), resume: None };
             let batch = generate(m, prompts.iter().map(start).collect(), &opts, |_, _| Control::Continue).unwrap();
+            // `--deterministic`'s way (each sequence on its own run) gives the batch's numbers.
+            let mut apart = PerSequence::new(m.cfg.clone(), || Cpu::new(m));
+            let each = generate_on(&mut apart, prompts.iter().map(start).collect(), &opts, |_, _| Control::Continue);
+            for (b, e) in batch.iter().zip(each.unwrap()) {
+                assert!(b.new_ids == e.new_ids && b.snapshot.next_logits == e.snapshot.next_logits, "{name}");
+            }
             for (i, (p, b)) in prompts.iter().zip(&batch).enumerate() {
                 // Alone, sequence i draws from the generator it had in the batch.
                 let alone = GenerateOptions { seed: opts.seed + i as u64, ..opts.clone() };
