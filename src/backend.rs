@@ -162,7 +162,14 @@ impl<B: Backend> Backend for PerSequence<'_, B> {
         let mut out = Vec::with_capacity(slots.len());
         for (j, &i) in slots.iter().enumerate() {
             let one = j..j + 1;
-            out.extend(self.runs[i].forward_pick(&tokens[one.clone()], &[0], limit, sampling, &us[one.clone()], &history[one])?);
+            out.extend(self.runs[i].forward_pick(
+                &tokens[one.clone()],
+                &[0],
+                limit,
+                sampling,
+                &us[one.clone()],
+                &history[one],
+            )?);
         }
         Ok(out)
     }

@@ -422,8 +422,10 @@ fn deterministic_batches_equal_each_sequence_alone() {
             .map(|(s, &l)| (0..l as u32).map(|i| (i * 7919 + s as u32 * 104729) % 50000).collect())
             .collect();
         let s = Sampling::default();
-        for sampling in [s.clone(), Sampling { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, ..s }] {
-            let opts = GenerateOptions { max_new_tokens: 24, sampling, seed: 3, eos: None, vocab_limit: cfg.vocab_size };
+        for sampling in [s.clone(), Sampling { temperature: 0.9, top_k: 40, top_p: 0.95, repetition_penalty: 1.1, ..s }]
+        {
+            let opts =
+                GenerateOptions { max_new_tokens: 24, sampling, seed: 3, eos: None, vocab_limit: cfg.vocab_size };
             let mut batched = PerSequence::new(cfg.clone(), || GpuRun::new(&g));
             let batch = generate_on(&mut batched, starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
             for (i, (p, b)) in prompts.iter().zip(&batch).enumerate() {

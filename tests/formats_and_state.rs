@@ -4,8 +4,8 @@
 
 mod common;
 use common::*;
-use mamba_lm::config::Config;
 use mamba_lm::backend::{Cpu, PerSequence};
+use mamba_lm::config::Config;
 use mamba_lm::generate::{generate, generate_on, Control, GenerateOptions, Start};
 use mamba_lm::sampling::Sampling;
 use mamba_lm::tensor::DType;
