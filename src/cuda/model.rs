@@ -1414,7 +1414,7 @@ impl Backend for GpuRun<'_> {
         let mut out = Vec::with_capacity(slots.len());
         for (j, &i) in slots.iter().enumerate() {
             out.push(match ids[i] {
-                // A kept set too large for the device's sort: the host picks from the logits.
+                // A row without a finite logit: the host picks by its rules.
                 PICK_HOST => sample(&mut dec.logits(i..i + 1)?[..limit], history[j], sampling, us[j]),
                 t => t,
             });

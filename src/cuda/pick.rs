@@ -2,9 +2,9 @@
 //! step's argmax already gives): sampling.cu's `sample_rows` (temperature / min-p, id order)
 //! and `pick_top` (top-k / top-p, and greedy under a repetition penalty), by the CPU's rules
 //! with the host's uniform numbers. The repetition penalty reads a bitmask of seen ids per
-//! sequence kept on the device, to which each pick adds the ids fed since the last one. A row
-//! whose kept set is too large for `pick_top` comes back as [`PICK_HOST`] and is picked on the
-//! host from its logits.
+//! sequence kept on the device, to which each pick adds the ids fed since the last one. Kept
+//! sets too large for `pick_top`'s sort go by radix selection (`pick_wide`); a row without a
+//! finite logit comes back as [`PICK_HOST`] and is picked on the host from its logits.
 
 use super::{err, Gpu};
 use crate::sampling::Sampling;

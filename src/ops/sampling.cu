@@ -174,6 +174,161 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const PickParams 
     }
 }
 
+// Kept sets too large for pick_top's sort (a flat distribution's nucleus, a large top-k) are cut
+// and drawn by radix selection: top-k, top-p and the draw each ask for the first token, in
+// candidate order, where a running count or weight reaches a goal. The logits' bits made
+// order-preserving are the keys; 4 passes narrow the key 8 bits at a time by 256-bucket
+// histograms of count and weight over the tokens that match so far, and a fifth finds the
+// token among equal logits by id. Weights are fixed-point (units of 2^−32 of the most likely
+// token's) so the histograms sum exactly in any order and the pick is deterministic. In the
+// first pass a warp's lanes that hit one bucket add to it once: the top 8 bits (sign and
+// exponent) put most tokens of a flat row in a few buckets, and same-address atomics serialize
+// (4.6× slower on an H100); later passes spread over the mantissa, where matching lanes costs
+// more than it saves (1.4×). Reads the row 5 times per selection (from L2).
+
+#define WIDE_ONE 4294967296.0  // weight 1 in fixed point
+
+__device__ __forceinline__ unsigned order_key(float v) {
+    const unsigned u = __float_as_uint(v);
+    return (u & 0x80000000u) ? ~u : u | 0x80000000u;
+}
+
+struct Reached {
+    int id;                    // the token
+    unsigned long long weight; // the fixed-point weight of the tokens up to and including it
+};
+
+// The first token (candidate order) where the running count (`by_count`) reaches `want`, or
+// the running weight reaches `want` times `base` (0: the row's total weight). `weight(v)` is
+// a logit's fixed-point weight. Every thread calls it.
+template <typename W>
+__device__ Reached first_reaching(const PickParams& p, const float* x, const unsigned* seen, W weight, bool by_count,
+                                  double want, unsigned long long base) {
+    const int n = p.limit, tid = threadIdx.x, nt = blockDim.x, lane = tid % 32;
+    __shared__ unsigned hc[256];
+    __shared__ unsigned long long hw[256];
+    __shared__ unsigned long long goal, bc, bw;  // goal; count and weight before the bucket
+    __shared__ unsigned prefix;                  // the key's bits fixed so far
+    __shared__ int bucket, found;
+    for (int level = 0; level < 4; level++) {
+        const int shift = 24 - 8 * level;
+        for (int b = tid; b < 256; b += nt) {
+            hc[b] = 0;
+            hw[b] = 0;
+        }
+        __syncthreads();
+        const unsigned pre = prefix;
+        for (int i0 = tid - lane; i0 < n; i0 += PICK_LOADS * nt) {  // warp-uniform bounds
+            float v[PICK_LOADS];
+#pragma unroll
+            for (int k = 0; k < PICK_LOADS; k++) {
+                const int i = i0 + k * nt + lane;
+                v[k] = i < n ? penalized(x[i], seen ? seen[i >> 5] : 0u, p.penalty, i) : 0.0f;
+            }
+#pragma unroll
+            for (int k = 0; k < PICK_LOADS; k++) {
+                const unsigned key = order_key(v[k]);
+                const bool in = i0 + k * nt + lane < n && (level == 0 || key >> (shift + 8) == pre);
+                const int b = in ? (key >> shift) & 255 : 256;
+                if (level == 0) {
+                    const unsigned group = __match_any_sync(0xffffffffu, b);
+                    if (b < 256) {
+                        const unsigned long long w = weight(v[k]);
+                        const unsigned hi = __reduce_add_sync(group, (unsigned)(w >> 16));
+                        const unsigned lo = __reduce_add_sync(group, (unsigned)(w & 0xffff));
+                        if (lane == __ffs(group) - 1) {
+                            atomicAdd(&hc[b], __popc(group));
+                            atomicAdd(&hw[b], ((unsigned long long)hi << 16) + lo);
+                        }
+                    }
+                } else if (b < 256) {
+                    atomicAdd(&hc[b], 1u);
+                    atomicAdd(&hw[b], weight(v[k]));
+                }
+            }
+        }
+        __syncthreads();
+        if (tid < 32) {
+            // Lane l holds buckets 255 − 8l down to 248 − 8l: scanned from the largest keys.
+            unsigned long long c = 0, w = 0;
+            for (int k = 0; k < 8; k++) {
+                c += hc[255 - 8 * lane - k];
+                w += hw[255 - 8 * lane - k];
+            }
+            unsigned long long ci = c, wi = w;
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned long long c2 = __shfl_up_sync(0xffffffffu, ci, o), w2 = __shfl_up_sync(0xffffffffu, wi, o);
+                if (lane >= o) {
+                    ci += c2;
+                    wi += w2;
+                }
+            }
+            if (level == 0) {
+                // Goals past the total (rounding, a top-k over the vocabulary) stop at the last token.
+                const unsigned long long all_c = __shfl_sync(0xffffffffu, ci, 31), all_w = __shfl_sync(0xffffffffu, wi, 31);
+                const unsigned long long of = base ? base : all_w;
+                if (lane == 0) {
+                    goal = by_count ? min((unsigned long long)want, all_c) : min((unsigned long long)ceil(want * of), of);
+                    bc = bw = 0;
+                }
+                __syncwarp();
+            }
+            const unsigned long long g = goal, c0 = bc, w0 = bw;
+            const unsigned reached = __ballot_sync(0xffffffffu, ci > 0 && (by_count ? c0 + ci : w0 + wi) >= g);
+            if (lane == __ffs(reached) - 1) {
+                unsigned long long cc = c0 + ci - c, ww = w0 + wi - w;
+                for (int k = 0; k < 8; k++) {
+                    const int b = 255 - 8 * lane - k;
+                    if (hc[b] > 0 && (by_count ? cc + hc[b] : ww + hw[b]) >= g) {
+                        bucket = b;
+                        bc = cc;
+                        bw = ww;
+                        prefix = level == 0 ? b : prefix << 8 | b;
+                        break;
+                    }
+                    cc += hc[b];
+                    ww += hw[b];
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // The tokens of key `prefix` share one weight; the goal falls on the j-th of them by id.
+    const unsigned key = prefix, ties = hc[bucket];
+    const unsigned long long wt = hw[bucket] / ties, g = goal;
+    unsigned long long j = by_count ? g - bc : (g <= bw || wt == 0 ? 1 : (g - bw + wt - 1) / wt);
+    j = max(1ull, min(j, (unsigned long long)ties));
+    const int run = (n + nt - 1) / nt, i0 = tid * run, i1 = min(i0 + run, n);
+    unsigned mine = 0;
+    each_logit(x, seen, p.penalty, i0, 1, i1, [&](int, float v) { mine += order_key(v) == key; });
+    unsigned total;
+    const unsigned inc = block_scan(mine, total);
+    if (mine > 0 && inc - mine < j && j <= inc) {
+        unsigned left = j - (inc - mine);
+        each_logit(x, seen, p.penalty, i0, 1, i1, [&](int i, float v) {
+            if (order_key(v) == key && left-- == 1) found = i;
+        });
+    }
+    __syncthreads();
+    const Reached r{found, bw + j * wt};
+    __syncthreads();  // the shared state may be reused by the next call
+    return r;
+}
+
+// pick_top's pick when the kept set holds more than PICK_CAP tokens (m: the row's maximum).
+__device__ void pick_wide(const PickParams& p, const float* x, const unsigned* seen, float m) {
+    const float s = p.inv_t_log2e;
+    auto weight = [&](float v) {
+        const float w = exp2f((v - m) * s);
+        return w >= p.min_p ? (unsigned long long)((double)w * WIDE_ONE + 0.5) : 0ull;
+    };
+    unsigned long long kept = 0;
+    if (p.top_k > 0) kept = first_reaching(p, x, seen, weight, true, p.top_k, 0).weight;
+    if (p.top_p < 1.0f) kept = first_reaching(p, x, seen, weight, false, p.top_p, kept).weight;
+    const Reached r = first_reaching(p, x, seen, weight, false, p.u[blockIdx.x], kept);
+    if (threadIdx.x == 0) p.out[blockIdx.x] = r.id;
+}
+
 // Top-k and/or top-p (and greedy with a penalty, as top-k 1): the kept tokens walked from the
 // most likely down (larger logit first, lower id among equals), the pick the first where the
 // cumulative weight reaches u times the kept total.
@@ -184,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const PickParams 
 //    fixed-order reduction.
 // 3. Warp 0 finds the first bin B whose bins ≤ B surely hold the kept set: k tokens (top-k), or
 //    a lower bound of their weight (count × the bin's smallest weight) reaching top-p's goal.
-// 4. The tokens of bins ≤ B (at most PICK_CAP, else the host picks) are gathered into shared
+// 4. The tokens of bins ≤ B (at most PICK_CAP, else pick_wide) are gathered into shared
 //    memory and bitonic-sorted; top-k, top-p and the draw are exact over that sorted list.
 // Reads the row 3 times (from L2); the sort is over a few hundred entries for usual settings.
 extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) {
@@ -257,7 +412,11 @@ extern "C" __global__ void __launch_bounds__(1024) pick_top(const PickParams p) 
     }
     if (tid == 0) filled = 0;
     __syncthreads();
-    if (count == 0 || count > PICK_CAP) {
+    if (count > PICK_CAP) {
+        pick_wide(p, x, seen, m);
+        return;
+    }
+    if (count == 0) {  // no finite logit
         if (tid == 0) p.out[blockIdx.x] = PICK_HOST;
         return;
     }
