@@ -35,6 +35,7 @@ pub mod state;
 pub mod tensor;
 pub mod text_stream;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::Config;
 pub use model::Model;

@@ -137,7 +137,13 @@ struct ScoreArgs {
     /// Write float32 logits [batch, length, padded_vocab] as tensor `logits` to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
-    /// Allow --logits-out to replace an existing file.
+    /// Write the gradient of the mean next-token cross-entropy (over every position of every
+    /// sequence, the padded vocabulary) with respect to every weight to this safetensors file,
+    /// f32 under the checkpoint's tensor names (a tied embedding holds the sum of both uses).
+    /// Computed in f32 on the CPU whatever --dtype says.
+    #[arg(long)]
+    grads_out: Option<PathBuf>,
+    /// Allow --logits-out / --grads-out to replace an existing file.
     #[arg(long)]
     force: bool,
     /// Print JSON instead of a table.
@@ -475,19 +481,11 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_score(a: ScoreArgs) -> Result<()> {
-    if let Some(p) = &a.logits_out {
-        if p.exists() && !a.force {
-            bail!("{} already exists; refusing to overwrite it (pass --force to replace it)", p.display());
-        }
-    }
-    if a.chunk == 0 {
-        bail!("--chunk must be at least 1");
-    }
-    let (model, dir) = load_model(&a.m)?;
+/// The sequences `score` reads: a text file's tokens or a JSON list of id lists.
+fn score_inputs(a: &ScoreArgs, dir: &Path) -> Result<Vec<Vec<u32>>> {
     let seqs: Vec<Vec<u32>> = if let Some(f) = &a.text_file {
         let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let tok = tokenizer::load(a.m.tokenizer.as_deref(), Some(&dir))?;
+        let tok = tokenizer::load(a.m.tokenizer.as_deref(), Some(dir))?;
         vec![tokenizer::encode(&tok, &text)?]
     } else {
         let f = a.ids_file.as_ref().expect("clap requires one input");
@@ -498,6 +496,23 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
     if seqs.is_empty() {
         bail!("nothing to score");
     }
+    Ok(seqs)
+}
+
+fn cmd_score(a: ScoreArgs) -> Result<()> {
+    for p in [&a.logits_out, &a.grads_out].into_iter().flatten() {
+        if p.exists() && !a.force {
+            bail!("{} already exists; refusing to overwrite it (pass --force to replace it)", p.display());
+        }
+    }
+    if a.chunk == 0 {
+        bail!("--chunk must be at least 1");
+    }
+    if a.grads_out.is_some() {
+        return score_with_grads(&a);
+    }
+    let (model, dir) = load_model(&a.m)?;
+    let seqs = score_inputs(&a, &dir)?;
     if a.logits_out.is_some() && seqs.iter().any(|s| s.len() != seqs[0].len()) {
         bail!("--logits-out needs sequences of equal length (it writes one [batch, length, vocab] tensor)");
     }
@@ -525,22 +540,64 @@ fn cmd_score(a: ScoreArgs) -> Result<()> {
         let data = safetensors::serialize([("logits".to_string(), view)], None)?;
         mamba_lm::io::write_file(p, &data, a.force)?;
     }
+    report_scores(&results, &seqs, a.json)
+}
+
+/// `score --grads-out`: the loss and its gradient by the training forward and backward.
+fn score_with_grads(a: &ScoreArgs) -> Result<()> {
+    if a.logits_out.is_some() {
+        bail!("--grads-out and --logits-out cannot be combined: run score twice");
+    }
+    if !matches!(a.m.device, Device::Cpu) {
+        bail!("--grads-out runs on the CPU only for now: drop --device");
+    }
+    set_threads(a.m.threads)?;
+    let dir = loader::hub::resolve(&a.m.model)?;
+    let cfg = Config::from_file(&dir.join("config.json"))?;
+    let ck = loader::Checkpoint::open_dir(&dir)?;
+    let layout = mamba_lm::train::params::Layout::of_checkpoint(&cfg, &ck)?;
+    let params = layout.load(&ck)?;
+    let seqs = score_inputs(a, &dir)?;
+    let v = cfg.vocab_padded;
+    if let Some(t) = seqs.iter().flatten().find(|&&t| t as usize >= v) {
+        bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+    }
+    let bar = indicatif::ProgressBar::new(seqs.iter().map(|s| s.len() as u64).sum());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"),
+    );
+    let (losses, grads) = mamba_lm::train::model::gradients(&layout, &params, &seqs, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    let results: Vec<_> =
+        losses.iter().zip(&seqs).map(|(&l, s)| mamba_lm::score::Score { nll_sum: l, predicted: s.len() - 1 }).collect();
+    let count: usize = seqs.iter().map(|s| s.len() - 1).sum();
+    let meta = std::collections::HashMap::from([
+        ("what".to_string(), "d(mean next-token cross-entropy)/d(weight), f32".to_string()),
+        ("loss".to_string(), (losses.iter().sum::<f64>() / count as f64).to_string()),
+    ]);
+    let p = a.grads_out.as_ref().expect("checked by the caller");
+    mamba_lm::io::write_file(p, &layout.to_safetensors(&grads, Some(meta))?, a.force)?;
+    report_scores(&results, &seqs, a.json)
+}
+
+/// Prints each sequence's score and, for several, the total (a table, or one JSON line).
+fn report_scores(results: &[mamba_lm::score::Score], seqs: &[Vec<u32>], json: bool) -> Result<()> {
     let total = results.iter().fold(mamba_lm::score::Score::default(), |acc, r| mamba_lm::score::Score {
         nll_sum: acc.nll_sum + r.nll_sum,
         predicted: acc.predicted + r.predicted,
     });
     let mut out = std::io::stdout().lock();
-    if a.json {
+    if json {
         let per: Vec<_> = results
             .iter()
-            .zip(&seqs)
+            .zip(seqs)
             .map(|(r, s)| json!({"tokens": s.len(), "nll_per_token": r.nll_per_token(), "perplexity": r.perplexity()}))
             .collect();
         let v = json!({"sequences": per, "nll_per_token": total.nll_per_token(), "perplexity": total.perplexity()});
         writeln!(out, "{v}")?;
     } else {
         writeln!(out, "{:>4} {:>8} {:>14} {:>12}", "seq", "tokens", "nll/token", "perplexity")?;
-        for (i, (r, s)) in results.iter().zip(&seqs).enumerate() {
+        for (i, (r, s)) in results.iter().zip(seqs).enumerate() {
             writeln!(out, "{i:>4} {:>8} {:>14.6} {:>12.4}", s.len(), r.nll_per_token(), r.perplexity())?;
         }
         if results.len() > 1 {

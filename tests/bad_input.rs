@@ -222,3 +222,41 @@ fn state_file_for_another_model_is_rejected() {
     let e = fails(&["generate", "--model", m1.to_str().unwrap(), "--load-state", f.to_str().unwrap()]);
     assert!(e.contains("invalid state file") && e.contains("not a safetensors file"), "{e}");
 }
+
+#[test]
+fn grads_out_refuses_what_it_cannot_do_and_keeps_existing_files() {
+    let t = tempfile::tempdir().unwrap();
+    let m = fixture("mamba1-hf");
+    let m = m.to_str().unwrap();
+    let ids = t.path().join("ids.json");
+    std::fs::write(&ids, "[[1, 2, 3], [4]]").unwrap();
+    let (ids, out) = (ids.to_str().unwrap(), t.path().join("g.safetensors"));
+    let o = out.to_str().unwrap();
+    let e = fails(&["score", "--model", m, "--ids-file", ids, "--grads-out", o]);
+    assert!(e.contains("sequence 1 has 1 token(s)"), "{e}");
+    assert!(!out.exists(), "no partial output");
+    std::fs::write(&out, "mine").unwrap();
+    let e = fails(&["score", "--model", m, "--ids-file", ids, "--grads-out", o]);
+    assert!(e.contains("already exists") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
+    let e = fails(&["score", "--model", m, "--ids-file", ids, "--grads-out", "x.st", "--logits-out", "y.st"]);
+    assert!(e.contains("cannot be combined"), "{e}");
+    // Projection biases have no training path yet: said before any work.
+    let d = tempfile::tempdir().unwrap();
+    copy_fixture("mamba1-hf", d.path());
+    let cfgp = d.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfgp).unwrap();
+    std::fs::write(&cfgp, cfg.replace("\"use_bias\": false", "\"use_bias\": true")).unwrap();
+    std::fs::write(t.path().join("ok.json"), "[[1, 2, 3]]").unwrap();
+    let ok = t.path().join("ok.json");
+    let e = fails(&[
+        "score",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--ids-file",
+        ok.to_str().unwrap(),
+        "--grads-out",
+        "z.st",
+    ]);
+    assert!(e.contains("biases"), "{e}");
+}

@@ -104,3 +104,65 @@ unsafe fn conv_rows<S: Simd>(
         }
     }
 }
+
+/// Backward of [`causal_conv1d_silu`] over one sequence that started from a zero state: from
+/// the output gradient `g_out` (`l × c`, contiguous) writes `g_x` (`g_x[t·g_rs + ch]`) and adds
+/// the weight and bias gradients to `g_w` (tap-major, like `w`) and `g_b`. The pre-activation
+/// is recomputed (W multiply-adds per value) rather than kept. Per channel:
+/// `g_pre = g_out·silu'(pre)`, `g_x[t − (W−1) + k] += w[k]·g_pre[t]`, `g_w[k] += Σ_t x[t − (W−1) + k]·g_pre[t]`.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_conv1d_silu_backward(
+    x: &[f32],
+    l: usize,
+    x_rs: usize,
+    c: usize,
+    w: &[f32],
+    width: usize,
+    bias: Option<&[f32]>,
+    g_out: &[f32],
+    g_x: &mut [f32],
+    g_rs: usize,
+    g_w: &mut [f32],
+    g_b: Option<&mut [f32]>,
+) {
+    assert!(w.len() == width * c && g_w.len() == width * c && g_out.len() >= l * c);
+    assert!(l == 0 || (x.len() >= (l - 1) * x_rs + c && g_x.len() >= (l - 1) * g_rs + c));
+    let hist = width - 1;
+    let (gx, gw) = (SendPtr(g_x.as_mut_ptr()), SendPtr(g_w.as_mut_ptr()));
+    let gb = g_b.map(|b| SendPtr(b.as_mut_ptr()));
+    // Channels are independent: each task owns a block of them (disjoint columns everywhere).
+    (0..c).into_par_iter().step_by(64).for_each(|c0| {
+        let mut g_pre = vec![0.0f32; l];
+        for ch in c0..(c0 + 64).min(c) {
+            let at = |t: isize| if t < 0 { 0.0 } else { x[t as usize * x_rs + ch] };
+            for t in 0..l {
+                let mut pre = bias.map_or(0.0, |b| b[ch]);
+                for k in 0..width {
+                    pre += w[k * c + ch] * at(t as isize - hist as isize + k as isize);
+                }
+                let s = 1.0 / (1.0 + (-pre).exp());
+                g_pre[t] = g_out[t * c + ch] * s * (1.0 + pre * (1.0 - s));
+            }
+            unsafe {
+                for t in 0..l {
+                    let mut acc = 0.0f32;
+                    for k in 0..width {
+                        // Input t feeds outputs t + (W−1) − k through tap k.
+                        let o = t + hist - k;
+                        if o < l {
+                            acc += w[k * c + ch] * g_pre[o];
+                        }
+                    }
+                    *gx.get().add(t * g_rs + ch) = acc;
+                }
+                for k in 0..width {
+                    let s: f32 = (0..l).map(|t| at(t as isize - hist as isize + k as isize) * g_pre[t]).sum();
+                    *gw.get().add(k * c + ch) += s;
+                }
+                if let Some(gb) = gb {
+                    *gb.get().add(ch) += g_pre.iter().sum::<f32>();
+                }
+            }
+        }
+    });
+}

@@ -150,3 +150,49 @@ unsafe fn max_and_sum<S: Simd>(x: &[f32]) -> (f32, f64) {
     }
     (m, total)
 }
+
+/// The LM head's loss and its backward, fused (training-spec §2): for rows `h` (`n × d`)
+/// against f32 weights `w` (`vocab × d`) returns `Σ_rows −log softmax(h·Wᵀ)[target]` (f64),
+/// writes `g_h = scale·(softmax − onehot)·W` and adds `scale·(softmax − onehot)ᵀ·h` to `g_w`.
+/// `ROWS` rows at a time: their logits are computed, turned into `g_z` in place and used for
+/// both products, so `[n × vocab]` logits never exist (128 × 50K f32 is 26 MB; all rows of a
+/// training batch would be gigabytes).
+pub fn head_loss_backward(
+    h: &[f32],
+    w: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    scale: f32,
+    g_h: &mut [f32],
+    g_w: &mut [f32],
+) -> f64 {
+    use super::matmul::{gemm_views, View};
+    let n = targets.len();
+    let d = w.len() / vocab;
+    assert!(w.len() == vocab * d && h.len() >= n * d && g_h.len() >= n * d && g_w.len() == w.len());
+    assert!(targets.iter().all(|&t| (t as usize) < vocab), "cross-entropy: a target is past the vocabulary");
+    let mut z = vec![0.0f32; ROWS.min(n) * vocab];
+    let mut loss = 0.0f64;
+    for r0 in (0..n).step_by(ROWS) {
+        let rows = (n - r0).min(ROWS);
+        let (hc, z) = (&h[r0 * d..(r0 + rows) * d], &mut z[..rows * vocab]);
+        gemm_views(rows, vocab, d, z, vocab, View::rows(hc, d), View::t(w, d), false);
+        loss += z
+            .par_chunks_mut(vocab)
+            .zip(&targets[r0..r0 + rows])
+            .map(|(x, &t)| {
+                let (m, total) = dispatch!(max_and_sum(x));
+                let lse = m as f64 + total.ln();
+                let nll = lse - x[t as usize] as f64;
+                x.iter_mut().for_each(|v| *v = ((*v as f64 - lse).exp() as f32) * scale);
+                x[t as usize] -= scale;
+                nll
+            })
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum::<f64>(); // in row order: the same whatever the threads
+        gemm_views(rows, d, vocab, &mut g_h[r0 * d..], d, View::rows(z, vocab), View::rows(w, d), false);
+        gemm_views(vocab, d, rows, g_w, d, View::t(z, vocab), View::rows(hc, d), true);
+    }
+    loss
+}

@@ -94,6 +94,73 @@ pub fn matmul_t(x: &[f32], rows: Rows, x_rs: usize, w: &Matrix, y: &mut [f32], y
     gemm_f32(x, n, x_rs, wf, m, k, y, y_rs, gemm::Parallelism::Rayon(rayon::current_num_threads()));
 }
 
+/// An f32 matrix operand read through strides: element `(i, j)` is `data[i·rs + j·cs]`, so a
+/// transposed view is the same slice with the strides swapped.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major rows `rs` apart.
+    pub fn rows(data: &'a [f32], rs: usize) -> View<'a> {
+        View { data, rs, cs: 1 }
+    }
+
+    /// The transpose of row-major rows `rs` apart.
+    pub fn t(data: &'a [f32], rs: usize) -> View<'a> {
+        View { data, rs: 1, cs: rs }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs
+    }
+}
+
+/// `dst = a · b` (`accumulate`: `dst += a · b`) for `a` of `m × k` and `b` of `k × n`, `dst`
+/// row-major with rows `dst_rs` apart, by the `gemm` crate on every thread. The training
+/// products (forward, and the backward's `g_x = g_y·W` and `g_W += g_yᵀ·x`) are all this one
+/// call with different views.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_views(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, a: View, b: View, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.fits(m, k) && b.fits(k, n), "gemm: an operand is too short");
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "gemm: destination too short");
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| dst[i * dst_rs..i * dst_rs + n].fill(0.0));
+        }
+        return;
+    }
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
 /// The `gemm` crate's blocked f32 product `y[i, j] = Σ_k x[i, k] · w[j, k]` of `n` rows against
 /// a contiguous `m × k` matrix (`Parallelism::None`: on the calling thread, for callers that run
 /// many products in parallel themselves).

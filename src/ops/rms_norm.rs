@@ -80,3 +80,96 @@ unsafe fn gate_row<S: Simd>(y: &mut [f32], z: &[f32]) {
         y[j] *= super::simd::silu_f32(z[j]);
     }
 }
+
+/// Fixed row ranges for sums over rows (weight gradients): as many as the pool could use, but
+/// a constant, so the sums' order and so their rounding do not depend on the thread count.
+const PARTS: usize = 8;
+
+/// Runs `f(rows r0..r1, partial)` over `PARTS` contiguous row ranges in parallel, each adding
+/// into its own zeroed partial of `len` values, and adds the partials into `acc` in order.
+pub(crate) fn sum_over_row_parts(n: usize, len: usize, acc: &mut [f32], f: impl Fn(usize, usize, &mut [f32]) + Sync) {
+    let per = n.div_ceil(PARTS).max(1);
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(per))
+        .into_par_iter()
+        .map(|p| {
+            let mut part = vec![0.0f32; len];
+            f(p * per, ((p + 1) * per).min(n), &mut part);
+            part
+        })
+        .collect();
+    for part in parts {
+        acc.iter_mut().zip(&part).for_each(|(a, p)| *a += p);
+    }
+}
+
+/// Backward of [`rms_norm`] given the output gradient `g_y`: adds `∂/∂x` to `g_x` and `∂/∂w` to
+/// `g_w`. With `r = (mean(x²) + ε)^−½` (recomputed: one pass over the row) and `u = w ⊙ g_y`:
+/// `g_x = r·u − x·r³·mean(u ⊙ x)`, `g_w = Σ_rows g_y ⊙ x·r`.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f32, g_y: &[f32], g_x: &mut [f32], g_w: &mut [f32]) {
+    let d = w.len();
+    let n = x.len() / d;
+    assert!(x.len() == n * d && g_y.len() == x.len() && g_x.len() == x.len() && g_w.len() == d);
+    let gx = super::matmul::SendPtr(g_x.as_mut_ptr());
+    sum_over_row_parts(n, d, g_w, |r0, r1, gw| {
+        for r in r0..r1 {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &g_y[r * d..(r + 1) * d]);
+            let rstd = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            let dot = xr.iter().zip(gr).zip(w).map(|((x, g), w)| w * g * x).sum::<f32>() / d as f32;
+            // Rows of g_x are disjoint between parts.
+            let out = unsafe { std::slice::from_raw_parts_mut(gx.get().add(r * d), d) };
+            for i in 0..d {
+                out[i] += rstd * w[i] * gr[i] - xr[i] * rstd * rstd * rstd * dot;
+                gw[i] += gr[i] * xr[i] * rstd;
+            }
+        }
+    });
+}
+
+/// Backward of [`gated_rms_norm`] (`v = y·silu(z)`, normalised per group): from the output
+/// gradient `g_out` and the un-normalised `y`, writes `g_y` (rows of `w.len()`) and `g_z` (rows
+/// `z_rs` apart, the same columns as `z`) and adds `∂/∂w` to `g_w`.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_rms_norm_backward(
+    y: &[f32],
+    z: &[f32],
+    z_rs: usize,
+    w: &[f32],
+    group: usize,
+    eps: f32,
+    g_out: &[f32],
+    g_y: &mut [f32],
+    g_z: &mut [f32],
+    g_w: &mut [f32],
+) {
+    let d = w.len();
+    let n = y.len() / d;
+    assert!(g_out.len() == y.len() && g_y.len() == y.len() && g_w.len() == d);
+    assert!(n == 0 || (z.len() >= (n - 1) * z_rs + d && g_z.len() >= (n - 1) * z_rs + d));
+    let (gy, gz) = (super::matmul::SendPtr(g_y.as_mut_ptr()), super::matmul::SendPtr(g_z.as_mut_ptr()));
+    sum_over_row_parts(n, d, g_w, |r0, r1, gw| {
+        let mut v = vec![0.0f32; d];
+        for r in r0..r1 {
+            let (yr, zr, gr) = (&y[r * d..(r + 1) * d], &z[r * z_rs..r * z_rs + d], &g_out[r * d..(r + 1) * d]);
+            // Disjoint rows of g_y and g_z per part.
+            let (gyr, gzr) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(gy.get().add(r * d), d),
+                    std::slice::from_raw_parts_mut(gz.get().add(r * z_rs), d),
+                )
+            };
+            v.iter_mut().zip(yr).zip(zr).for_each(|((v, y), z)| *v = y * super::simd::silu_f32(*z));
+            for g0 in (0..d).step_by(group) {
+                let c = g0..g0 + group;
+                let rstd = 1.0 / (v[c.clone()].iter().map(|v| v * v).sum::<f32>() / group as f32 + eps).sqrt();
+                let dot = c.clone().map(|i| w[i] * gr[i] * v[i]).sum::<f32>() / group as f32;
+                for i in c {
+                    let g_v = rstd * w[i] * gr[i] - v[i] * rstd * rstd * rstd * dot;
+                    gw[i] += gr[i] * v[i] * rstd;
+                    let s = 1.0 / (1.0 + (-zr[i]).exp());
+                    gyr[i] = g_v * zr[i] * s;
+                    gzr[i] = g_v * yr[i] * s * (1.0 + zr[i] * (1.0 - s));
+                }
+            }
+        }
+    });
+}

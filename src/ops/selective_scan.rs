@@ -14,6 +14,7 @@
 use super::matmul::SendPtr;
 use super::simd::{exp, silu, softplus, Scalar, Simd};
 use crate::dispatch;
+use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Largest supported state size (the official CUDA kernel's limit).
@@ -122,4 +123,146 @@ unsafe fn scan_block<S: Simd>(inp: &ScanInputs, l: usize, e: usize, n: usize, c0
     for (k, hk) in h.iter().enumerate().take(n) {
         S::store(state.add(k * e + c0), hk.assume_init());
     }
+}
+
+/// Gradients of one scan, from [`selective_scan_backward`].
+pub struct ScanGrads<'a> {
+    /// `∂/∂u` and `∂/∂dt` (before the bias), `l × e` contiguous; written.
+    pub u: &'a mut [f32],
+    pub dt: &'a mut [f32],
+    /// `∂/∂z` at `z`'s positions (`t·rs + c`); written. Given when the scan has a gate.
+    pub z: Option<(&'a mut [f32], usize)>,
+    /// `∂/∂B`, `∂/∂C`, `l × n` contiguous; written.
+    pub b: &'a mut [f32],
+    pub c: &'a mut [f32],
+    /// `∂/∂A` (`(N, E)` like `a`), `∂/∂D`, `∂/∂dt_bias`; added to.
+    pub a: &'a mut [f32],
+    pub d: &'a mut [f32],
+    pub dt_bias: &'a mut [f32],
+}
+
+/// Steps whose states the backward recomputes and holds at once (per channel).
+const BACKWARD_CHUNK: usize = 64;
+
+/// Channel ranges of the backward, each with its own partial `∂/∂B`, `∂/∂C` (summed over
+/// channels): a constant, so the sums' order does not depend on the thread count.
+const BACKWARD_PARTS: usize = 8;
+
+/// Backward of [`selective_scan`] over one sequence that started from a zero state, given the
+/// output gradient `g_y` (`l × e`, contiguous). Per channel, a forward pass keeps the state at
+/// every `BACKWARD_CHUNK`-th step; then chunk by chunk from the end, the chunk's states are
+/// recomputed from its entry state and the recurrence runs backwards
+/// (`gh_t = C_t·g_y_t + exp(Δ_{t+1}A)·gh_{t+1}`; see training-spec §2), so memory is
+/// `O(L·N / BACKWARD_CHUNK)` per channel, never `L·E·N`. The output before the gate is
+/// recomputed from the states. Costs ~3× the forward's exponentials.
+pub fn selective_scan_backward(inp: &ScanInputs, l: usize, e: usize, n: usize, g_y: &[f32], g: ScanGrads) {
+    assert!(n <= MAX_D_STATE && g_y.len() >= l * e && g.u.len() >= l * e && g.dt.len() >= l * e);
+    assert!(g.b.len() >= l * n && g.c.len() >= l * n && g.a.len() == n * e && g.d.len() == e && g.dt_bias.len() == e);
+    assert_eq!(inp.z.is_some(), g.z.is_some(), "a gated scan needs ∂/∂z and only it");
+    let ptr = |s: &mut [f32]| SendPtr(s.as_mut_ptr());
+    let (gu, gdt, ga, gd, gbias) = (ptr(g.u), ptr(g.dt), ptr(g.a), ptr(g.d), ptr(g.dt_bias));
+    let gz = g.z.map(|(z, rs)| (SendPtr(z.as_mut_ptr()), rs));
+    let per = e.div_ceil(BACKWARD_PARTS);
+    let parts: Vec<Vec<f32>> = (0..e.div_ceil(per))
+        .into_par_iter()
+        .map(|p| {
+            // ∂/∂B then ∂/∂C of this part's channels.
+            let mut bc = vec![0.0f32; 2 * l * n];
+            for ch in p * per..((p + 1) * per).min(e) {
+                // Each channel writes only its own columns of the outputs.
+                unsafe { channel_backward(inp, l, e, n, ch, g_y, &mut bc, [gu, gdt, ga, gd, gbias], gz) };
+            }
+            bc
+        })
+        .collect();
+    g.b[..l * n].fill(0.0);
+    g.c[..l * n].fill(0.0);
+    for part in &parts {
+        g.b.iter_mut().zip(&part[..l * n]).for_each(|(a, p)| *a += p);
+        g.c.iter_mut().zip(&part[l * n..]).for_each(|(a, p)| *a += p);
+    }
+}
+
+/// One channel of [`selective_scan_backward`]; `bc` holds the part's `∂/∂B` and `∂/∂C`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn channel_backward(
+    inp: &ScanInputs,
+    l: usize,
+    e: usize,
+    n: usize,
+    ch: usize,
+    g_y: &[f32],
+    bc: &mut [f32],
+    [gu, gdt, ga, gd, gbias]: [SendPtr<f32>; 5],
+    gz: Option<(SendPtr<f32>, usize)>,
+) {
+    let a: Vec<f32> = (0..n).map(|k| inp.a[k * e + ch]).collect();
+    let (bias, d) = (inp.dt_bias[ch], inp.d[ch]);
+    let u = |t: usize| inp.u[t * inp.u_rs + ch];
+    let raw = |t: usize| inp.dt[t * inp.dt_rs + ch] + bias;
+    let b = |t: usize, k: usize| inp.b[t * inp.bc_rs + k];
+    let c = |t: usize, k: usize| inp.c[t * inp.bc_rs + k];
+    let step = |t: usize, from: &[f32], to: &mut [f32]| {
+        let delta = super::simd::softplus_f32(raw(t));
+        for k in 0..n {
+            to[k] = (delta * a[k]).exp() * from[k] + delta * u(t) * b(t, k);
+        }
+    };
+    let chunks = l.div_ceil(BACKWARD_CHUNK);
+    let mut starts = vec![0.0f32; chunks * n];
+    let mut h = vec![0.0f32; 2 * n];
+    for t in 0..l {
+        if t % BACKWARD_CHUNK == 0 {
+            starts[t / BACKWARD_CHUNK * n..][..n].copy_from_slice(&h[..n]);
+        }
+        let (cur, next) = h.split_at_mut(n);
+        step(t, cur, next);
+        cur.copy_from_slice(next);
+    }
+    let (gb, gc) = bc.split_at_mut(l * n);
+    let (mut gh, mut g_a) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut g_d, mut g_bias) = (0.0f32, 0.0f32);
+    // hs[j] is the state before step t0 + j of the chunk.
+    let mut hs = vec![0.0f32; (BACKWARD_CHUNK + 1) * n];
+    for k0 in (0..chunks).rev() {
+        let (t0, t1) = (k0 * BACKWARD_CHUNK, ((k0 + 1) * BACKWARD_CHUNK).min(l));
+        hs[..n].copy_from_slice(&starts[k0 * n..(k0 + 1) * n]);
+        for t in t0..t1 {
+            let (prev, next) = hs[(t - t0) * n..].split_at_mut(n);
+            step(t, prev, &mut next[..n]);
+        }
+        for t in (t0..t1).rev() {
+            let (prev, cur) = (&hs[(t - t0) * n..][..n], &hs[(t - t0 + 1) * n..][..n]);
+            let (delta, ut) = (super::simd::softplus_f32(raw(t)), u(t));
+            let y = (0..n).map(|k| c(t, k) * cur[k]).sum::<f32>() + d * ut;
+            let mut gy = g_y[t * e + ch];
+            if let (Some((z, z_rs)), Some((gz, gz_rs))) = (inp.z, gz) {
+                let zt = z[t * z_rs + ch];
+                let s = 1.0 / (1.0 + (-zt).exp());
+                *gz.get().add(t * gz_rs + ch) = gy * y * s * (1.0 + zt * (1.0 - s));
+                gy *= zt * s;
+            }
+            let (mut g_u, mut g_delta) = (d * gy, 0.0f32);
+            g_d += gy * ut;
+            for k in 0..n {
+                gh[k] += c(t, k) * gy;
+                gc[t * n + k] += gy * cur[k];
+                let decay = (delta * a[k]).exp();
+                gb[t * n + k] += gh[k] * delta * ut;
+                g_u += gh[k] * delta * b(t, k);
+                g_delta += gh[k] * (a[k] * decay * prev[k] + b(t, k) * ut);
+                g_a[k] += gh[k] * delta * decay * prev[k];
+                gh[k] *= decay;
+            }
+            let g_raw = g_delta / (1.0 + (-raw(t)).exp());
+            *gu.get().add(t * e + ch) = g_u;
+            *gdt.get().add(t * e + ch) = g_raw;
+            g_bias += g_raw;
+        }
+    }
+    for (k, g) in g_a.iter().enumerate() {
+        *ga.get().add(k * e + ch) += g;
+    }
+    *gd.get().add(ch) += g_d;
+    *gbias.get().add(ch) += g_bias;
 }

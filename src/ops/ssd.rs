@@ -14,6 +14,7 @@
 use super::matmul::SendPtr;
 use super::simd::{exp, Scalar, Simd};
 use crate::dispatch;
+use rayon::prelude::*;
 
 /// Block length used when the caller has no preference.
 pub const DEFAULT_BLOCK: usize = 16;
@@ -81,6 +82,154 @@ pub fn ssd(inp: &SsdInputs, l: usize, dims: SsdDims, state: &mut [f32], y: &mut 
             }
         }
     });
+}
+
+/// Gradients of one SSD pass, from [`ssd_backward`]; every output but `d` is written, at the
+/// layout of its input (row strides as in [`SsdInputs`]).
+pub struct SsdGrads<'a> {
+    pub x: &'a mut [f32],
+    pub x_rs: usize,
+    pub dt: &'a mut [f32],
+    pub da: &'a mut [f32],
+    pub dt_rs: usize,
+    pub b: &'a mut [f32],
+    pub c: &'a mut [f32],
+    pub bc_rs: usize,
+    /// `∂/∂D`, added to (the shape of `inp.d`).
+    pub d: Option<&'a mut [f32]>,
+}
+
+/// Steps whose states the backward recomputes and holds at once (per head).
+const BACKWARD_CHUNK: usize = 32;
+
+/// Backward of [`ssd`] over one sequence that started from a zero state, given the output
+/// gradient `g_y[t·gy_rs + h·P + p]`. Per head, in the recurrent form (the chunked form's
+/// result, exactly): a forward pass keeps the state at every `BACKWARD_CHUNK`-th step; then
+/// chunk by chunk from the end the chunk's states are recomputed and the state gradient
+/// `G_t = C_t ⊗ g_y_t + exp(da_{t+1})·G_{t+1}` runs backwards, giving
+/// `g_x_t = D·g_y_t + dt_t·G_tᵀB_t`, `g_B_t = dt_t·G_t x_t`, `g_C_t = S_t g_y_t`,
+/// `g_dt_t = B_t·G_t x_t` (the input term) and `g_da_t = exp(da_t)·⟨G_t, S_{t−1}⟩`.
+/// 4·N·P multiply-adds per step and head; heads share B and C within a group, so their
+/// gradients are summed over the group's heads in head order.
+pub fn ssd_backward(inp: &SsdInputs, l: usize, dims: SsdDims, g_y: &[f32], gy_rs: usize, g: SsdGrads) {
+    let SsdDims { heads, headdim: p, groups, d_state: n, .. } = dims;
+    if l == 0 {
+        return;
+    }
+    assert!(g_y.len() >= (l - 1) * gy_rs + heads * p && g.x.len() >= (l - 1) * g.x_rs + heads * p);
+    assert!(g.dt.len() >= (l - 1) * g.dt_rs + heads && g.da.len() >= (l - 1) * g.dt_rs + heads);
+    assert!(g.b.len() >= (l - 1) * g.bc_rs + groups * n && g.c.len() >= (l - 1) * g.bc_rs + groups * n);
+    let ptr = |s: &mut [f32]| SendPtr(s.as_mut_ptr());
+    let (gx, gdt, gda) = (ptr(g.x), ptr(g.dt), ptr(g.da));
+    let gd = g.d.map(|d| (d.len(), SendPtr(d.as_mut_ptr())));
+    let (g_x_rs, g_dt_rs) = (g.x_rs, g.dt_rs);
+    let parts: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let mut bc = vec![0.0f32; 2 * l * n];
+            // Each head writes only its own columns of g_x, g_dt, g_da and g_d.
+            unsafe { head_backward(inp, l, dims, h, g_y, gy_rs, &mut bc, (gx, g_x_rs), (gdt, gda, g_dt_rs), gd) };
+            bc
+        })
+        .collect();
+    for gi in 0..groups {
+        for t in 0..l {
+            let (rb, rc) = (&mut g.b[t * g.bc_rs + gi * n..][..n], &mut g.c[t * g.bc_rs + gi * n..][..n]);
+            rb.fill(0.0);
+            rc.fill(0.0);
+            for part in &parts[gi * heads / groups..(gi + 1) * heads / groups] {
+                rb.iter_mut().zip(&part[t * n..(t + 1) * n]).for_each(|(a, v)| *a += v);
+                rc.iter_mut().zip(&part[(l + t) * n..(l + t + 1) * n]).for_each(|(a, v)| *a += v);
+            }
+        }
+    }
+}
+
+/// One head of [`ssd_backward`]; `bc` receives its `∂/∂B` (`l × N`) then `∂/∂C`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_backward(
+    inp: &SsdInputs,
+    l: usize,
+    dims: SsdDims,
+    h: usize,
+    g_y: &[f32],
+    gy_rs: usize,
+    bc: &mut [f32],
+    (gx, gx_rs): (SendPtr<f32>, usize),
+    (gdt, gda, gdt_rs): (SendPtr<f32>, SendPtr<f32>, usize),
+    gd: Option<(usize, SendPtr<f32>)>,
+) {
+    let SsdDims { heads, headdim: p, groups, d_state: n, .. } = dims;
+    let g = h / (heads / groups);
+    let np = n * p;
+    let x = |t: usize| &inp.x[t * inp.x_rs + h * p..][..p];
+    let b = |t: usize| &inp.b[t * inp.bc_rs + g * n..][..n];
+    let c = |t: usize| &inp.c[t * inp.bc_rs + g * n..][..n];
+    let (dt, da) = (|t: usize| inp.dt[t * inp.dt_rs + h], |t: usize| inp.da[t * inp.dt_rs + h]);
+    let step = |t: usize, from: &[f32], to: &mut [f32]| {
+        let (ea, xt, bt, dtt) = (da(t).exp(), x(t), b(t), dt(t));
+        for k in 0..n {
+            for pp in 0..p {
+                to[k * p + pp] = ea * from[k * p + pp] + bt[k] * dtt * xt[pp];
+            }
+        }
+    };
+    let chunks = l.div_ceil(BACKWARD_CHUNK);
+    let mut starts = vec![0.0f32; chunks * np];
+    let mut s = vec![0.0f32; 2 * np];
+    for t in 0..l {
+        if t % BACKWARD_CHUNK == 0 {
+            starts[t / BACKWARD_CHUNK * np..][..np].copy_from_slice(&s[..np]);
+        }
+        let (cur, next) = s.split_at_mut(np);
+        step(t, cur, next);
+        cur.copy_from_slice(next);
+    }
+    let (gb, gc) = bc.split_at_mut(l * n);
+    let mut gs = vec![0.0f32; np];
+    let mut gxt = vec![0.0f32; p];
+    let mut states = vec![0.0f32; (BACKWARD_CHUNK + 1) * np];
+    for k0 in (0..chunks).rev() {
+        let (t0, t1) = (k0 * BACKWARD_CHUNK, ((k0 + 1) * BACKWARD_CHUNK).min(l));
+        states[..np].copy_from_slice(&starts[k0 * np..(k0 + 1) * np]);
+        for t in t0..t1 {
+            let (prev, next) = states[(t - t0) * np..].split_at_mut(np);
+            step(t, prev, &mut next[..np]);
+        }
+        for t in (t0..t1).rev() {
+            let (prev, cur) = (&states[(t - t0) * np..][..np], &states[(t - t0 + 1) * np..][..np]);
+            let (gyt, xt, bt, ct, dtt) = (&g_y[t * gy_rs + h * p..][..p], x(t), b(t), c(t), dt(t));
+            for pp in 0..p {
+                gxt[pp] = inp.skip(heads, p, h, pp) * gyt[pp];
+            }
+            if let Some((len, gd)) = gd {
+                for pp in 0..p {
+                    *gd.get().add(if len == heads { h } else { h * p + pp }) += gyt[pp] * xt[pp];
+                }
+            }
+            let (mut g_dt, mut g_da) = (0.0f32, 0.0f32);
+            for k in 0..n {
+                let (sk, gk, pk) = (&cur[k * p..][..p], &mut gs[k * p..][..p], &prev[k * p..][..p]);
+                let mut g_c = 0.0f32;
+                let mut gx_k = 0.0f32;
+                for pp in 0..p {
+                    g_c += gyt[pp] * sk[pp];
+                    gk[pp] += ct[k] * gyt[pp];
+                    gxt[pp] += dtt * bt[k] * gk[pp];
+                    gx_k += gk[pp] * xt[pp];
+                    g_da += gk[pp] * pk[pp];
+                }
+                gc[t * n + k] = g_c;
+                gb[t * n + k] = dtt * gx_k;
+                g_dt += bt[k] * gx_k;
+            }
+            let ea = da(t).exp();
+            gs.iter_mut().for_each(|v| *v *= ea);
+            std::ptr::copy_nonoverlapping(gxt.as_ptr(), gx.get().add(t * gx_rs + h * p), p);
+            *gdt.get().add(t * gdt_rs + h) = g_dt;
+            *gda.get().add(t * gdt_rs + h) = g_da * ea;
+        }
+    }
 }
 
 #[inline(always)]

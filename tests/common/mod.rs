@@ -9,7 +9,7 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
-/// A tensor from a safetensors file as f64 values plus its shape (f32 or i64 data).
+/// A tensor from a safetensors file as f64 values plus its shape (f32, f64 or i64 data).
 pub fn read_tensor(path: &std::path::Path, name: &str) -> (Vec<f64>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -17,6 +17,9 @@ pub fn read_tensor(path: &std::path::Path, name: &str) -> (Vec<f64>, Vec<usize>)
     let v = match t.dtype() {
         safetensors::Dtype::F32 => {
             t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+        }
+        safetensors::Dtype::F64 => {
+            t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
         }
         safetensors::Dtype::I64 => {
             t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()

@@ -1,0 +1,9 @@
+//! Training: the model's parameters as one flat buffer described by one table ([`params`]),
+//! and a forward pass that keeps what its backward needs, with the backward written by hand
+//! beside it ([`model`], one module per mixer). The ops' backwards live beside their forwards
+//! in [`crate::ops`].
+
+pub mod mamba1;
+pub mod mamba2;
+pub mod model;
+pub mod params;

@@ -1,0 +1,265 @@
+//! The whole model's training step on the CPU, f32: embedding → layers → final norm → the LM
+//! head's fused cross-entropy, then the backward in reverse. The forward keeps each layer's
+//! input and its mixer's activations ([`Activations`], allocated once per batch shape); the
+//! backward runs through one set of gradient scratch buffers.
+
+use super::params::{LayerParams, Layout};
+use super::{mamba1, mamba2};
+use crate::ops::cross_entropy::head_loss_backward;
+use crate::ops::matmul::{gemm_views, View};
+use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
+use anyhow::{bail, Result};
+use std::ops::Range;
+
+/// A gradient buffer in a [`Layout`], handed out one tensor at a time.
+pub struct Grads<'a>(pub &'a mut [f32]);
+
+impl Grads<'_> {
+    pub fn at(&mut self, r: &Range<usize>) -> &mut [f32] {
+        &mut self.0[r.clone()]
+    }
+}
+
+pub(super) fn add_to(acc: &mut [f32], v: &[f32]) {
+    acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+}
+
+/// `y = x·Wᵀ` for `rows` rows (`x` rows `x_rs` apart, `W` of `out × inp`, `y` rows `y_rs` apart).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    x: &[f32],
+    x_rs: usize,
+    rows: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+    y_rs: usize,
+) {
+    gemm_views(rows, out, inp, y, y_rs, View::rows(x, x_rs), View::t(w, inp), false);
+}
+
+/// Backward of [`linear`]: writes `g_x = g_y·W` (contiguous rows of `inp`) when asked and adds
+/// `g_yᵀ·x` to `g_w`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear_backward(
+    x: &[f32],
+    x_rs: usize,
+    g_y: &[f32],
+    gy_rs: usize,
+    rows: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    g_x: Option<&mut [f32]>,
+    g_w: &mut [f32],
+) {
+    if let Some(g_x) = g_x {
+        gemm_views(rows, inp, out, g_x, inp, View::rows(g_y, gy_rs), View::rows(w, inp), false);
+    }
+    gemm_views(out, inp, rows, g_w, inp, View::t(g_y, gy_rs), View::rows(x, x_rs), true);
+}
+
+/// A causal conv's weight `(C, 1, W)` as the kernels' tap-major `(W, C)`.
+pub(super) fn conv_taps(w: &[f32], c: usize, width: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; width * c];
+    for ch in 0..c {
+        for k in 0..width {
+            t[k * c + ch] = w[ch * width + k];
+        }
+    }
+    t
+}
+
+/// Adds a tap-major `(W, C)` gradient to one laid out `(C, 1, W)`.
+pub(super) fn add_conv_taps(g_taps: &[f32], c: usize, width: usize, g: &mut [f32]) {
+    for ch in 0..c {
+        for k in 0..width {
+            g[ch * width + k] += g_taps[k * c + ch];
+        }
+    }
+}
+
+enum MixerActs {
+    M1(mamba1::Acts),
+    M2(mamba2::Acts),
+}
+
+enum MixerScratch {
+    M1(mamba1::Scratch),
+    M2(mamba2::Scratch),
+}
+
+/// What the forward keeps for the backward, for `seqs` sequences of `len` positions
+/// (R = seqs·len rows), and the backward's scratch.
+pub struct Activations {
+    pub seqs: usize,
+    pub len: usize,
+    resid: Vec<Vec<f32>>, // per layer (R, D): the layer's input
+    h: Vec<Vec<f32>>,     // per layer (R, D): its normed input
+    mixers: Vec<MixerActs>,
+    resid_f: Vec<f32>, // (R, D) the last layer's output
+    h_f: Vec<f32>,     // (R, D) after the final norm: the LM head's input
+    g_resid: Vec<f32>, // (R, D)
+    g_h: Vec<f32>,     // (R, D)
+    scratch: MixerScratch,
+}
+
+impl Activations {
+    pub fn new(layout: &Layout, seqs: usize, len: usize) -> Activations {
+        let cfg = &layout.cfg;
+        let rows = seqs * len;
+        let z = || vec![0.0f32; rows * cfg.d_model];
+        let mixers = layout
+            .layers
+            .iter()
+            .map(|l| match l {
+                LayerParams::M1(_) => MixerActs::M1(mamba1::Acts::new(cfg, rows)),
+                LayerParams::M2(_) => MixerActs::M2(mamba2::Acts::new(cfg, rows)),
+            })
+            .collect();
+        let scratch = match layout.layers.first() {
+            Some(LayerParams::M2(_)) => MixerScratch::M2(mamba2::Scratch::new(cfg, rows)),
+            _ => MixerScratch::M1(mamba1::Scratch::new(cfg, seqs, len)),
+        };
+        Activations {
+            seqs,
+            len,
+            resid: (0..cfg.n_layer).map(|_| z()).collect(),
+            h: (0..cfg.n_layer).map(|_| z()).collect(),
+            mixers,
+            resid_f: z(),
+            h_f: z(),
+            g_resid: z(),
+            g_h: z(),
+            scratch,
+        }
+    }
+}
+
+/// One forward and backward over `acts.seqs` rows of `acts.len + 1` tokens each (`tokens`,
+/// row-major): positions `0..len` predict `1..=len`. Adds `scale` times the gradient of the
+/// summed next-token cross-entropy (over the padded vocabulary) to `grads` and returns that sum
+/// (f64). `scale = 1 / (number of predicted positions)` makes it the mean's gradient.
+pub fn forward_backward(
+    layout: &Layout,
+    params: &[f32],
+    grads: &mut [f32],
+    acts: &mut Activations,
+    tokens: &[u32],
+    scale: f32,
+) -> Result<f64> {
+    let cfg = &layout.cfg;
+    let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
+    if tokens.len() != seqs * (len + 1) {
+        bail!("training step: {} tokens for {seqs} rows of {}", tokens.len(), len + 1);
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+        bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+    }
+    assert!(params.len() == layout.len && grads.len() == layout.len);
+    let rows = seqs * len;
+    let (inputs, targets): (Vec<u32>, Vec<u32>) = (0..seqs)
+        .flat_map(|s| (0..len).map(move |t| (tokens[s * (len + 1) + t], tokens[s * (len + 1) + t + 1])))
+        .unzip();
+    let emb = &params[layout.embedding.clone()];
+    let mut x = vec![0.0f32; rows * dm];
+    for (r, &t) in inputs.iter().enumerate() {
+        x[r * dm..(r + 1) * dm].copy_from_slice(&emb[t as usize * dm..(t as usize + 1) * dm]);
+    }
+    let mut out = vec![0.0f32; rows * dm];
+    for (i, lp) in layout.layers.iter().enumerate() {
+        acts.resid[i].copy_from_slice(&x);
+        let (norm, h) = match lp {
+            LayerParams::M1(p) => (&p.norm, &mut acts.h[i]),
+            LayerParams::M2(p) => (&p.norm, &mut acts.h[i]),
+        };
+        rms_norm(&x, &params[norm.clone()], cfg.norm_eps, h);
+        match (lp, &mut acts.mixers[i]) {
+            (LayerParams::M1(p), MixerActs::M1(a)) => {
+                mamba1::forward(cfg, params, p, seqs, len, &acts.h[i], a, &mut out)
+            }
+            (LayerParams::M2(p), MixerActs::M2(a)) => {
+                mamba2::forward(cfg, params, p, seqs, len, &acts.h[i], a, &mut out)
+            }
+            _ => unreachable!("activations are made from the layout"),
+        }
+        add_to(&mut x, &out);
+    }
+    acts.resid_f = x;
+    rms_norm(&acts.resid_f, &params[layout.norm_f.clone()], cfg.norm_eps, &mut acts.h_f);
+
+    let mut g = Grads(grads);
+    let loss = head_loss_backward(
+        &acts.h_f,
+        &params[layout.lm_head.clone()],
+        v,
+        &targets,
+        scale,
+        &mut acts.g_h,
+        g.at(&layout.lm_head),
+    );
+    acts.g_resid.fill(0.0);
+    let mut g_norm = vec![0.0f32; dm];
+    rms_norm_backward(
+        &acts.resid_f,
+        &params[layout.norm_f.clone()],
+        cfg.norm_eps,
+        &acts.g_h,
+        &mut acts.g_resid,
+        &mut g_norm,
+    );
+    add_to(g.at(&layout.norm_f), &g_norm);
+    for (i, lp) in layout.layers.iter().enumerate().rev() {
+        // The residual stream's gradient passes the block unchanged and also feeds the mixer.
+        let norm = match (lp, &acts.mixers[i], &mut acts.scratch) {
+            (LayerParams::M1(p), MixerActs::M1(a), MixerScratch::M1(sc)) => {
+                mamba1::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h);
+                &p.norm
+            }
+            (LayerParams::M2(p), MixerActs::M2(a), MixerScratch::M2(sc)) => {
+                mamba2::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h);
+                &p.norm
+            }
+            _ => unreachable!("activations are made from the layout"),
+        };
+        g_norm.fill(0.0);
+        rms_norm_backward(
+            &acts.resid[i],
+            &params[norm.clone()],
+            cfg.norm_eps,
+            &acts.g_h,
+            &mut acts.g_resid,
+            &mut g_norm,
+        );
+        add_to(g.at(norm), &g_norm);
+    }
+    let g_emb = g.at(&layout.embedding);
+    for (r, &t) in inputs.iter().enumerate() {
+        add_to(&mut g_emb[t as usize * dm..(t as usize + 1) * dm], &acts.g_resid[r * dm..(r + 1) * dm]);
+    }
+    Ok(loss)
+}
+
+/// The gradient of the mean next-token cross-entropy over every position of every row of
+/// `rows` (rows of any lengths ≥ 2, each run as a batch of one), f32 in `layout`, and each
+/// row's summed loss. `on_row(tokens)` is called after each row.
+pub fn gradients(
+    layout: &Layout,
+    params: &[f32],
+    rows: &[Vec<u32>],
+    mut on_row: impl FnMut(usize),
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() < 2) {
+        bail!("sequence {i} has {} token(s): a gradient needs at least 2", r.len());
+    }
+    let count: usize = rows.iter().map(|r| r.len() - 1).sum();
+    let mut grads = vec![0.0f32; layout.len];
+    let mut losses = Vec::with_capacity(rows.len());
+    for r in rows {
+        let mut acts = Activations::new(layout, 1, r.len() - 1);
+        losses.push(forward_backward(layout, params, &mut grads, &mut acts, r, 1.0 / count as f32)?);
+        on_row(r.len());
+    }
+    Ok((losses, grads))
+}
