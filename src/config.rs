@@ -227,7 +227,12 @@ impl Config {
             "num_hidden_layers": self.n_layer,
             "vocab_size": self.vocab_padded,
             "state_size": self.d_state,
-            "expand": self.d_inner as f64 / self.d_model as f64,
+            // transformers validates expand as an integer: write one when it is whole.
+            "expand": if self.d_inner.is_multiple_of(self.d_model) {
+                json!(self.d_inner / self.d_model)
+            } else {
+                json!(self.d_inner as f64 / self.d_model as f64)
+            },
             "conv_kernel": self.d_conv,
             "use_bias": self.bias,
             "use_conv_bias": self.conv_bias,

@@ -14,12 +14,13 @@ use std::process::ExitCode;
 
 #[cfg(feature = "cuda")]
 mod gpu_bench;
+mod train_cli;
 
 #[derive(Parser)]
 #[command(
     name = "mamba-lm",
     version,
-    about = "Mamba-1 / Mamba-2 state-space language models: generate, score, init, info, bench."
+    about = "Mamba-1 / Mamba-2 state-space language models: generate, score, train, init, info, bench."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,6 +37,10 @@ enum Cmd {
     Init(InitArgs),
     /// Describe a model: architecture, sizes, parameters, state size, stored dtype.
     Info(InfoArgs),
+    /// Tokenize text files into the token shards `train` reads.
+    Prepare(train_cli::PrepareArgs),
+    /// Train or fine-tune a model on data made by `prepare` (checkpoints, metrics, resume).
+    Train(train_cli::TrainArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -361,7 +366,7 @@ impl Placed {
     }
 }
 
-fn set_threads(n: Option<usize>) -> Result<()> {
+pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
     if let Some(n) = n {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -732,6 +737,8 @@ fn main() -> ExitCode {
         Cmd::Score(a) => cmd_score(a),
         Cmd::Init(a) => cmd_init(a),
         Cmd::Info(a) => cmd_info(a),
+        Cmd::Prepare(a) => train_cli::cmd_prepare(a),
+        Cmd::Train(a) => train_cli::cmd_train(a),
         Cmd::Bench(b) => cmd_bench(b),
     };
     match r {

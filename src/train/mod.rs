@@ -3,7 +3,12 @@
 //! beside it ([`model`], one module per mixer). The ops' backwards live beside their forwards
 //! in [`crate::ops`].
 
+pub mod checkpoint;
+pub mod data;
 pub mod mamba1;
 pub mod mamba2;
 pub mod model;
+pub mod optim;
 pub mod params;
+pub mod prepare;
+pub mod run;

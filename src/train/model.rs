@@ -98,6 +98,8 @@ pub struct Activations {
     resid: Vec<Vec<f32>>, // per layer (R, D): the layer's input
     h: Vec<Vec<f32>>,     // per layer (R, D): its normed input
     mixers: Vec<MixerActs>,
+    inputs: Vec<u32>,  // (R) the fed tokens
+    targets: Vec<u32>, // (R) the tokens they predict
     resid_f: Vec<f32>, // (R, D) the last layer's output
     h_f: Vec<f32>,     // (R, D) after the final norm: the LM head's input
     g_resid: Vec<f32>, // (R, D)
@@ -128,6 +130,8 @@ impl Activations {
             resid: (0..cfg.n_layer).map(|_| z()).collect(),
             h: (0..cfg.n_layer).map(|_| z()).collect(),
             mixers,
+            inputs: vec![],
+            targets: vec![],
             resid_f: z(),
             h_f: z(),
             g_resid: z(),
@@ -137,18 +141,9 @@ impl Activations {
     }
 }
 
-/// One forward and backward over `acts.seqs` rows of `acts.len + 1` tokens each (`tokens`,
-/// row-major): positions `0..len` predict `1..=len`. Adds `scale` times the gradient of the
-/// summed next-token cross-entropy (over the padded vocabulary) to `grads` and returns that sum
-/// (f64). `scale = 1 / (number of predicted positions)` makes it the mean's gradient.
-pub fn forward_backward(
-    layout: &Layout,
-    params: &[f32],
-    grads: &mut [f32],
-    acts: &mut Activations,
-    tokens: &[u32],
-    scale: f32,
-) -> Result<f64> {
+/// The forward over `acts.seqs` rows of `acts.len + 1` tokens each (`tokens`, row-major):
+/// positions `0..len` predict `1..=len`. Keeps in `acts` what [`backward`] needs.
+pub fn forward(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: &[u32]) -> Result<()> {
     let cfg = &layout.cfg;
     let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
     if tokens.len() != seqs * (len + 1) {
@@ -157,24 +152,19 @@ pub fn forward_backward(
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
         bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
     }
-    assert!(params.len() == layout.len && grads.len() == layout.len);
-    let rows = seqs * len;
-    let (inputs, targets): (Vec<u32>, Vec<u32>) = (0..seqs)
+    assert!(params.len() == layout.len);
+    (acts.inputs, acts.targets) = (0..seqs)
         .flat_map(|s| (0..len).map(move |t| (tokens[s * (len + 1) + t], tokens[s * (len + 1) + t + 1])))
         .unzip();
     let emb = &params[layout.embedding.clone()];
-    let mut x = vec![0.0f32; rows * dm];
-    for (r, &t) in inputs.iter().enumerate() {
+    let mut x = std::mem::take(&mut acts.resid_f);
+    for (r, &t) in acts.inputs.iter().enumerate() {
         x[r * dm..(r + 1) * dm].copy_from_slice(&emb[t as usize * dm..(t as usize + 1) * dm]);
     }
-    let mut out = vec![0.0f32; rows * dm];
+    let mut out = vec![0.0f32; seqs * len * dm];
     for (i, lp) in layout.layers.iter().enumerate() {
         acts.resid[i].copy_from_slice(&x);
-        let (norm, h) = match lp {
-            LayerParams::M1(p) => (&p.norm, &mut acts.h[i]),
-            LayerParams::M2(p) => (&p.norm, &mut acts.h[i]),
-        };
-        rms_norm(&x, &params[norm.clone()], cfg.norm_eps, h);
+        rms_norm(&x, &params[norm_of(lp).clone()], cfg.norm_eps, &mut acts.h[i]);
         match (lp, &mut acts.mixers[i]) {
             (LayerParams::M1(p), MixerActs::M1(a)) => {
                 mamba1::forward(cfg, params, p, seqs, len, &acts.h[i], a, &mut out)
@@ -188,13 +178,29 @@ pub fn forward_backward(
     }
     acts.resid_f = x;
     rms_norm(&acts.resid_f, &params[layout.norm_f.clone()], cfg.norm_eps, &mut acts.h_f);
+    Ok(())
+}
 
+fn norm_of(lp: &LayerParams) -> &Range<usize> {
+    match lp {
+        LayerParams::M1(p) => &p.norm,
+        LayerParams::M2(p) => &p.norm,
+    }
+}
+
+/// The LM head's loss after [`forward`] and the whole backward: adds `scale` times the
+/// gradient of the summed next-token cross-entropy (over the padded vocabulary) to `grads` and
+/// returns that sum (f64). `scale = 1 / (number of predicted positions)` makes it the mean's.
+pub fn backward(layout: &Layout, params: &[f32], grads: &mut [f32], acts: &mut Activations, scale: f32) -> f64 {
+    let cfg = &layout.cfg;
+    let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
+    assert!(grads.len() == layout.len);
     let mut g = Grads(grads);
     let loss = head_loss_backward(
         &acts.h_f,
         &params[layout.lm_head.clone()],
         v,
-        &targets,
+        &acts.targets,
         scale,
         &mut acts.g_h,
         g.at(&layout.lm_head),
@@ -212,17 +218,16 @@ pub fn forward_backward(
     add_to(g.at(&layout.norm_f), &g_norm);
     for (i, lp) in layout.layers.iter().enumerate().rev() {
         // The residual stream's gradient passes the block unchanged and also feeds the mixer.
-        let norm = match (lp, &acts.mixers[i], &mut acts.scratch) {
+        match (lp, &acts.mixers[i], &mut acts.scratch) {
             (LayerParams::M1(p), MixerActs::M1(a), MixerScratch::M1(sc)) => {
-                mamba1::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h);
-                &p.norm
+                mamba1::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h)
             }
             (LayerParams::M2(p), MixerActs::M2(a), MixerScratch::M2(sc)) => {
-                mamba2::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h);
-                &p.norm
+                mamba2::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h)
             }
             _ => unreachable!("activations are made from the layout"),
-        };
+        }
+        let norm = norm_of(lp);
         g_norm.fill(0.0);
         rms_norm_backward(
             &acts.resid[i],
@@ -235,10 +240,32 @@ pub fn forward_backward(
         add_to(g.at(norm), &g_norm);
     }
     let g_emb = g.at(&layout.embedding);
-    for (r, &t) in inputs.iter().enumerate() {
+    for (r, &t) in acts.inputs.iter().enumerate() {
         add_to(&mut g_emb[t as usize * dm..(t as usize + 1) * dm], &acts.g_resid[r * dm..(r + 1) * dm]);
     }
-    Ok(loss)
+    loss
+}
+
+/// [`forward`] then [`backward`].
+pub fn forward_backward(
+    layout: &Layout,
+    params: &[f32],
+    grads: &mut [f32],
+    acts: &mut Activations,
+    tokens: &[u32],
+    scale: f32,
+) -> Result<f64> {
+    forward(layout, params, acts, tokens)?;
+    Ok(backward(layout, params, grads, acts, scale))
+}
+
+/// The summed next-token cross-entropy of `tokens` (as [`forward`] takes them), no backward
+/// beyond the LM head's fused loss (whose weight gradient goes to scratch).
+pub fn loss(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: &[u32]) -> Result<f64> {
+    forward(layout, params, acts, tokens)?;
+    let mut g_w = vec![0.0f32; layout.lm_head.len()];
+    let v = layout.cfg.vocab_padded;
+    Ok(head_loss_backward(&acts.h_f, &params[layout.lm_head.clone()], v, &acts.targets, 0.0, &mut acts.g_h, &mut g_w))
 }
 
 /// The gradient of the mean next-token cross-entropy over every position of every row of

@@ -9,6 +9,9 @@ use crate::loader::Checkpoint;
 use anyhow::{bail, Result};
 use std::ops::Range;
 
+/// The embedding's name in transformers' checkpoints (what training writes) and in mamba_ssm's.
+pub const EMBEDDING_NAMES: [&str; 2] = ["backbone.embeddings.weight", "backbone.embedding.weight"];
+
 /// One tensor of the table.
 #[derive(Clone, Debug)]
 pub struct Param {
@@ -139,12 +142,7 @@ impl Layout {
 
     /// The layout of a checkpoint's parameters (its embedding's name decides the spelling).
     pub fn of_checkpoint(cfg: &Config, ck: &Checkpoint) -> Result<Layout> {
-        let name = if ck.contains("backbone.embeddings.weight") {
-            "backbone.embeddings.weight"
-        } else {
-            "backbone.embedding.weight"
-        };
-        Layout::new(cfg, name)
+        Layout::new(cfg, EMBEDDING_NAMES.into_iter().find(|n| ck.contains(n)).unwrap_or(EMBEDDING_NAMES[1]))
     }
 
     fn push(&mut self, name: &str, shape: &[usize], decay: bool) -> Range<usize> {
@@ -155,11 +153,18 @@ impl Layout {
         r
     }
 
-    /// The checkpoint's values in this layout (f32, whatever they are stored in).
+    /// The checkpoint's values in this layout (f32, whatever they are stored in); the embedding
+    /// is found under either format's name.
     pub fn load(&self, ck: &Checkpoint) -> Result<Vec<f32>> {
         let mut v = vec![0.0f32; self.len];
         for p in &self.table {
-            v[p.range()].copy_from_slice(&ck.f32(&p.name, &p.shape)?);
+            let name = match p.name.as_str() {
+                n @ ("backbone.embeddings.weight" | "backbone.embedding.weight") if !ck.contains(n) => {
+                    EMBEDDING_NAMES.into_iter().find(|&o| o != n).expect("two spellings")
+                }
+                n => n,
+            };
+            v[p.range()].copy_from_slice(&ck.f32(name, &p.shape)?);
         }
         Ok(v)
     }

@@ -1,0 +1,213 @@
+//! The training loop: micro-batches with gradient accumulation, global-norm clipping, AdamW on
+//! the warmup + cosine schedule, periodic evaluation and checkpoints, `RUN/metrics.jsonl` and a
+//! live progress line. A stop request (SIGINT/SIGTERM) ends the step in progress, saves a
+//! checkpoint and returns; a non-finite loss stops the run before it touches the weights.
+
+use super::checkpoint::{self, TrainerState};
+use super::data::{next_batch, Data, Position};
+use super::model::{forward_backward, loss, Activations};
+use super::optim::{clip_grad_norm, AdamW, Schedule};
+use super::params::Layout;
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// How to train (the CLI's flags).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub steps: u64,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub schedule: Schedule,
+    pub adamw: AdamW,
+    /// Global gradient-norm limit (0: none).
+    pub clip: f64,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    pub eval_tokens: usize,
+    /// Save every this many steps (0: only at the end).
+    pub save_every: u64,
+    /// Checkpoints kept (0: all).
+    pub keep: usize,
+    /// Print each metrics record to stdout.
+    pub json: bool,
+}
+
+/// A run's model and optimizer state, and where it lives.
+pub struct Run {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub state: TrainerState,
+}
+
+/// Appends one JSON record to `RUN/metrics.jsonl` (and stdout with `--json`).
+struct Metrics {
+    file: std::fs::File,
+    echo: bool,
+}
+
+impl Metrics {
+    fn open(dir: &Path, echo: bool) -> Result<Metrics> {
+        let p = dir.join("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("cannot open {}", p.display()))?;
+        Ok(Metrics { file, echo })
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        if self.echo {
+            println!("{v}");
+        }
+        Ok(())
+    }
+}
+
+/// Keeps only the records of steps up to `step` in `RUN/metrics.jsonl` (a resumed run re-runs
+/// the steps after its checkpoint and logs them again).
+pub fn truncate_metrics(dir: &Path, step: u64) -> Result<()> {
+    let p = dir.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::write_file(&p, kept.as_bytes(), true)
+}
+
+/// Mean next-token loss over the first `o.eval_tokens` tokens of the validation shard, in rows
+/// of `o.seq_len + 1`. `None` when the shard is shorter than one row.
+fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
+    let t = o.seq_len;
+    let rows = (o.eval_tokens / t).max(1).min(data.val.len().saturating_sub(1) / t);
+    if rows == 0 {
+        return Ok(None);
+    }
+    let (mut sum, mut pos) = (0.0, Position::default());
+    for r0 in (0..rows).step_by(o.batch) {
+        let seqs = o.batch.min(rows - r0);
+        let tokens = next_batch(&data.val, &mut pos, seqs, t)?;
+        let mut acts = Activations::new(&run.layout, seqs, t);
+        sum += loss(&run.layout, &run.params, &mut acts, &tokens)?;
+    }
+    Ok(Some(sum / (rows * t) as f64))
+}
+
+/// Trains `run` from its state to `o.steps` steps on `data`'s training shard. Returns whether
+/// it finished (false: stopped on request, after saving).
+pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Result<bool> {
+    let (b, t, accum) = (o.batch, o.seq_len, o.grad_accum);
+    if b == 0 || t == 0 || accum == 0 {
+        bail!("--batch-size, --seq-len and --grad-accum must be at least 1");
+    }
+    let tokenizer = data.dir.join("tokenizer.json");
+    let mut metrics = Metrics::open(&run.dir, o.json)?;
+    let mut acts = Activations::new(&run.layout, b, t);
+    let mut grads = vec![0.0f32; run.layout.len];
+    let tokens_per_step = (b * t * accum) as f64;
+    let bar = indicatif::ProgressBar::new(o.steps).with_position(run.state.step);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("step {pos}/{len} {wide_bar} {msg} eta {eta}").expect("template"),
+    );
+    let mut last_saved = None;
+    let save = |run: &Run| -> Result<PathBuf> {
+        let dir = checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, &tokenizer)?;
+        checkpoint::prune(&run.dir, o.keep)?;
+        Ok(dir)
+    };
+    while run.state.step < o.steps {
+        let started = Instant::now();
+        grads.fill(0.0);
+        let mut sum = 0.0;
+        let mut pos = run.state.pos;
+        for _ in 0..accum {
+            let tokens = next_batch(&data.train, &mut pos, b, t)?;
+            sum += forward_backward(
+                &run.layout,
+                &run.params,
+                &mut grads,
+                &mut acts,
+                &tokens,
+                (1.0 / tokens_per_step) as f32,
+            )?;
+        }
+        let step = run.state.step + 1;
+        let loss = sum / tokens_per_step;
+        if !loss.is_finite() {
+            let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
+            bail!("the loss is {loss} at step {step}: stopping before the update (last good checkpoint: {last})");
+        }
+        let norm = clip_grad_norm(&mut grads, o.clip);
+        let lr = o.schedule.lr(run.state.step);
+        o.adamw.step(&run.layout, step, lr as f32, &mut run.params, &grads, &mut run.m, &mut run.v);
+        run.state.step = step;
+        run.state.pos = pos;
+        let tps = tokens_per_step / started.elapsed().as_secs_f64();
+        metrics.write(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps}))?;
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {:.0} tok/s", tps));
+        let last = step == o.steps;
+        if (o.eval_every > 0 && step.is_multiple_of(o.eval_every)) || last {
+            if let Some(val) = evaluate(run, data, o)? {
+                metrics.write(json!({"step": step, "val_loss": val}))?;
+                bar.println(format!("step {step}: val loss {val:.4}"));
+            }
+        }
+        let stopping = stop.load(Ordering::Relaxed);
+        if (o.save_every > 0 && step.is_multiple_of(o.save_every)) || last || stopping {
+            last_saved = Some(save(run)?);
+        }
+        if stopping && !last {
+            bar.abandon();
+            eprintln!(
+                "stopped at step {step}: saved {}; continue with --resume",
+                last_saved.as_ref().expect("saved above").display()
+            );
+            return Ok(false);
+        }
+    }
+    bar.finish_and_clear();
+    let src = match last_saved {
+        Some(d) => d,
+        None => save(run)?,
+    };
+    write_final(&run.dir, &src)?;
+    Ok(true)
+}
+
+/// `RUN/final/`: the model files of the last checkpoint (no trainer state), replaced atomically.
+fn write_final(run: &Path, checkpoint: &Path) -> Result<()> {
+    let (tmp, dst, old) = (run.join(".final.tmp"), run.join("final"), run.join(".final.old"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(checkpoint.join(f), tmp.join(f))
+            .with_context(|| format!("cannot copy {f} to {}", tmp.display()))?;
+    }
+    if dst.exists() {
+        std::fs::rename(&dst, &old)?;
+    }
+    std::fs::rename(&tmp, &dst)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    Ok(())
+}

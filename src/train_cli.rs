@@ -1,0 +1,297 @@
+//! `mamba-lm prepare` and `mamba-lm train`: flags, starting or resuming a run, the stop signals.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mamba_lm::config::{Arch, Config};
+use mamba_lm::loader;
+use mamba_lm::train::checkpoint::{self, TrainerState};
+use mamba_lm::train::data::Data;
+use mamba_lm::train::optim::{AdamW, Schedule};
+use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
+use mamba_lm::train::run::{self, Options, Run};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// A directory made by `prepare` (train.bin, val.bin, meta.json, tokenizer.json).
+    #[arg(long)]
+    data: PathBuf,
+    /// Start from this checkpoint: a local directory or a Hugging Face repo id (fine-tuning).
+    #[arg(long, group = "init")]
+    model: Option<String>,
+    /// Start from random weights of a preset's shape (tiny, tiny-mamba2, mamba-130m, ...), with the data's vocabulary.
+    #[arg(long, group = "init")]
+    preset: Option<String>,
+    /// Start from random weights of a config.json's shape, with the data's vocabulary.
+    #[arg(long, group = "init")]
+    config: Option<PathBuf>,
+    /// Run directory: checkpoints, metrics.jsonl, final/. Must not exist (or be empty) unless --resume.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its newest complete checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Optimizer steps in all.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 6e-4)]
+    lr: f64,
+    /// Learning rate at the end of the cosine decay (default: --lr / 10).
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warmup steps (default: a tenth of --steps, at most 2,000).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Decoupled weight decay of the weight matrices (not of norms, biases, A_log, D, dt_bias).
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// AdamW's betas.
+    #[arg(long, default_value = "0.9,0.95", value_delimiter = ',', num_args = 2)]
+    betas: Vec<f32>,
+    /// Global gradient-norm limit (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Validation loss every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Validation tokens per evaluation.
+    #[arg(long, default_value_t = 65536)]
+    eval_tokens: usize,
+    /// A checkpoint every this many steps (0: only at the end); also on SIGINT / SIGTERM.
+    #[arg(long, default_value_t = 500)]
+    save_every: u64,
+    /// Checkpoints kept (0: all).
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    /// Seed of the initial weights (--preset / --config).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Parameter and activation type; training runs in f32 on the CPU.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Where to run: cpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print each metrics record (one JSON object per line) to stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The run to continue or to start.
+fn open_run(a: &TrainArgs, data: &Data) -> Result<Run> {
+    let dir = a.out.clone();
+    let has_files = std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if a.resume {
+        if a.model.is_some() || a.preset.is_some() || a.config.is_some() {
+            bail!("--resume continues the model in {}: drop --model / --preset / --config", dir.display());
+        }
+        for (_, ck) in checkpoint::list(&dir) {
+            let cfg = Config::from_file(&ck.join("config.json"));
+            let loaded = cfg.and_then(|cfg| {
+                let layout = Layout::new(&cfg, EMBEDDING_NAMES[0])?;
+                Ok((checkpoint::load(&ck, &layout)?, layout))
+            });
+            match loaded {
+                Ok((l, layout)) => {
+                    eprintln!("resuming from {} (step {})", ck.display(), l.state.step);
+                    check_vocab(&layout.cfg, data)?;
+                    run::truncate_metrics(&dir, l.state.step)?;
+                    return Ok(Run { dir, layout, params: l.params, m: l.m, v: l.v, state: l.state });
+                }
+                Err(e) => eprintln!("skipping {}: {e:#}", ck.display()),
+            }
+        }
+        bail!("--resume: no complete checkpoint in {}", dir.display());
+    }
+    if has_files {
+        bail!(
+            "{} already exists and is not empty: pass --resume to continue that run, or choose another --out",
+            dir.display()
+        );
+    }
+    let (layout, params) = initial_model(a, data)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let n = layout.len;
+    Ok(Run {
+        dir,
+        layout,
+        params,
+        m: vec![0.0; n],
+        v: vec![0.0; n],
+        state: TrainerState { step: 0, pos: Default::default(), seed: a.seed },
+    })
+}
+
+fn check_vocab(cfg: &Config, data: &Data) -> Result<()> {
+    if data.meta.vocab_size > cfg.vocab_padded {
+        bail!(
+            "{}: the data's vocabulary ({}) is larger than the model's ({}): prepare it with the model's tokenizer (--model)",
+            data.dir.display(),
+            data.meta.vocab_size,
+            cfg.vocab_padded
+        );
+    }
+    Ok(())
+}
+
+/// The starting weights: a checkpoint's, or random ones with the data's vocabulary.
+fn initial_model(a: &TrainArgs, data: &Data) -> Result<(Layout, Vec<f32>)> {
+    if let Some(m) = &a.model {
+        let dir = loader::hub::resolve(m)?;
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        check_vocab(&cfg, data)?;
+        let ck = loader::Checkpoint::open_dir(&dir)?;
+        let layout = Layout::new(&cfg, EMBEDDING_NAMES[0])?;
+        let params = layout.load(&ck)?;
+        return Ok((layout, params));
+    }
+    let mut cfg = match (&a.preset, &a.config) {
+        (Some(p), _) => Config::preset(p)?,
+        (_, Some(f)) => Config::from_file(f)?,
+        _ => bail!("give --model, --preset or --config (or --resume)"),
+    };
+    cfg.vocab_size = data.meta.vocab_size;
+    cfg.vocab_padded = data.meta.vocab_size.next_multiple_of(if cfg.arch == Arch::Mamba2 { 16 } else { 8 });
+    cfg.eos_token_id = Some(data.meta.eos_id);
+    let layout = Layout::new(&cfg, EMBEDDING_NAMES[0])?;
+    let mut params = vec![0.0f32; layout.len];
+    for t in mamba_lm::init::random_weights(&cfg, a.seed) {
+        let p = layout.table.iter().find(|p| p.name == t.name);
+        let Some(p) = p.filter(|p| p.shape == t.shape) else {
+            bail!("initial tensor {} {:?} has no place in the training layout", t.name, t.shape)
+        };
+        params[p.range()].copy_from_slice(&t.data);
+    }
+    Ok((layout, params))
+}
+
+pub fn cmd_train(a: TrainArgs) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("training runs on the CPU for now: drop --device {}", a.device);
+    }
+    if a.dtype != "f32" {
+        bail!("training runs in f32 for now: drop --dtype {}", a.dtype);
+    }
+    if !(0.0..1.0).contains(&a.betas[0]) || !(0.0..1.0).contains(&a.betas[1]) {
+        bail!("--betas must be two numbers in [0, 1), got {:?}", a.betas);
+    }
+    if a.lr <= 0.0 || a.min_lr.is_some_and(|m| m < 0.0 || m > a.lr) {
+        bail!("--lr must be positive and --min-lr in [0, --lr]");
+    }
+    crate::set_threads(a.threads)?;
+    let data = Data::open(&a.data)?;
+    let mut run = open_run(&a, &data)?;
+    let o = Options {
+        steps: a.steps,
+        batch: a.batch_size,
+        seq_len: a.seq_len,
+        grad_accum: a.grad_accum,
+        schedule: Schedule {
+            max: a.lr,
+            min: a.min_lr.unwrap_or(a.lr / 10.0),
+            warmup: a.warmup.unwrap_or((a.steps / 10).min(2000)),
+            decay_steps: a.steps,
+        },
+        adamw: AdamW { beta1: a.betas[0], beta2: a.betas[1], weight_decay: a.weight_decay, ..AdamW::default() },
+        clip: a.clip,
+        eval_every: a.eval_every,
+        eval_tokens: a.eval_tokens,
+        save_every: a.save_every,
+        keep: a.keep,
+        json: a.json,
+    };
+    // The first SIGINT / SIGTERM asks for a clean stop (checkpoint, then exit); a second one
+    // exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    if run::train(&mut run, &data, &o, &stop)? {
+        eprintln!("trained {} steps: {}", run.state.step, final_dir(&run.dir).display());
+    }
+    Ok(())
+}
+
+fn final_dir(run: &Path) -> PathBuf {
+    run.join("final")
+}
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// Text files (one document each) and .jsonl files (a "text" field per line).
+    #[arg(long, required = true, num_args = 1..)]
+    input: Vec<PathBuf>,
+    /// Output directory (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// A tokenizer.json to use.
+    #[arg(long, group = "tok")]
+    tokenizer: Option<PathBuf>,
+    /// Use this model's tokenizer (its tokenizer.json, else GPT-NeoX-20B as the state-spaces checkpoints).
+    #[arg(long, group = "tok")]
+    model: Option<String>,
+    /// Train a byte-level BPE tokenizer on the inputs (with --vocab-size).
+    #[arg(long, group = "tok", requires = "vocab_size")]
+    train_tokenizer: bool,
+    /// Vocabulary of the trained tokenizer.
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Share of the token stream kept for validation (the end of it).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Seed of the document order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn cmd_prepare(a: PrepareArgs) -> Result<()> {
+    use mamba_lm::train::prepare;
+    let docs = prepare::read_documents(&a.input)?;
+    let (tok, source) = if a.train_tokenizer {
+        let n = a.vocab_size.expect("clap requires --vocab-size");
+        eprintln!("training a byte-level BPE tokenizer of {n} entries on {} documents", docs.len());
+        (prepare::train_tokenizer(&docs, n)?, format!("byte-level BPE trained on the inputs ({n})"))
+    } else if let Some(p) = &a.tokenizer {
+        (mamba_lm::tokenizer::load(Some(p), None)?, p.display().to_string())
+    } else if let Some(m) = &a.model {
+        let dir = loader::hub::resolve(m)?;
+        (mamba_lm::tokenizer::load(None, Some(&dir))?, format!("{m}'s"))
+    } else {
+        (mamba_lm::tokenizer::neox(), "GPT-NeoX-20B (bundled)".to_string())
+    };
+    let eos = tok
+        .token_to_id(prepare::EOS)
+        .ok_or_else(|| anyhow::anyhow!("the tokenizer has no {} token to separate documents", prepare::EOS))?;
+    let bar = indicatif::ProgressBar::new(docs.iter().map(|d| d.len() as u64).sum());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("template"),
+    );
+    let meta = prepare::prepare(docs, &tok, &source, eos, a.val_fraction, a.seed, &a.out, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{}: {} training and {} validation tokens, vocabulary {} ({})",
+        a.out.display(),
+        meta.train_tokens,
+        meta.val_tokens,
+        meta.vocab_size,
+        meta.dtype
+    );
+    Ok(())
+}
