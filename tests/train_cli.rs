@@ -178,6 +178,7 @@ fn sigint_stops_after_a_checkpoint_of_the_step_reached() {
         train_args(&data, &run).into_iter().map(|a| if a == "40" { "100000".into() } else { a }).collect();
     let mut child = bin().args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     while !run.join("checkpoint-10").exists() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before its first checkpoint");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
