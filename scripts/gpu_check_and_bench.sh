@@ -4,7 +4,7 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (the device tool: carry [".gpu"]):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage baselines plot (default: all; a device call is
+# Stages: start check sanitize scan models usage hf baselines plot (default: all; a device call is
 # limited to 10 minutes, so run them as two calls: "start check sanitize scan baselines plot",
 # "models usage").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
@@ -27,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models usage baselines plot}
+STAGES=${*:-start check sanitize scan models usage hf baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -154,6 +154,20 @@ for n in (1, 40, 700, 3000): print(' '.join(random.choice(w) for _ in range(n)))
             echo "{\"what\":\"batch invariance $m $mode\",\"same_as_alone\":$same,\"of\":4,\"batch_wall_s\":$(( (e - s) / 1000000 ))e-3}" | tee -a "$U"
         done
     done
+fi
+
+if has hf; then
+    log "transformers loads what init and train write, with our logits (hf.jsonl)"
+    H=/tmp/hf
+    rm -rf $H && mkdir -p $H
+    $BIN init --preset tiny --out $H/init-mamba1 >/dev/null
+    $BIN init --preset tiny-mamba2 --out $H/init-mamba2 >/dev/null
+    $BIN prepare --input README.md BENCHMARKS.md --out $H/data --train-tokenizer --vocab-size 512 2>/dev/null
+    for p in tiny tiny-mamba2; do
+        $BIN train --data $H/data --preset $p --out $H/train-$p --steps 20 --batch-size 4 --seq-len 64 --eval-every 0 2>/dev/null
+    done
+    python3 scripts/hf_load_check.py "$BIN" $H/init-mamba1 $H/init-mamba2 $H/train-tiny/final $H/train-tiny-mamba2/final |
+        tee "$OUT/hf.jsonl"
 fi
 
 if has baselines; then
