@@ -187,6 +187,8 @@ struct InfoArgs {
 enum BenchCmd {
     /// CPU prefill and decode speed at batch 1 on random weights of a preset.
     Cpu(BenchCpuArgs),
+    /// Training steps per second and peak memory on random weights of a preset.
+    Train(train_cli::BenchTrainArgs),
     /// GPU: the selective scan alone (D channels, N states, batch 1, bf16) over sequence lengths.
     Scan(BenchScanArgs),
     /// GPU: batch-1 first-token latency (prompt + prefill) and per-token decode latency.
@@ -669,6 +671,7 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
     let a = match b {
         BenchCmd::Cpu(a) => a,
         BenchCmd::Plot(p) => return cmd_plot(p),
+        BenchCmd::Train(t) => return train_cli::cmd_bench_train(t),
         #[cfg(feature = "cuda")]
         other => return gpu_bench::run(other),
         #[cfg(not(feature = "cuda"))]

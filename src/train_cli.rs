@@ -295,3 +295,45 @@ pub fn cmd_prepare(a: PrepareArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    /// Preset to train (random weights).
+    #[arg(long, default_value = "mamba-130m")]
+    preset: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Timed steps (after one untimed); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Where to run: cpu.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object per figure instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("training runs on the CPU for now: drop --device {}", a.device);
+    }
+    crate::set_threads(a.threads)?;
+    for f in mamba_lm::train::bench::cpu(&a.preset, a.batch, a.seq_len, a.steps)? {
+        if a.json {
+            println!("{}", serde_json::to_string(&f)?);
+        } else {
+            println!(
+                "{:<14} batch {:<3} seq {:<6} {:<16} {:>10.2} {}",
+                f.model, f.batch, f.length, f.figure, f.value, f.unit
+            );
+        }
+    }
+    Ok(())
+}

@@ -112,6 +112,21 @@ pub fn head_nll(h: &[f32], head: &Matrix, targets: &[u32]) -> Vec<f64> {
         .collect()
 }
 
+/// `x ← exp(x − shift)·scale` (softmax probabilities scaled, given the log-sum-exp).
+#[inline(always)]
+unsafe fn exp_shifted_scaled<S: Simd>(x: &mut [f32], shift: f32, scale: f32) {
+    let (n, p, l) = (x.len(), x.as_mut_ptr(), S::LANES);
+    let (sh, sc) = (S::splat(shift), S::splat(scale));
+    let mut i = 0;
+    while i + l <= n {
+        S::store(p.add(i), S::mul(exp::<S>(S::sub(S::load(p.add(i)), sh)), sc));
+        i += l;
+    }
+    for v in &mut x[i..] {
+        *v = (*v - shift).exp() * scale;
+    }
+}
+
 #[inline(always)]
 unsafe fn nll_row<S: Simd>(x: &[f32], target: usize) -> f64 {
     let (m, total) = max_and_sum::<S>(x);
@@ -184,7 +199,7 @@ pub fn head_loss_backward(
                 let (m, total) = dispatch!(max_and_sum(x));
                 let lse = m as f64 + total.ln();
                 let nll = lse - x[t as usize] as f64;
-                x.iter_mut().for_each(|v| *v = ((*v as f64 - lse).exp() as f32) * scale);
+                dispatch!(exp_shifted_scaled(x, lse as f32, scale));
                 x[t as usize] -= scale;
                 nll
             })

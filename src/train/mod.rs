@@ -3,6 +3,7 @@
 //! beside it ([`model`], one module per mixer). The ops' backwards live beside their forwards
 //! in [`crate::ops`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod mamba1;

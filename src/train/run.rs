@@ -109,18 +109,46 @@ fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
     Ok(Some(sum / (rows * t) as f64))
 }
 
+/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next` (each `o.batch` rows
+/// of `o.seq_len + 1` tokens), global-norm clipping, AdamW at the schedule's rate. Returns the
+/// mean loss, the gradient norm before clipping and the learning rate. A non-finite loss stops
+/// it before the update.
+pub fn step(
+    run: &mut Run,
+    o: &Options,
+    acts: &mut Activations,
+    grads: &mut [f32],
+    mut next: impl FnMut() -> Result<Vec<u32>>,
+) -> Result<(f64, f64, f64)> {
+    let count = (o.batch * o.seq_len * o.grad_accum) as f64;
+    grads.fill(0.0);
+    let mut sum = 0.0;
+    for _ in 0..o.grad_accum {
+        sum += forward_backward(&run.layout, &run.params, grads, acts, &next()?, (1.0 / count) as f32)?;
+    }
+    let loss = sum / count;
+    if !loss.is_finite() {
+        bail!("the loss is {loss} at step {}: stopping before the update", run.state.step + 1);
+    }
+    let norm = clip_grad_norm(grads, o.clip);
+    let lr = o.schedule.lr(run.state.step);
+    run.state.step += 1;
+    o.adamw.step(&run.layout, run.state.step, lr as f32, &mut run.params, grads, &mut run.m, &mut run.v);
+    Ok((loss, norm, lr))
+}
+
 /// Trains `run` from its state to `o.steps` steps on `data`'s training shard. Returns whether
 /// it finished (false: stopped on request, after saving).
 pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Result<bool> {
-    let (b, t, accum) = (o.batch, o.seq_len, o.grad_accum);
-    if b == 0 || t == 0 || accum == 0 {
+    let (b, t) = (o.batch, o.seq_len);
+    if b == 0 || t == 0 || o.grad_accum == 0 {
         bail!("--batch-size, --seq-len and --grad-accum must be at least 1");
     }
     let tokenizer = data.dir.join("tokenizer.json");
     let mut metrics = Metrics::open(&run.dir, o.json)?;
     let mut acts = Activations::new(&run.layout, b, t);
     let mut grads = vec![0.0f32; run.layout.len];
-    let tokens_per_step = (b * t * accum) as f64;
+    let tokens_per_step = (b * t * o.grad_accum) as f64;
     let bar = indicatif::ProgressBar::new(o.steps).with_position(run.state.step);
     bar.set_style(
         indicatif::ProgressStyle::with_template("step {pos}/{len} {wide_bar} {msg} eta {eta}").expect("template"),
@@ -133,31 +161,16 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
     };
     while run.state.step < o.steps {
         let started = Instant::now();
-        grads.fill(0.0);
-        let mut sum = 0.0;
         let mut pos = run.state.pos;
-        for _ in 0..accum {
-            let tokens = next_batch(&data.train, &mut pos, b, t)?;
-            sum += forward_backward(
-                &run.layout,
-                &run.params,
-                &mut grads,
-                &mut acts,
-                &tokens,
-                (1.0 / tokens_per_step) as f32,
-            )?;
-        }
-        let step = run.state.step + 1;
-        let loss = sum / tokens_per_step;
-        if !loss.is_finite() {
-            let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
-            bail!("the loss is {loss} at step {step}: stopping before the update (last good checkpoint: {last})");
-        }
-        let norm = clip_grad_norm(&mut grads, o.clip);
-        let lr = o.schedule.lr(run.state.step);
-        o.adamw.step(&run.layout, step, lr as f32, &mut run.params, &grads, &mut run.m, &mut run.v);
-        run.state.step = step;
+        let (loss, norm, lr) = match step(run, o, &mut acts, &mut grads, || next_batch(&data.train, &mut pos, b, t)) {
+            Ok(r) => r,
+            Err(e) => {
+                let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
+                return Err(e.context(format!("last good checkpoint: {last}")));
+            }
+        };
         run.state.pos = pos;
+        let step = run.state.step;
         let tps = tokens_per_step / started.elapsed().as_secs_f64();
         metrics.write(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps}))?;
         bar.set_position(step);

@@ -1,0 +1,90 @@
+//! `bench train`: the speed and memory of training steps on random weights of a preset and
+//! random tokens, timed through [`super::run::step`] (what `train` runs per step).
+
+use super::checkpoint::TrainerState;
+use super::model::Activations;
+use super::optim::{AdamW, Schedule};
+use super::params::{Layout, EMBEDDING_NAMES};
+use super::run::{step, Options, Run};
+use crate::bench::Figure;
+use crate::config::Config;
+use anyhow::{bail, Result};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::time::Instant;
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+/// Times `steps` training steps (after one untimed) of `preset` at `batch × seq_len` tokens
+/// on the CPU in f32; reports the median step's tokens/s and time, and the peak memory.
+pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize) -> Result<Vec<Figure>> {
+    if batch == 0 || seq_len == 0 || steps == 0 {
+        bail!("--batch, --seq-len and --steps must be at least 1");
+    }
+    let cfg = Config::preset(preset)?;
+    let layout = Layout::new(&cfg, EMBEDDING_NAMES[0])?;
+    let mut params = vec![0.0f32; layout.len];
+    for t in crate::init::random_weights(&cfg, 0) {
+        if let Some(p) = layout.table.iter().find(|p| p.name == t.name) {
+            params[p.range()].copy_from_slice(&t.data);
+        }
+    }
+    let n = layout.len;
+    let mut run = Run {
+        dir: std::env::temp_dir(),
+        layout,
+        params,
+        m: vec![0.0; n],
+        v: vec![0.0; n],
+        state: TrainerState { step: 0, pos: Default::default(), seed: 0 },
+    };
+    let o = Options {
+        steps: steps as u64 + 1,
+        batch,
+        seq_len,
+        grad_accum: 1,
+        schedule: Schedule { max: 6e-4, min: 6e-5, warmup: 0, decay_steps: steps as u64 + 1 },
+        adamw: AdamW::default(),
+        clip: 1.0,
+        eval_every: 0,
+        eval_tokens: 0,
+        save_every: 0,
+        keep: 0,
+        json: false,
+    };
+    let mut acts = Activations::new(&run.layout, batch, seq_len);
+    let mut grads = vec![0.0f32; n];
+    let mut rng = StdRng::seed_from_u64(1);
+    let vocab = cfg.vocab_size as u32;
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..=steps {
+        let tokens: Vec<u32> = (0..batch * (seq_len + 1)).map(|_| rng.random_range(0..vocab)).collect();
+        let t = Instant::now();
+        step(&mut run, &o, &mut acts, &mut grads, || Ok(tokens.clone()))?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let fig = |figure: &str, value: f64, unit: &str| Figure {
+        bench: "train".into(),
+        model: preset.into(),
+        dtype: "f32".into(),
+        batch,
+        length: seq_len,
+        figure: figure.into(),
+        value,
+        unit: unit.into(),
+    };
+    let mut out =
+        vec![fig("tokens_per_s", (batch * seq_len) as f64 / median, "tokens/s"), fig("step_ms", median * 1e3, "ms")];
+    if let Some(b) = peak_rss() {
+        out.push(fig("peak_memory_gb", b / 1e9, "GB"));
+    }
+    Ok(out)
+}
