@@ -76,7 +76,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let mut header = false;
     let mut all = Vec::new();
     let out = match cmd {
-        BenchCmd::Cpu(_) | BenchCmd::Plot(_) => unreachable!("handled by the caller"),
+        BenchCmd::Cpu(_) | BenchCmd::Plot(_) | BenchCmd::Train(_) => unreachable!("handled by the caller"),
         BenchCmd::Scan(a) => {
             let gpu = open(&a.out)?;
             let lengths: Vec<usize> =
