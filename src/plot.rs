@@ -92,3 +92,38 @@ fn panel(p: &Panel, figs: &[Figure], area: &Area) -> Result<(), Box<dyn std::err
     }
     Ok(())
 }
+
+/// Training and validation loss against tokens seen, into `path` (`train --plot`).
+pub fn loss_curves(train: &[(f64, f64)], val: &[(f64, f64)], path: &Path) -> Result<()> {
+    if train.is_empty() {
+        bail!("nothing to plot: no training steps logged");
+    }
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    let draw = || -> Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let all = train.iter().chain(val);
+        let x1 = all.clone().fold(0.0f64, |a, p| a.max(p.0));
+        let (y0, y1) = all.fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Loss", ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x1 * 1.02, (y0 - 0.05 * (y1 - y0))..(y1 + 0.05 * (y1 - y0)))?;
+        chart.configure_mesh().x_desc("tokens").y_desc("cross-entropy (nats)").draw()?;
+        for (name, pts, c) in [("train", train, &BLUE), ("validation", val, &RED)] {
+            if pts.is_empty() {
+                continue;
+            }
+            chart
+                .draw_series(LineSeries::new(pts.to_vec(), c.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow!("cannot draw {}: {e}", path.display()))
+}

@@ -90,6 +90,9 @@ pub struct TrainArgs {
     /// Print each metrics record (one JSON object per line) to stdout.
     #[arg(long)]
     json: bool,
+    /// Draw train and validation loss against tokens into this PNG (redrawn at each checkpoint).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// The run to continue or to start.
@@ -214,6 +217,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         save_every: a.save_every,
         keep: a.keep,
         json: a.json,
+        plot: a.plot.clone(),
     };
     // The first SIGINT / SIGTERM asks for a clean stop (checkpoint, then exit); a second one
     // exits at once.

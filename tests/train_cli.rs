@@ -87,7 +87,9 @@ fn a_killed_run_resumes_to_the_same_losses() {
     let t = tempfile::tempdir().unwrap();
     let data = prepared(t.path());
     let whole = t.path().join("whole");
-    ok(bin().args(train_args(&data, &whole)));
+    let plot = t.path().join("loss.png");
+    ok(bin().args(train_args(&data, &whole)).arg("--plot").arg(&plot));
+    assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"), "--plot draws a PNG");
     let want = records(&whole);
     assert_eq!(want.iter().filter(|r| r.contains("\"loss\"")).count(), 40);
     let first: f64 = serde_json::from_str::<serde_json::Value>(&want[0]).unwrap()["loss"].as_f64().unwrap();

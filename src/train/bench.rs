@@ -55,6 +55,7 @@ pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize) -> Result<V
         save_every: 0,
         keep: 0,
         json: false,
+        plot: None,
     };
     let mut acts = Activations::new(&run.layout, batch, seq_len);
     let mut grads = vec![0.0f32; n];

@@ -35,6 +35,8 @@ pub struct Options {
     pub keep: usize,
     /// Print each metrics record to stdout.
     pub json: bool,
+    /// Draw train and validation loss against tokens here after each checkpoint.
+    pub plot: Option<PathBuf>,
 }
 
 /// A run's model and optimizer state, and where it lives.
@@ -157,6 +159,9 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
     let save = |run: &Run| -> Result<PathBuf> {
         let dir = checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, &tokenizer)?;
         checkpoint::prune(&run.dir, o.keep)?;
+        if let Some(p) = &o.plot {
+            plot_losses(&run.dir, tokens_per_step, p)?;
+        }
         Ok(dir)
     };
     while run.state.step < o.steps {
@@ -202,6 +207,22 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
     };
     write_final(&run.dir, &src)?;
     Ok(true)
+}
+
+/// Draws `RUN/metrics.jsonl`'s losses against tokens (steps × tokens per step) into `path`.
+fn plot_losses(dir: &Path, tokens_per_step: f64, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
+    let (mut train, mut val) = (vec![], vec![]);
+    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let x = v["step"].as_f64().unwrap_or(0.0) * tokens_per_step;
+        if let Some(y) = v["loss"].as_f64() {
+            train.push((x, y));
+        }
+        if let Some(y) = v["val_loss"].as_f64() {
+            val.push((x, y));
+        }
+    }
+    crate::plot::loss_curves(&train, &val, path)
 }
 
 /// `RUN/final/`: the model files of the last checkpoint (no trainer state), replaced atomically.
