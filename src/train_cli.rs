@@ -33,15 +33,26 @@ pub struct TrainArgs {
     /// Continue the run in --out from its newest complete checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Optimizer steps in all.
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
+    /// Optimizer steps in all (default 1000).
+    #[arg(long, conflicts_with = "tokens")]
+    steps: Option<u64>,
+    /// Train on this many tokens in all instead of a number of steps.
+    #[arg(long)]
+    tokens: Option<u64>,
     /// Sequences per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
+    /// Sequence-length stages for long-context training, e.g. 512:2000,1024:4000,2048: length
+    /// 512 until step 2000, 1024 until step 4000, then 2048 (replaces --seq-len).
+    #[arg(long, value_parser = parse_schedule)]
+    seq_len_schedule: Option<(Vec<(usize, u64)>, usize)>,
+    /// Recompute each layer's activations in the backward instead of keeping them (less
+    /// memory, one more forward).
+    #[arg(long)]
+    recompute: bool,
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
@@ -93,6 +104,29 @@ pub struct TrainArgs {
     /// Draw train and validation loss against tokens into this PNG (redrawn at each checkpoint).
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+/// `L:S,L:S,...,L`: lengths until steps, then the final length.
+fn parse_schedule(s: &str) -> Result<(Vec<(usize, u64)>, usize), String> {
+    let bad = || {
+        format!("--seq-len-schedule {s:?}: expected LEN:UNTIL_STEP,...,LEN with steps increasing, e.g. 512:2000,1024:4000,2048")
+    };
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let (last, stages) = parts.split_last().ok_or_else(bad)?;
+    let mut out: Vec<(usize, u64)> = Vec::new();
+    for p in stages {
+        let (l, until) = p.split_once(':').ok_or_else(bad)?;
+        let (l, until): (usize, u64) = (l.parse().map_err(|_| bad())?, until.parse().map_err(|_| bad())?);
+        if l == 0 || out.last().is_some_and(|q| q.1 >= until) {
+            return Err(bad());
+        }
+        out.push((l, until));
+    }
+    let last: usize = last.parse().map_err(|_| bad())?;
+    if last == 0 {
+        return Err(bad());
+    }
+    Ok((out, last))
 }
 
 /// The run to continue or to start.
@@ -199,17 +233,15 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
     crate::set_threads(a.threads)?;
     let data = Data::open(&a.data)?;
     let mut run = open_run(&a, &data)?;
-    let o = Options {
-        steps: a.steps,
+    let (stages, seq_len) = a.seq_len_schedule.clone().unwrap_or((vec![], a.seq_len));
+    let mut o = Options {
+        steps: 0,
         batch: a.batch_size,
-        seq_len: a.seq_len,
+        seq_len,
+        seq_len_schedule: stages,
+        recompute: a.recompute,
         grad_accum: a.grad_accum,
-        schedule: Schedule {
-            max: a.lr,
-            min: a.min_lr.unwrap_or(a.lr / 10.0),
-            warmup: a.warmup.unwrap_or((a.steps / 10).min(2000)),
-            decay_steps: a.steps,
-        },
+        schedule: Schedule { max: a.lr, min: a.min_lr.unwrap_or(a.lr / 10.0), warmup: 0, decay_steps: 0 },
         adamw: AdamW { beta1: a.betas[0], beta2: a.betas[1], weight_decay: a.weight_decay, ..AdamW::default() },
         clip: a.clip,
         eval_every: a.eval_every,
@@ -219,6 +251,18 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         json: a.json,
         plot: a.plot.clone(),
     };
+    o.steps = match (a.steps, a.tokens) {
+        (_, Some(n)) => {
+            let mut steps = 0;
+            while o.tokens_before(steps) < n {
+                steps += 1;
+            }
+            steps
+        }
+        (s, None) => s.unwrap_or(1000),
+    };
+    o.schedule.warmup = a.warmup.unwrap_or((o.steps / 10).min(2000));
+    o.schedule.decay_steps = o.steps;
     // The first SIGINT / SIGTERM asks for a clean stop (checkpoint, then exit); a second one
     // exits at once.
     let stop = Arc::new(AtomicBool::new(false));
@@ -314,6 +358,9 @@ pub struct BenchTrainArgs {
     /// Timed steps (after one untimed); the median is reported.
     #[arg(long, default_value_t = 3)]
     steps: usize,
+    /// Recompute each layer's activations in the backward (as train --recompute).
+    #[arg(long)]
+    recompute: bool,
     /// Where to run: cpu.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -329,7 +376,7 @@ pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         bail!("training runs on the CPU for now: drop --device {}", a.device);
     }
     crate::set_threads(a.threads)?;
-    for f in mamba_lm::train::bench::cpu(&a.preset, a.batch, a.seq_len, a.steps)? {
+    for f in mamba_lm::train::bench::cpu(&a.preset, a.batch, a.seq_len, a.steps, a.recompute)? {
         if a.json {
             println!("{}", serde_json::to_string(&f)?);
         } else {

@@ -69,8 +69,8 @@ fn score_grads_out_matches_the_reference() {
 }
 
 #[test]
-fn a_batch_of_rows_gives_the_reference_gradient() {
-    for name in FIXTURES {
+fn a_batch_of_rows_gives_the_reference_gradient_with_and_without_recompute() {
+    for (name, recompute) in FIXTURES.iter().flat_map(|n| [(n, false), (n, true)]) {
         let dir = fixture(name);
         let cfg = Config::from_file(&dir.join("config.json")).unwrap();
         let ck = Checkpoint::open_dir(&dir).unwrap();
@@ -78,7 +78,7 @@ fn a_batch_of_rows_gives_the_reference_gradient() {
         let params = layout.load(&ck).unwrap();
         let ids = expected(name).ids;
         let len = ids[0].len() - 1;
-        let mut acts = Activations::new(&layout, ids.len(), len);
+        let mut acts = Activations::new(&layout, ids.len(), len, recompute);
         let mut grads = vec![0.0f32; layout.len];
         let count = ids.len() * len;
         let loss =
@@ -87,6 +87,11 @@ fn a_batch_of_rows_gives_the_reference_gradient() {
             let p = layout.table.iter().find(|p| p.name == t).unwrap_or_else(|| panic!("{name}: no {t} in our table"));
             (grads[p.range()].to_vec(), p.shape.clone())
         });
-        println!("{name}: batch of {} rows, worst rel L2 {:.2e} ({})", ids.len(), worst.0, worst.1);
+        println!(
+            "{name}: batch of {} rows, recompute {recompute}, worst rel L2 {:.2e} ({})",
+            ids.len(),
+            worst.0,
+            worst.1
+        );
     }
 }

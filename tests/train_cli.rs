@@ -166,6 +166,10 @@ fn bad_training_input_is_refused() {
     std::fs::write(bad.join("train.bin"), [1u8, 0, 2]).unwrap();
     let e = fails(bin().args(train_args(&bad, &t.path().join("r5"))));
     assert!(e.contains("train.bin") && e.contains("truncated"), "{e}");
+    let e = fails(bin().args(train_args(&data, &t.path().join("r6"))).args(["--seq-len-schedule", "32:10,16:5,64"]));
+    assert!(e.contains("steps increasing"), "{e}");
+    let e = fails(bin().args(train_args(&data, &t.path().join("r7"))).args(["--tokens", "1000"]));
+    assert!(e.contains("cannot be used with"), "{e}");
     // prepare never writes into a directory that holds files.
     let e = fails(bin().args(["prepare", "--input", "README.md", "--out", run.to_str().unwrap()]));
     assert!(e.contains("not empty"), "{e}");

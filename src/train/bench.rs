@@ -20,8 +20,9 @@ fn peak_rss() -> Option<f64> {
 }
 
 /// Times `steps` training steps (after one untimed) of `preset` at `batch × seq_len` tokens
-/// on the CPU in f32; reports the median step's tokens/s and time, and the peak memory.
-pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize) -> Result<Vec<Figure>> {
+/// on the CPU in f32 (`recompute`: per-layer activation recompute); reports the median step's
+/// tokens/s and time, and the peak memory.
+pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize, recompute: bool) -> Result<Vec<Figure>> {
     if batch == 0 || seq_len == 0 || steps == 0 {
         bail!("--batch, --seq-len and --steps must be at least 1");
     }
@@ -46,6 +47,8 @@ pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize) -> Result<V
         steps: steps as u64 + 1,
         batch,
         seq_len,
+        seq_len_schedule: vec![],
+        recompute,
         grad_accum: 1,
         schedule: Schedule { max: 6e-4, min: 6e-5, warmup: 0, decay_steps: steps as u64 + 1 },
         adamw: AdamW::default(),
@@ -57,7 +60,7 @@ pub fn cpu(preset: &str, batch: usize, seq_len: usize, steps: usize) -> Result<V
         json: false,
         plot: None,
     };
-    let mut acts = Activations::new(&run.layout, batch, seq_len);
+    let mut acts = Activations::new(&run.layout, batch, seq_len, recompute);
     let mut grads = vec![0.0f32; n];
     let mut rng = StdRng::seed_from_u64(1);
     let vocab = cfg.vocab_size as u32;

@@ -91,30 +91,36 @@ enum MixerScratch {
 }
 
 /// What the forward keeps for the backward, for `seqs` sequences of `len` positions
-/// (R = seqs·len rows), and the backward's scratch.
+/// (R = seqs·len rows), and the backward's scratch. With `recompute` only each layer's input
+/// is kept and one set of the rest serves every layer: the backward recomputes the layer's
+/// norm and mixer forward from its input first (one more forward in all, a layer's
+/// activations instead of the model's).
 pub struct Activations {
     pub seqs: usize,
     pub len: usize,
-    resid: Vec<Vec<f32>>, // per layer (R, D): the layer's input
-    h: Vec<Vec<f32>>,     // per layer (R, D): its normed input
-    mixers: Vec<MixerActs>,
-    inputs: Vec<u32>,  // (R) the fed tokens
-    targets: Vec<u32>, // (R) the tokens they predict
-    resid_f: Vec<f32>, // (R, D) the last layer's output
-    h_f: Vec<f32>,     // (R, D) after the final norm: the LM head's input
-    g_resid: Vec<f32>, // (R, D)
-    g_h: Vec<f32>,     // (R, D)
+    pub recompute: bool,
+    resid: Vec<Vec<f32>>,   // per layer (R, D): the layer's input
+    h: Vec<Vec<f32>>,       // per layer, or one with recompute (R, D): the normed input
+    mixers: Vec<MixerActs>, // per layer, or one with recompute
+    inputs: Vec<u32>,       // (R) the fed tokens
+    targets: Vec<u32>,      // (R) the tokens they predict
+    resid_f: Vec<f32>,      // (R, D) the last layer's output
+    h_f: Vec<f32>,          // (R, D) after the final norm: the LM head's input
+    g_resid: Vec<f32>,      // (R, D)
+    g_h: Vec<f32>,          // (R, D)
     scratch: MixerScratch,
 }
 
 impl Activations {
-    pub fn new(layout: &Layout, seqs: usize, len: usize) -> Activations {
+    pub fn new(layout: &Layout, seqs: usize, len: usize, recompute: bool) -> Activations {
         let cfg = &layout.cfg;
         let rows = seqs * len;
         let z = || vec![0.0f32; rows * cfg.d_model];
+        let kept = if recompute { 1 } else { cfg.n_layer };
         let mixers = layout
             .layers
             .iter()
+            .take(kept)
             .map(|l| match l {
                 LayerParams::M1(_) => MixerActs::M1(mamba1::Acts::new(cfg, rows)),
                 LayerParams::M2(_) => MixerActs::M2(mamba2::Acts::new(cfg, rows)),
@@ -127,8 +133,9 @@ impl Activations {
         Activations {
             seqs,
             len,
+            recompute,
             resid: (0..cfg.n_layer).map(|_| z()).collect(),
-            h: (0..cfg.n_layer).map(|_| z()).collect(),
+            h: (0..kept).map(|_| z()).collect(),
             mixers,
             inputs: vec![],
             targets: vec![],
@@ -162,23 +169,38 @@ pub fn forward(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: 
         x[r * dm..(r + 1) * dm].copy_from_slice(&emb[t as usize * dm..(t as usize + 1) * dm]);
     }
     let mut out = vec![0.0f32; seqs * len * dm];
-    for (i, lp) in layout.layers.iter().enumerate() {
+    for i in 0..layout.layers.len() {
         acts.resid[i].copy_from_slice(&x);
-        rms_norm(&x, &params[norm_of(lp).clone()], cfg.norm_eps, &mut acts.h[i]);
-        match (lp, &mut acts.mixers[i]) {
-            (LayerParams::M1(p), MixerActs::M1(a)) => {
-                mamba1::forward(cfg, params, p, seqs, len, &acts.h[i], a, &mut out)
-            }
-            (LayerParams::M2(p), MixerActs::M2(a)) => {
-                mamba2::forward(cfg, params, p, seqs, len, &acts.h[i], a, &mut out)
-            }
-            _ => unreachable!("activations are made from the layout"),
-        }
+        layer_forward(layout, params, acts, i, &mut out);
         add_to(&mut x, &out);
     }
     acts.resid_f = x;
     rms_norm(&acts.resid_f, &params[layout.norm_f.clone()], cfg.norm_eps, &mut acts.h_f);
     Ok(())
+}
+
+/// Layer `i`'s norm and mixer from its kept input into the layer's (or the shared) slot;
+/// the mixer's output goes to `out`.
+fn layer_forward(layout: &Layout, params: &[f32], acts: &mut Activations, i: usize, out: &mut [f32]) {
+    let (cfg, lp, k) = (&layout.cfg, &layout.layers[i], acts.slot(i));
+    let (seqs, len) = (acts.seqs, acts.len);
+    rms_norm(&acts.resid[i], &params[norm_of(lp).clone()], cfg.norm_eps, &mut acts.h[k]);
+    match (lp, &mut acts.mixers[k]) {
+        (LayerParams::M1(p), MixerActs::M1(a)) => mamba1::forward(cfg, params, p, seqs, len, &acts.h[k], a, out),
+        (LayerParams::M2(p), MixerActs::M2(a)) => mamba2::forward(cfg, params, p, seqs, len, &acts.h[k], a, out),
+        _ => unreachable!("activations are made from the layout"),
+    }
+}
+
+impl Activations {
+    /// Where layer `i`'s activations live.
+    fn slot(&self, i: usize) -> usize {
+        if self.recompute {
+            0
+        } else {
+            i
+        }
+    }
 }
 
 fn norm_of(lp: &LayerParams) -> &Range<usize> {
@@ -216,14 +238,19 @@ pub fn backward(layout: &Layout, params: &[f32], grads: &mut [f32], acts: &mut A
         &mut g_norm,
     );
     add_to(g.at(&layout.norm_f), &g_norm);
+    let mut out = if acts.recompute { vec![0.0f32; seqs * len * dm] } else { vec![] };
     for (i, lp) in layout.layers.iter().enumerate().rev() {
+        if acts.recompute {
+            layer_forward(layout, params, acts, i, &mut out);
+        }
+        let k = acts.slot(i);
         // The residual stream's gradient passes the block unchanged and also feeds the mixer.
-        match (lp, &acts.mixers[i], &mut acts.scratch) {
+        match (lp, &acts.mixers[k], &mut acts.scratch) {
             (LayerParams::M1(p), MixerActs::M1(a), MixerScratch::M1(sc)) => {
-                mamba1::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h)
+                mamba1::backward(cfg, params, p, &mut g, seqs, len, &acts.h[k], a, sc, &acts.g_resid, &mut acts.g_h)
             }
             (LayerParams::M2(p), MixerActs::M2(a), MixerScratch::M2(sc)) => {
-                mamba2::backward(cfg, params, p, &mut g, seqs, len, &acts.h[i], a, sc, &acts.g_resid, &mut acts.g_h)
+                mamba2::backward(cfg, params, p, &mut g, seqs, len, &acts.h[k], a, sc, &acts.g_resid, &mut acts.g_h)
             }
             _ => unreachable!("activations are made from the layout"),
         }
@@ -284,7 +311,7 @@ pub fn gradients(
     let mut grads = vec![0.0f32; layout.len];
     let mut losses = Vec::with_capacity(rows.len());
     for r in rows {
-        let mut acts = Activations::new(layout, 1, r.len() - 1);
+        let mut acts = Activations::new(layout, 1, r.len() - 1, false);
         losses.push(forward_backward(layout, params, &mut grads, &mut acts, r, 1.0 / count as f32)?);
         on_row(r.len());
     }

@@ -20,7 +20,12 @@ use std::time::Instant;
 pub struct Options {
     pub steps: u64,
     pub batch: usize,
+    /// Tokens per sequence, after the stages of `seq_len_schedule`.
     pub seq_len: usize,
+    /// Shorter lengths first: `(length, until step)`, in order (long-context training).
+    pub seq_len_schedule: Vec<(usize, u64)>,
+    /// Recompute each layer's activations in the backward instead of keeping them.
+    pub recompute: bool,
     pub grad_accum: usize,
     pub schedule: Schedule,
     pub adamw: AdamW,
@@ -47,6 +52,18 @@ pub struct Run {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     pub state: TrainerState,
+}
+
+impl Options {
+    /// The sequence length of step `it` (0-based).
+    pub fn seq_len_at(&self, it: u64) -> usize {
+        self.seq_len_schedule.iter().find(|s| it < s.1).map_or(self.seq_len, |s| s.0)
+    }
+
+    /// Tokens trained on in steps `0..steps`.
+    pub fn tokens_before(&self, steps: u64) -> u64 {
+        (0..steps).map(|i| (self.batch * self.seq_len_at(i) * self.grad_accum) as u64).sum()
+    }
 }
 
 /// Appends one JSON record to `RUN/metrics.jsonl` (and stdout with `--json`).
@@ -94,9 +111,9 @@ pub fn truncate_metrics(dir: &Path, step: u64) -> Result<()> {
 }
 
 /// Mean next-token loss over the first `o.eval_tokens` tokens of the validation shard, in rows
-/// of `o.seq_len + 1`. `None` when the shard is shorter than one row.
+/// of the current step's length + 1. `None` when the shard is shorter than one row.
 fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
-    let t = o.seq_len;
+    let t = o.seq_len_at(run.state.step.saturating_sub(1));
     let rows = (o.eval_tokens / t).max(1).min(data.val.len().saturating_sub(1) / t);
     if rows == 0 {
         return Ok(None);
@@ -105,14 +122,14 @@ fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
     for r0 in (0..rows).step_by(o.batch) {
         let seqs = o.batch.min(rows - r0);
         let tokens = next_batch(&data.val, &mut pos, seqs, t)?;
-        let mut acts = Activations::new(&run.layout, seqs, t);
+        let mut acts = Activations::new(&run.layout, seqs, t, false);
         sum += loss(&run.layout, &run.params, &mut acts, &tokens)?;
     }
     Ok(Some(sum / (rows * t) as f64))
 }
 
-/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next` (each `o.batch` rows
-/// of `o.seq_len + 1` tokens), global-norm clipping, AdamW at the schedule's rate. Returns the
+/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next` (each the rows of
+/// `acts`'s shape), global-norm clipping, AdamW at the schedule's rate. Returns the
 /// mean loss, the gradient norm before clipping and the learning rate. A non-finite loss stops
 /// it before the update.
 pub fn step(
@@ -122,7 +139,7 @@ pub fn step(
     grads: &mut [f32],
     mut next: impl FnMut() -> Result<Vec<u32>>,
 ) -> Result<(f64, f64, f64)> {
-    let count = (o.batch * o.seq_len * o.grad_accum) as f64;
+    let count = (acts.seqs * acts.len * o.grad_accum) as f64;
     grads.fill(0.0);
     let mut sum = 0.0;
     for _ in 0..o.grad_accum {
@@ -142,15 +159,15 @@ pub fn step(
 /// Trains `run` from its state to `o.steps` steps on `data`'s training shard. Returns whether
 /// it finished (false: stopped on request, after saving).
 pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Result<bool> {
-    let (b, t) = (o.batch, o.seq_len);
-    if b == 0 || t == 0 || o.grad_accum == 0 {
+    let b = o.batch;
+    if b == 0 || o.seq_len == 0 || o.grad_accum == 0 || o.seq_len_schedule.iter().any(|s| s.0 == 0) {
         bail!("--batch-size, --seq-len and --grad-accum must be at least 1");
     }
     let tokenizer = data.dir.join("tokenizer.json");
     let mut metrics = Metrics::open(&run.dir, o.json)?;
-    let mut acts = Activations::new(&run.layout, b, t);
+    let mut acts = Activations::new(&run.layout, b, o.seq_len_at(run.state.step), o.recompute);
+    let mut tokens = o.tokens_before(run.state.step);
     let mut grads = vec![0.0f32; run.layout.len];
-    let tokens_per_step = (b * t * o.grad_accum) as f64;
     let bar = indicatif::ProgressBar::new(o.steps).with_position(run.state.step);
     bar.set_style(
         indicatif::ProgressStyle::with_template("step {pos}/{len} {wide_bar} {msg} eta {eta}").expect("template"),
@@ -160,11 +177,15 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
         let dir = checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, &tokenizer)?;
         checkpoint::prune(&run.dir, o.keep)?;
         if let Some(p) = &o.plot {
-            plot_losses(&run.dir, tokens_per_step, p)?;
+            plot_losses(&run.dir, p)?;
         }
         Ok(dir)
     };
     while run.state.step < o.steps {
+        let t = o.seq_len_at(run.state.step);
+        if acts.len != t {
+            acts = Activations::new(&run.layout, b, t, o.recompute);
+        }
         let started = Instant::now();
         let mut pos = run.state.pos;
         let (loss, norm, lr) = match step(run, o, &mut acts, &mut grads, || next_batch(&data.train, &mut pos, b, t)) {
@@ -176,8 +197,12 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
         };
         run.state.pos = pos;
         let step = run.state.step;
-        let tps = tokens_per_step / started.elapsed().as_secs_f64();
-        metrics.write(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps}))?;
+        let step_tokens = (b * t * o.grad_accum) as u64;
+        tokens += step_tokens;
+        let tps = step_tokens as f64 / started.elapsed().as_secs_f64();
+        metrics.write(
+            json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "tokens": tokens}),
+        )?;
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {:.0} tok/s", tps));
         let last = step == o.steps;
@@ -209,12 +234,14 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
     Ok(true)
 }
 
-/// Draws `RUN/metrics.jsonl`'s losses against tokens (steps × tokens per step) into `path`.
-fn plot_losses(dir: &Path, tokens_per_step: f64, path: &Path) -> Result<()> {
+/// Draws `RUN/metrics.jsonl`'s losses against tokens into `path` (a validation record at the
+/// tokens of its step's record).
+fn plot_losses(dir: &Path, path: &Path) -> Result<()> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl"))?;
     let (mut train, mut val) = (vec![], vec![]);
+    let mut x = 0.0;
     for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-        let x = v["step"].as_f64().unwrap_or(0.0) * tokens_per_step;
+        x = v["tokens"].as_f64().unwrap_or(x);
         if let Some(y) = v["loss"].as_f64() {
             train.push((x, y));
         }
