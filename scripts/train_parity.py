@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Convergence parity: the same initial weights, token stream, batches, schedule and seed trained
+by `mamba-lm train` and by a PyTorch reference (transformers' MambaForCausalLM /
+Mamba2ForCausalLM with torch.optim.AdamW); prints both validation losses at every evaluation.
+
+    python3 scripts/train_parity.py --bin BIN --work DIR [--preset tiny-mamba2] [--steps 1000]
+        [--batch 8] [--seq-len 128] [--lr 3e-3] [--warmup 100] [--eval-every 100] [--device cuda]
+
+Both sides read DIR/data (made by `mamba-lm prepare` from README.md and BENCHMARKS.md unless it
+exists) in the trainer's order: rows of seq_len + 1 consecutive tokens, each row's last token
+the next row's first, back to the start when the stream runs out. The reference mirrors the
+trainer's recipe: decay on weight matrices only (not norms, biases, A_log, D, dt_bias), linear
+warmup from 0 then cosine to lr/10 at the last step, global-norm clipping to 1.0, mean
+cross-entropy over the padded vocabulary. Writes DIR/parity.jsonl; exits 1 if any evaluation
+differs by more than 1 %."""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+
+def run(*cmd):
+    subprocess.run([str(c) for c in cmd], check=True)
+
+
+def lr_at(it, a):
+    if it < a.warmup:
+        return a.lr * it / a.warmup
+    if it >= a.steps:
+        return a.lr / 10
+    frac = (it - a.warmup) / max(a.steps - a.warmup, 1)
+    return a.lr / 10 + 0.5 * (1 + math.cos(math.pi * frac)) * (a.lr - a.lr / 10)
+
+
+class Stream:
+    """The trainer's batches (src/train/data.rs next_batch)."""
+
+    def __init__(self, path, dtype):
+        self.ids = np.fromfile(path, dtype=np.uint16 if dtype == "u16" else np.uint32).astype(np.int64)
+        self.pos = 0
+
+    def next(self, seqs, length):
+        need = seqs * length + 1
+        if self.pos + need > len(self.ids):
+            self.pos = 0
+        rows = [self.ids[self.pos + s * length: self.pos + s * length + length + 1] for s in range(seqs)]
+        self.pos += seqs * length
+        return torch.tensor(np.stack(rows))
+
+
+def no_decay(name, p):
+    return p.ndim < 2 or name.endswith(("A_log", ".D", "bias", "norm.weight", "norm_f.weight"))
+
+
+def evaluate(model, data, meta, a, device):
+    val = Stream(os.path.join(data, "val.bin"), meta["dtype"])
+    rows = min(max(a.eval_tokens // a.seq_len, 1), (len(val.ids) - 1) // a.seq_len)
+    total = 0.0
+    with torch.no_grad():
+        for r0 in range(0, rows, a.batch):
+            b = val.next(min(a.batch, rows - r0), a.seq_len).to(device)
+            logits = model(b[:, :-1]).logits.double()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
+    return total / (rows * a.seq_len)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--preset", default="tiny-mamba2")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    w = a.work
+    data, init, ours = (os.path.join(w, d) for d in ("data", "init", "ours"))
+    if not os.path.exists(data):
+        run(a.bin, "prepare", "--input", "README.md", "BENCHMARKS.md", "--out", data, "--train-tokenizer", "--vocab-size", "1024")
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    if not os.path.exists(init):
+        # Zero steps: the initial weights (the data's vocabulary), as both sides start from them.
+        run(a.bin, "train", "--data", data, "--preset", a.preset, "--out", init, "--steps", "0", "--eval-every", "0")
+    common = ["--steps", a.steps, "--batch-size", a.batch, "--seq-len", a.seq_len, "--lr", a.lr, "--warmup", a.warmup,
+              "--eval-every", a.eval_every, "--eval-tokens", a.eval_tokens, "--save-every", "0"]
+    if not os.path.exists(ours):
+        run(a.bin, "train", "--data", data, "--model", os.path.join(init, "final"), "--out", ours, *common)
+    mine = {r["step"]: r["val_loss"] for r in map(json.loads, open(os.path.join(ours, "metrics.jsonl"))) if "val_loss" in r}
+
+    torch.manual_seed(0)
+    dev = a.device
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(init, "final"), dtype=torch.float32).to(dev)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": 0.1},
+        {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    train = Stream(os.path.join(data, "train.bin"), meta["dtype"])
+    out = open(os.path.join(w, "parity.jsonl"), "w")
+    worst = 0.0
+    for it in range(a.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, a)
+        b = train.next(a.batch, a.seq_len).to(dev)
+        logits = model(b[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step = it + 1
+        if (a.eval_every and step % a.eval_every == 0) or step == a.steps:
+            ref = evaluate(model, data, meta, a, dev)
+            ours_v = mine.get(step)
+            diff = abs(ours_v - ref) / ref if ours_v is not None else float("nan")
+            worst = max(worst, diff) if ours_v is not None else worst
+            r = {"step": step, "val_loss_torch": ref, "val_loss_mamba_lm": ours_v, "rel_diff": diff,
+                 "transformers": transformers.__version__, "torch": torch.__version__, "device": dev}
+            print(json.dumps(r), flush=True)
+            out.write(json.dumps(r) + "\n")
+    print(json.dumps({"worst_rel_diff": worst, "steps": a.steps, "ok": worst <= 0.01}))
+    sys.exit(0 if worst <= 0.01 else 1)
+
+
+if __name__ == "__main__":
+    main()
