@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU figures of mamba-lm beside llama.cpp's, interleaved, on this machine, in this session.
+# CPU figures of mamba-lm beside llama.cpp's, interleaved, on this machine, in one run.
 # Usage: scripts/bench_cpu_side_by_side.sh [ROUNDS=3] [THREADS=2] [OUT=bench-out]
 # Needs ../shared/peers (builds llama.cpp from PyPI's llama-cpp-python source the first time;
 # nothing of it enters this repo). Writes OUT/ours.jsonl, OUT/llama.jsonl, OUT/membw.txt and
