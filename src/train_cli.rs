@@ -8,7 +8,8 @@ use mamba_lm::train::checkpoint::{self, TrainerState};
 use mamba_lm::train::data::Data;
 use mamba_lm::train::optim::{AdamW, Schedule};
 use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
-use mamba_lm::train::run::{self, Options, Run};
+use mamba_lm::train::run::{self, Options, Run, Source};
+use mamba_lm::train::tasks::Task;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -16,8 +17,15 @@ use std::sync::Arc;
 #[derive(Args)]
 pub struct TrainArgs {
     /// A directory made by `prepare` (train.bin, val.bin, meta.json, tokenizer.json).
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+    data: Option<PathBuf>,
+    /// Train on a synthetic task made on the fly instead: selective-copying or induction-heads
+    /// (the Mamba paper's §4.1; graded only at the answers; evaluations report accuracy).
+    #[arg(long, value_parser = clap::value_parser!(Task))]
+    task: Option<Task>,
+    /// With --task: also evaluate the accuracy at these sequence lengths (e.g. 4096,65536).
+    #[arg(long, value_delimiter = ',', requires = "task")]
+    eval_lens: Vec<usize>,
     /// Start from this checkpoint: a local directory or a Hugging Face repo id (fine-tuning).
     #[arg(long, group = "init")]
     model: Option<String>,
@@ -129,8 +137,15 @@ fn parse_schedule(s: &str) -> Result<(Vec<(usize, u64)>, usize), String> {
     Ok((out, last))
 }
 
+/// The vocabulary training feeds the model: the data's or the task's, and what it is called.
+struct Vocab {
+    size: usize,
+    eos: Option<u32>,
+    what: String,
+}
+
 /// The run to continue or to start.
-fn open_run(a: &TrainArgs, data: &Data) -> Result<Run> {
+fn open_run(a: &TrainArgs, data: &Vocab) -> Result<Run> {
     let dir = a.out.clone();
     let has_files = std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(false);
     if a.resume {
@@ -174,12 +189,12 @@ fn open_run(a: &TrainArgs, data: &Data) -> Result<Run> {
     })
 }
 
-fn check_vocab(cfg: &Config, data: &Data) -> Result<()> {
-    if data.meta.vocab_size > cfg.vocab_padded {
+fn check_vocab(cfg: &Config, data: &Vocab) -> Result<()> {
+    if data.size > cfg.vocab_padded {
         bail!(
             "{}: the data's vocabulary ({}) is larger than the model's ({}): prepare it with the model's tokenizer (--model)",
-            data.dir.display(),
-            data.meta.vocab_size,
+            data.what,
+            data.size,
             cfg.vocab_padded
         );
     }
@@ -187,7 +202,7 @@ fn check_vocab(cfg: &Config, data: &Data) -> Result<()> {
 }
 
 /// The starting weights: a checkpoint's, or random ones with the data's vocabulary.
-fn initial_model(a: &TrainArgs, data: &Data) -> Result<(Layout, Vec<f32>)> {
+fn initial_model(a: &TrainArgs, data: &Vocab) -> Result<(Layout, Vec<f32>)> {
     if let Some(m) = &a.model {
         let dir = loader::hub::resolve(m)?;
         let cfg = Config::from_file(&dir.join("config.json"))?;
@@ -202,9 +217,9 @@ fn initial_model(a: &TrainArgs, data: &Data) -> Result<(Layout, Vec<f32>)> {
         (_, Some(f)) => Config::from_file(f)?,
         _ => bail!("give --model, --preset or --config (or --resume)"),
     };
-    cfg.vocab_size = data.meta.vocab_size;
-    cfg.vocab_padded = data.meta.vocab_size.next_multiple_of(if cfg.arch == Arch::Mamba2 { 16 } else { 8 });
-    cfg.eos_token_id = Some(data.meta.eos_id);
+    cfg.vocab_size = data.size;
+    cfg.vocab_padded = data.size.next_multiple_of(if cfg.arch == Arch::Mamba2 { 16 } else { 8 });
+    cfg.eos_token_id = data.eos;
     let layout = Layout::new(&cfg, EMBEDDING_NAMES[0])?;
     let mut params = vec![0.0f32; layout.len];
     for t in mamba_lm::init::random_weights(&cfg, a.seed) {
@@ -231,8 +246,24 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         bail!("--lr must be positive and --min-lr in [0, --lr]");
     }
     crate::set_threads(a.threads)?;
-    let data = Data::open(&a.data)?;
-    let mut run = open_run(&a, &data)?;
+    let data = a.data.as_deref().map(Data::open).transpose()?;
+    let (source, vocab) = match (&data, a.task) {
+        (Some(d), _) => {
+            let v = Vocab { size: d.meta.vocab_size, eos: Some(d.meta.eos_id), what: d.dir.display().to_string() };
+            (Source::Tokens(d), v)
+        }
+        (None, Some(task)) => {
+            let (stages, last) = a.seq_len_schedule.clone().unwrap_or((vec![], a.seq_len));
+            let lens = stages.iter().map(|s| s.0).chain([last]).chain(a.eval_lens.iter().copied());
+            if let Some(l) = lens.into_iter().find(|&l| l < task.min_len()) {
+                bail!("{task:?} needs sequences of at least {} tokens, got {l}", task.min_len());
+            }
+            let v = Vocab { size: task.vocab(), eos: None, what: format!("task {task:?}") };
+            (Source::Task { task, eval_lens: a.eval_lens.clone() }, v)
+        }
+        (None, None) => bail!("give --data or --task"),
+    };
+    let mut run = open_run(&a, &vocab)?;
     let (stages, seq_len) = a.seq_len_schedule.clone().unwrap_or((vec![], a.seq_len));
     let mut o = Options {
         steps: 0,
@@ -270,7 +301,7 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
-    if run::train(&mut run, &data, &o, &stop)? {
+    if run::train(&mut run, &source, &o, &stop)? {
         eprintln!("trained {} steps: {}", run.state.step, final_dir(&run.dir).display());
     }
     Ok(())

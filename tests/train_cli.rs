@@ -195,3 +195,26 @@ fn sigint_stops_after_a_checkpoint_of_the_step_reached() {
     assert!(step >= 10 && run.join(format!("checkpoint-{step}/trainer.safetensors")).exists(), "{e}");
     assert!(e.contains("--resume"), "{e}");
 }
+
+#[test]
+fn synthetic_tasks_train_and_report_accuracy() {
+    let t = tempfile::tempdir().unwrap();
+    let run = t.path().join("copy");
+    let common = ["--preset", "tiny", "--steps", "12", "--batch-size", "4", "--seq-len", "48", "--eval-every", "6"];
+    ok(bin()
+        .args(["train", "--task", "selective-copying", "--out", run.to_str().unwrap(), "--eval-lens", "96"])
+        .args(common));
+    let recs = records(&run);
+    let acc: Vec<&String> = recs.iter().filter(|r| r.contains("accuracy")).collect();
+    assert_eq!(acc.len(), 4, "accuracy at the training length and at 96, twice: {recs:?}");
+    assert!(acc.iter().any(|r| r.contains("\"eval_len\":96")));
+    assert!(run.join("final/model.safetensors").exists() && !run.join("final/tokenizer.json").exists());
+    ok(bin().args(["info", "-m", run.join("final").to_str().unwrap()]));
+    let short = common.map(|a| if a == "48" { "20" } else { a });
+    let e = fails(
+        bin().args(["train", "--task", "selective-copying", "--out", t.path().join("x").to_str().unwrap()]).args(short),
+    );
+    assert!(e.contains("at least 32 tokens") && !t.path().join("x").exists(), "{e}");
+    let e = fails(bin().args(["train", "--task", "copying", "--out", "y"]).args(common));
+    assert!(e.contains("unknown task 'copying'"), "{e}");
+}

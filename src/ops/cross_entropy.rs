@@ -166,8 +166,12 @@ unsafe fn max_and_sum<S: Simd>(x: &[f32]) -> (f32, f64) {
     (m, total)
 }
 
+/// A target that takes no part in the loss (positions a task does not grade).
+pub const IGNORE: u32 = u32::MAX;
+
 /// The LM head's loss and its backward, fused (training-spec §2): for rows `h` (`n × d`)
-/// against f32 weights `w` (`vocab × d`) returns `Σ_rows −log softmax(h·Wᵀ)[target]` (f64),
+/// against f32 weights `w` (`vocab × d`) returns `Σ_rows −log softmax(h·Wᵀ)[target]` (f64,
+/// rows whose target is [`IGNORE`] left out),
 /// writes `g_h = scale·(softmax − onehot)·W` and adds `scale·(softmax − onehot)ᵀ·h` to `g_w`.
 /// `ROWS` rows at a time: their logits are computed, turned into `g_z` in place and used for
 /// both products, so `[n × vocab]` logits never exist (128 × 50K f32 is 26 MB; all rows of a
@@ -185,7 +189,10 @@ pub fn head_loss_backward(
     let n = targets.len();
     let d = w.len() / vocab;
     assert!(w.len() == vocab * d && h.len() >= n * d && g_h.len() >= n * d && g_w.len() == w.len());
-    assert!(targets.iter().all(|&t| (t as usize) < vocab), "cross-entropy: a target is past the vocabulary");
+    assert!(
+        targets.iter().all(|&t| t == IGNORE || (t as usize) < vocab),
+        "cross-entropy: a target is past the vocabulary"
+    );
     let mut z = vec![0.0f32; ROWS.min(n) * vocab];
     let mut loss = 0.0f64;
     for r0 in (0..n).step_by(ROWS) {
@@ -196,6 +203,10 @@ pub fn head_loss_backward(
             .par_chunks_mut(vocab)
             .zip(&targets[r0..r0 + rows])
             .map(|(x, &t)| {
+                if t == IGNORE {
+                    x.fill(0.0);
+                    return 0.0;
+                }
                 let (m, total) = dispatch!(max_and_sum(x));
                 let lse = m as f64 + total.ln();
                 let nll = lse - x[t as usize] as f64;

@@ -1,5 +1,6 @@
 //! Training checkpoints: `RUN/checkpoint-<step>/` holds `config.json`, `model.safetensors` and
-//! `tokenizer.json` (so `generate`, `score` and `info` take the directory as it is) and
+//! the data's `tokenizer.json` (so `generate`, `score` and `info` take the directory as it is;
+//! synthetic tasks have none) and
 //! `trainer.safetensors` (the AdamW moments, with the step, data position and seed in its
 //! metadata). Each is written into a temporary directory, synced and renamed into place, so a
 //! crash or a full disk leaves the previous checkpoint as it was and never a partial one under
@@ -51,7 +52,7 @@ pub fn save(
     m: &[f32],
     v: &[f32],
     state: &TrainerState,
-    tokenizer: &Path,
+    tokenizer: Option<&Path>,
 ) -> Result<PathBuf> {
     let name = format!("checkpoint-{}", state.step);
     let (tmp, dst) = (run.join(format!(".{name}.tmp")), run.join(&name));
@@ -66,8 +67,10 @@ pub fn save(
         )?;
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         write_synced(&tmp.join("model.safetensors"), &layout.to_safetensors(params, Some(meta))?)?;
-        let tok = std::fs::read(tokenizer).with_context(|| format!("cannot read {}", tokenizer.display()))?;
-        write_synced(&tmp.join("tokenizer.json"), &tok)?;
+        if let Some(t) = tokenizer {
+            let tok = std::fs::read(t).with_context(|| format!("cannot read {}", t.display()))?;
+            write_synced(&tmp.join("tokenizer.json"), &tok)?;
+        }
         let (mb, vb) = (f32_bytes(m), f32_bytes(v));
         let views = [
             ("exp_avg".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.len()], &mb)?),

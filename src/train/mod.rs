@@ -13,3 +13,4 @@ pub mod optim;
 pub mod params;
 pub mod prepare;
 pub mod run;
+pub mod tasks;

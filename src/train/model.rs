@@ -5,7 +5,7 @@
 
 use super::params::{LayerParams, Layout};
 use super::{mamba1, mamba2};
-use crate::ops::cross_entropy::head_loss_backward;
+use crate::ops::cross_entropy::{head_loss_backward, IGNORE};
 use crate::ops::matmul::{gemm_views, View};
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
 use anyhow::{bail, Result};
@@ -148,21 +148,37 @@ impl Activations {
     }
 }
 
-/// The forward over `acts.seqs` rows of `acts.len + 1` tokens each (`tokens`, row-major):
-/// positions `0..len` predict `1..=len`. Keeps in `acts` what [`backward`] needs.
-pub fn forward(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: &[u32]) -> Result<()> {
-    let cfg = &layout.cfg;
-    let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
+/// The rows of `seqs` sequences of `len + 1` tokens (row-major) as inputs (positions
+/// `0..len`) and the targets they predict (`1..=len`).
+pub fn shifted(tokens: &[u32], seqs: usize, len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     if tokens.len() != seqs * (len + 1) {
         bail!("training step: {} tokens for {seqs} rows of {}", tokens.len(), len + 1);
     }
-    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+    Ok((0..seqs)
+        .flat_map(|s| (0..len).map(move |t| (tokens[s * (len + 1) + t], tokens[s * (len + 1) + t + 1])))
+        .unzip())
+}
+
+/// The forward over `acts.seqs` sequences of `acts.len` `inputs` (row-major), each position
+/// predicting its `targets` entry ([`IGNORE`]: not graded). Keeps in `acts` what [`backward`]
+/// needs.
+pub fn forward(
+    layout: &Layout,
+    params: &[f32],
+    acts: &mut Activations,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+) -> Result<()> {
+    let cfg = &layout.cfg;
+    let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
+    if inputs.len() != seqs * len || targets.len() != inputs.len() {
+        bail!("training step: {} inputs and {} targets for {seqs} rows of {len}", inputs.len(), targets.len());
+    }
+    if let Some(&t) = inputs.iter().chain(targets.iter().filter(|&&t| t != IGNORE)).find(|&&t| t as usize >= v) {
         bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
     }
     assert!(params.len() == layout.len);
-    (acts.inputs, acts.targets) = (0..seqs)
-        .flat_map(|s| (0..len).map(move |t| (tokens[s * (len + 1) + t], tokens[s * (len + 1) + t + 1])))
-        .unzip();
+    (acts.inputs, acts.targets) = (inputs, targets);
     let emb = &params[layout.embedding.clone()];
     let mut x = std::mem::take(&mut acts.resid_f);
     for (r, &t) in acts.inputs.iter().enumerate() {
@@ -273,7 +289,7 @@ pub fn backward(layout: &Layout, params: &[f32], grads: &mut [f32], acts: &mut A
     loss
 }
 
-/// [`forward`] then [`backward`].
+/// [`forward`] of `tokens` ([`shifted`]) then [`backward`].
 pub fn forward_backward(
     layout: &Layout,
     params: &[f32],
@@ -282,17 +298,38 @@ pub fn forward_backward(
     tokens: &[u32],
     scale: f32,
 ) -> Result<f64> {
-    forward(layout, params, acts, tokens)?;
+    let (inputs, targets) = shifted(tokens, acts.seqs, acts.len)?;
+    forward(layout, params, acts, inputs, targets)?;
     Ok(backward(layout, params, grads, acts, scale))
 }
 
-/// The summed next-token cross-entropy of `tokens` (as [`forward`] takes them), no backward
-/// beyond the LM head's fused loss (whose weight gradient goes to scratch).
+/// After [`forward`], the summed cross-entropy of the graded positions (the LM head's fused
+/// loss, its gradients to scratch).
+pub fn graded_loss(layout: &Layout, params: &[f32], acts: &mut Activations) -> f64 {
+    let head = &params[layout.lm_head.clone()];
+    let mut g_w = vec![0.0f32; head.len()];
+    head_loss_backward(&acts.h_f, head, layout.cfg.vocab_padded, &acts.targets, 0.0, &mut acts.g_h, &mut g_w)
+}
+
+/// After [`forward`], for each graded position in order whether its most likely token is the
+/// target.
+pub fn hits(layout: &Layout, params: &[f32], acts: &Activations) -> Vec<bool> {
+    let (v, dm) = (layout.cfg.vocab_padded, layout.cfg.d_model);
+    let graded: Vec<usize> = (0..acts.targets.len()).filter(|&r| acts.targets[r] != IGNORE).collect();
+    let mut rows = vec![0.0f32; graded.len() * dm];
+    for (k, &r) in graded.iter().enumerate() {
+        rows[k * dm..(k + 1) * dm].copy_from_slice(&acts.h_f[r * dm..(r + 1) * dm]);
+    }
+    let mut logits = vec![0.0f32; graded.len() * v];
+    linear(&rows, dm, graded.len(), &params[layout.lm_head.clone()], v, dm, &mut logits, v);
+    graded.iter().zip(logits.chunks(v)).map(|(&r, z)| crate::sampling::argmax(z) as u32 == acts.targets[r]).collect()
+}
+
+/// The summed next-token cross-entropy of `tokens` (rows of `acts.len + 1`), no backward.
 pub fn loss(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: &[u32]) -> Result<f64> {
-    forward(layout, params, acts, tokens)?;
-    let mut g_w = vec![0.0f32; layout.lm_head.len()];
-    let v = layout.cfg.vocab_padded;
-    Ok(head_loss_backward(&acts.h_f, &params[layout.lm_head.clone()], v, &acts.targets, 0.0, &mut acts.g_h, &mut g_w))
+    let (inputs, targets) = shifted(tokens, acts.seqs, acts.len)?;
+    forward(layout, params, acts, inputs, targets)?;
+    Ok(graded_loss(layout, params, acts))
 }
 
 /// The gradient of the mean next-token cross-entropy over every position of every row of

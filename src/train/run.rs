@@ -5,9 +5,11 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::data::{next_batch, Data, Position};
-use super::model::{forward_backward, loss, Activations};
+use super::model::{backward, forward, graded_loss, hits, loss, shifted, Activations};
 use super::optim::{clip_grad_norm, AdamW, Schedule};
 use super::params::Layout;
+use super::tasks::{self, Task};
+use crate::ops::cross_entropy::IGNORE;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
@@ -110,10 +112,60 @@ pub fn truncate_metrics(dir: &Path, step: u64) -> Result<()> {
     crate::io::write_file(&p, kept.as_bytes(), true)
 }
 
+/// What a run trains on.
+pub enum Source<'a> {
+    /// Token shards made by `prepare`.
+    Tokens(&'a Data),
+    /// A synthetic task, its accuracy also evaluated at `eval_lens`.
+    Task { task: Task, eval_lens: Vec<usize> },
+}
+
+/// The evaluation records of step `step`.
+fn evaluate(run: &Run, source: &Source, o: &Options, step: u64) -> Result<Vec<serde_json::Value>> {
+    let t = o.seq_len_at(step.saturating_sub(1));
+    match source {
+        Source::Tokens(data) => {
+            Ok(validation_loss(run, data, o, t)?.map(|v| json!({"step": step, "val_loss": v})).into_iter().collect())
+        }
+        Source::Task { task, eval_lens } => {
+            let mut out = Vec::new();
+            for (k, &len) in std::iter::once(&t).chain(eval_lens).enumerate() {
+                let (loss, acc) = task_accuracy(run, *task, o, len)?;
+                out.push(if k == 0 {
+                    json!({"step": step, "val_loss": loss, "accuracy": acc})
+                } else {
+                    json!({"step": step, "eval_len": len, "accuracy": acc})
+                });
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Loss per graded position and accuracy of `task` over fixed examples of `len` tokens:
+/// `o.eval_tokens / len` of them, at least 8 and at most 256, run `o.batch·seq_len / len`
+/// (at least one) at a time.
+fn task_accuracy(run: &Run, task: Task, o: &Options, len: usize) -> Result<(f64, f64)> {
+    let examples = (o.eval_tokens / len).clamp(8, 256);
+    let per = (o.batch * o.seq_len / len).clamp(1, examples);
+    let mut rng = tasks::eval_rng(run.state.seed, len);
+    let (mut sum, mut hit, mut graded) = (0.0, 0usize, 0usize);
+    for e0 in (0..examples).step_by(per) {
+        let seqs = per.min(examples - e0);
+        let (inputs, targets) = task.batch(&mut rng, seqs, len)?;
+        let mut acts = Activations::new(&run.layout, seqs, len, false);
+        forward(&run.layout, &run.params, &mut acts, inputs, targets)?;
+        sum += graded_loss(&run.layout, &run.params, &mut acts);
+        let h = hits(&run.layout, &run.params, &acts);
+        hit += h.iter().filter(|&&x| x).count();
+        graded += h.len();
+    }
+    Ok((sum / graded as f64, hit as f64 / graded as f64))
+}
+
 /// Mean next-token loss over the first `o.eval_tokens` tokens of the validation shard, in rows
-/// of the current step's length + 1. `None` when the shard is shorter than one row.
-fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
-    let t = o.seq_len_at(run.state.step.saturating_sub(1));
+/// of `t + 1`. `None` when the shard is shorter than one row.
+fn validation_loss(run: &Run, data: &Data, o: &Options, t: usize) -> Result<Option<f64>> {
     let rows = (o.eval_tokens / t).max(1).min(data.val.len().saturating_sub(1) / t);
     if rows == 0 {
         return Ok(None);
@@ -128,22 +180,24 @@ fn evaluate(run: &Run, data: &Data, o: &Options) -> Result<Option<f64>> {
     Ok(Some(sum / (rows * t) as f64))
 }
 
-/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next` (each the rows of
-/// `acts`'s shape), global-norm clipping, AdamW at the schedule's rate. Returns the
-/// mean loss, the gradient norm before clipping and the learning rate. A non-finite loss stops
-/// it before the update.
+/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next(micro)` (inputs and
+/// targets of `acts`'s shape), global-norm clipping, AdamW at the schedule's rate. Returns the
+/// mean loss over the graded positions, the gradient norm before clipping and the learning
+/// rate. A non-finite loss stops it before the update.
 pub fn step(
     run: &mut Run,
     o: &Options,
     acts: &mut Activations,
     grads: &mut [f32],
-    mut next: impl FnMut() -> Result<Vec<u32>>,
+    mut next: impl FnMut(usize) -> Result<(Vec<u32>, Vec<u32>)>,
 ) -> Result<(f64, f64, f64)> {
-    let count = (acts.seqs * acts.len * o.grad_accum) as f64;
+    let batches = (0..o.grad_accum).map(&mut next).collect::<Result<Vec<_>>>()?;
+    let count = batches.iter().map(|b| b.1.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>().max(1) as f64;
     grads.fill(0.0);
     let mut sum = 0.0;
-    for _ in 0..o.grad_accum {
-        sum += forward_backward(&run.layout, &run.params, grads, acts, &next()?, (1.0 / count) as f32)?;
+    for (inputs, targets) in batches {
+        forward(&run.layout, &run.params, acts, inputs, targets)?;
+        sum += backward(&run.layout, &run.params, grads, acts, (1.0 / count) as f32);
     }
     let loss = sum / count;
     if !loss.is_finite() {
@@ -156,14 +210,17 @@ pub fn step(
     Ok((loss, norm, lr))
 }
 
-/// Trains `run` from its state to `o.steps` steps on `data`'s training shard. Returns whether
-/// it finished (false: stopped on request, after saving).
-pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Result<bool> {
+/// Trains `run` from its state to `o.steps` steps on `source`. Returns whether it finished
+/// (false: stopped on request, after saving).
+pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> Result<bool> {
     let b = o.batch;
     if b == 0 || o.seq_len == 0 || o.grad_accum == 0 || o.seq_len_schedule.iter().any(|s| s.0 == 0) {
         bail!("--batch-size, --seq-len and --grad-accum must be at least 1");
     }
-    let tokenizer = data.dir.join("tokenizer.json");
+    let tokenizer = match source {
+        Source::Tokens(data) => Some(data.dir.join("tokenizer.json")),
+        Source::Task { .. } => None,
+    };
     let mut metrics = Metrics::open(&run.dir, o.json)?;
     let mut acts = Activations::new(&run.layout, b, o.seq_len_at(run.state.step), o.recompute);
     let mut tokens = o.tokens_before(run.state.step);
@@ -174,7 +231,8 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
     );
     let mut last_saved = None;
     let save = |run: &Run| -> Result<PathBuf> {
-        let dir = checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, &tokenizer)?;
+        let dir =
+            checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, tokenizer.as_deref())?;
         checkpoint::prune(&run.dir, o.keep)?;
         if let Some(p) = &o.plot {
             plot_losses(&run.dir, p)?;
@@ -188,7 +246,12 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
         }
         let started = Instant::now();
         let mut pos = run.state.pos;
-        let (loss, norm, lr) = match step(run, o, &mut acts, &mut grads, || next_batch(&data.train, &mut pos, b, t)) {
+        let (seed, at) = (run.state.seed, run.state.step);
+        let next = |micro: usize| match source {
+            Source::Tokens(data) => shifted(&next_batch(&data.train, &mut pos, b, t)?, b, t),
+            Source::Task { task, .. } => task.batch(&mut tasks::rng_for(seed, at, micro), b, t),
+        };
+        let (loss, norm, lr) = match step(run, o, &mut acts, &mut grads, next) {
             Ok(r) => r,
             Err(e) => {
                 let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
@@ -207,9 +270,14 @@ pub fn train(run: &mut Run, data: &Data, o: &Options, stop: &AtomicBool) -> Resu
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {:.0} tok/s", tps));
         let last = step == o.steps;
         if (o.eval_every > 0 && step.is_multiple_of(o.eval_every)) || last {
-            if let Some(val) = evaluate(run, data, o)? {
-                metrics.write(json!({"step": step, "val_loss": val}))?;
-                bar.println(format!("step {step}: val loss {val:.4}"));
+            for r in evaluate(run, source, o, step)? {
+                let acc = r["accuracy"].as_f64().map_or(String::new(), |a| format!(", accuracy {:.2} %", 100.0 * a));
+                match (r["val_loss"].as_f64(), r["eval_len"].as_u64()) {
+                    (Some(v), _) => bar.println(format!("step {step}: val loss {v:.4}{acc}")),
+                    (None, Some(len)) => bar.println(format!("step {step}: at length {len}{acc}")),
+                    _ => {}
+                }
+                metrics.write(r)?;
             }
         }
         let stopping = stop.load(Ordering::Relaxed);
@@ -259,7 +327,8 @@ fn write_final(run: &Path, checkpoint: &Path) -> Result<()> {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+    for f in ["config.json", "model.safetensors", "tokenizer.json"].into_iter().filter(|f| checkpoint.join(f).exists())
+    {
         std::fs::copy(checkpoint.join(f), tmp.join(f))
             .with_context(|| format!("cannot copy {f} to {}", tmp.display()))?;
     }
