@@ -218,3 +218,46 @@ fn synthetic_tasks_train_and_report_accuracy() {
     let e = fails(bin().args(["train", "--task", "copying", "--out", "y"]).args(common));
     assert!(e.contains("unknown task 'copying'"), "{e}");
 }
+
+#[test]
+fn fine_tuning_a_mamba_ssm_checkpoint_writes_a_transformers_one() {
+    let t = tempfile::tempdir().unwrap();
+    // Shards by hand: the fixture's vocabulary (250 ids) has no tokenizer of its own.
+    let data = t.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ids = |n: usize, k: u32| -> Vec<u8> {
+        (0..n as u32).flat_map(|i| (((i * 7919 + k) % 250) as u16).to_le_bytes()).collect()
+    };
+    std::fs::write(data.join("train.bin"), ids(3000, 1)).unwrap();
+    std::fs::write(data.join("val.bin"), ids(400, 2)).unwrap();
+    std::fs::write(
+        data.join("meta.json"),
+        r#"{"dtype": "u16", "vocab_size": 250, "train_tokens": 3000, "val_tokens": 400, "eos_id": 0}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tokenizers/gpt-neox-20b.json"),
+        data.join("tokenizer.json"),
+    )
+    .unwrap();
+    for name in ["mamba1-ssm", "mamba2-ssm"] {
+        let run = t.path().join(name);
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        ok(bin().args(["train", "--data", data.to_str().unwrap(), "--model", model.to_str().unwrap()]).args([
+            "--out",
+            run.to_str().unwrap(),
+            "--steps",
+            "6",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "3",
+        ]));
+        let cfg = std::fs::read_to_string(run.join("final/config.json")).unwrap();
+        assert!(cfg.contains("\"model_type\"") && cfg.contains("\"expand\": 2,"), "{cfg}");
+        let info = ok(bin().args(["info", "-m", run.join("final").to_str().unwrap()]));
+        assert!(info.contains("Transformers"), "{info}");
+    }
+}
