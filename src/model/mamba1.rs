@@ -32,13 +32,7 @@ pub struct Mamba1 {
 impl Mamba1 {
     pub fn load(ck: &Checkpoint, p: &str, cfg: &Config, dtype: DType) -> Result<Mamba1> {
         let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
-        let a_log = ck.f32(&format!("{p}A_log"), &[e, n])?;
-        let mut a = vec![0.0; n * e];
-        for c in 0..e {
-            for k in 0..n {
-                a[k * e + c] = -a_log[c * n + k].exp();
-            }
-        }
+        let a = crate::ops::selective_scan::a_from_log(&ck.f32(&format!("{p}A_log"), &[e, n])?, e, n);
         let (conv_w, conv_b) = super::load_conv(ck, p, cfg, e)?;
         Ok(Mamba1 {
             in_proj: Linear::load(ck, &format!("{p}in_proj"), 2 * e, dm, cfg.bias, dtype)?,

@@ -8,8 +8,7 @@ use crate::loader::Checkpoint;
 use crate::ops::causal_conv1d::causal_conv1d_silu;
 use crate::ops::matmul::Rows;
 use crate::ops::rms_norm::{gate, gated_rms_norm};
-use crate::ops::simd::softplus_f32;
-use crate::ops::ssd::{ssd, SsdDims, SsdInputs, DEFAULT_BLOCK};
+use crate::ops::ssd::{discretize, ssd, SsdDims, SsdInputs, DEFAULT_BLOCK};
 use crate::state::LayerState;
 use crate::tensor::DType;
 use anyhow::Result;
@@ -89,14 +88,7 @@ impl Mamba2 {
         let mut xbc = vec![0.0f32; rows * conv_dim];
         let mut dt = vec![0.0f32; rows * heads];
         let mut da = vec![0.0f32; rows * heads];
-        for r in 0..rows {
-            for h in 0..heads {
-                let v = softplus_f32(zx[r * w_in + dt_at + h] + self.dt_bias[h]);
-                let v = v.clamp(self.dt_limit.0, self.dt_limit.1);
-                dt[r * heads + h] = v;
-                da[r * heads + h] = v * self.a[h];
-            }
-        }
+        discretize(&zx[dt_at..], w_in, rows, &self.dt_bias, &self.a, self.dt_limit, &mut dt, &mut da);
         let mut y = vec![0.0f32; rows * d_ssm];
         for (s, st) in states.iter_mut().enumerate() {
             let (r0, c0) = (s * l, s * l * conv_dim);

@@ -107,13 +107,7 @@ fn mixer_tensor_names(p: &str, cfg: &Config, own: &[&str]) -> Vec<String> {
 /// Loads a causal conv's weight `(C, 1, W)` as tap-major `(W, C)` and its optional bias.
 fn load_conv(ck: &Checkpoint, p: &str, cfg: &Config, c: usize) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
     let w = cfg.d_conv;
-    let raw = ck.f32(&format!("{p}conv1d.weight"), &[c, 1, w])?;
-    let mut t = vec![0.0; w * c];
-    for ch in 0..c {
-        for k in 0..w {
-            t[k * c + ch] = raw[ch * w + k];
-        }
-    }
+    let t = crate::ops::causal_conv1d::taps(&ck.f32(&format!("{p}conv1d.weight"), &[c, 1, w])?, c, w);
     let b = if cfg.conv_bias { Some(ck.f32(&format!("{p}conv1d.bias"), &[c])?) } else { None };
     Ok((t, b))
 }

@@ -11,6 +11,26 @@ use rayon::prelude::*;
 
 const TIME_BLOCK: usize = 32;
 
+/// A checkpoint's conv weight `(C, 1, W)` as the kernels' tap-major `(W, C)`.
+pub fn taps(w: &[f32], c: usize, width: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; width * c];
+    for ch in 0..c {
+        for k in 0..width {
+            t[k * c + ch] = w[ch * width + k];
+        }
+    }
+    t
+}
+
+/// Adds a tap-major `(W, C)` gradient to one laid out as the checkpoint's `(C, 1, W)`.
+pub fn add_taps_to_checkpoint_layout(g_taps: &[f32], c: usize, width: usize, g: &mut [f32]) {
+    for ch in 0..c {
+        for k in 0..width {
+            g[ch * width + k] += g_taps[k * c + ch];
+        }
+    }
+}
+
 /// Convolves `l` rows of `c` channels (`x[t·x_rs + ch]`) into `out` (`l × c`, contiguous) and
 /// advances `state` (`(width−1) × c`) to the last `width−1` inputs.
 /// `w` is tap-major: `w[k·c + ch]`, tap `width−1` multiplies the current input.

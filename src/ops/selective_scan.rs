@@ -41,6 +41,17 @@ pub struct ScanInputs<'a> {
     pub z: Option<(&'a [f32], usize)>,
 }
 
+/// `A = −exp(A_log)` from the checkpoint's `(E, N)` `A_log`, transposed to the scan's `(N, E)`.
+pub fn a_from_log(a_log: &[f32], e: usize, n: usize) -> Vec<f32> {
+    let mut a = vec![0.0f32; n * e];
+    for c in 0..e {
+        for k in 0..n {
+            a[k * e + c] = -a_log[c * n + k].exp();
+        }
+    }
+    a
+}
+
 /// Runs the scan, reading and updating `state` (`(N, E)`) and writing `y` (`l × e`, contiguous).
 pub fn selective_scan(inp: &ScanInputs, l: usize, e: usize, n: usize, state: &mut [f32], y: &mut [f32]) {
     assert!(n <= MAX_D_STATE, "d_state {n} exceeds {MAX_D_STATE}");

@@ -47,6 +47,29 @@ impl SsdInputs<'_> {
     }
 }
 
+/// Mamba-2's step sizes and log-decays from the raw `dt` of `rows` rows (`raw[r·raw_rs + h]`):
+/// `dt = clamp(softplus(raw + bias), limit)`, `da = dt·A` (both `rows × heads`).
+#[allow(clippy::too_many_arguments)]
+pub fn discretize(
+    raw: &[f32],
+    raw_rs: usize,
+    rows: usize,
+    bias: &[f32],
+    a: &[f32],
+    limit: (f32, f32),
+    dt: &mut [f32],
+    da: &mut [f32],
+) {
+    let heads = bias.len();
+    for r in 0..rows {
+        for h in 0..heads {
+            let v = super::simd::softplus_f32(raw[r * raw_rs + h] + bias[h]).clamp(limit.0, limit.1);
+            dt[r * heads + h] = v;
+            da[r * heads + h] = v * a[h];
+        }
+    }
+}
+
 /// Sizes of an SSD problem.
 #[derive(Clone, Copy, Debug)]
 pub struct SsdDims {

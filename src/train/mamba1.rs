@@ -1,10 +1,10 @@
 //! The Mamba-1 mixer's training forward, which keeps what the backward needs, and the backward.
 
-use super::model::{add_conv_taps, add_to, conv_taps, linear, linear_backward, Grads};
+use super::model::{add_to, linear, linear_backward, Grads};
 use super::params::Mamba1Params;
 use crate::config::Config;
-use crate::ops::causal_conv1d::{causal_conv1d_silu, causal_conv1d_silu_backward};
-use crate::ops::selective_scan::{selective_scan, selective_scan_backward, ScanGrads, ScanInputs};
+use crate::ops::causal_conv1d::{add_taps_to_checkpoint_layout, causal_conv1d_silu, causal_conv1d_silu_backward, taps};
+use crate::ops::selective_scan::{a_from_log, selective_scan, selective_scan_backward, ScanGrads, ScanInputs};
 
 /// What one layer's forward keeps (R = sequences × length rows).
 pub struct Acts {
@@ -43,17 +43,6 @@ impl Scratch {
         let z = |k: usize| vec![0.0f32; seqs * len * k];
         Scratch { g_xz: z(2 * e), g_xc: z(e), g_xdbl: z(xd), g_dt: z(e), g_y: z(e), g_bc: vec![0.0; 2 * len * n] }
     }
-}
-
-/// `A = −exp(A_log)` transposed to the scan's `(N, E)`.
-fn a_matrix(a_log: &[f32], e: usize, n: usize) -> Vec<f32> {
-    let mut a = vec![0.0f32; n * e];
-    for c in 0..e {
-        for k in 0..n {
-            a[k * e + c] = -a_log[c * n + k].exp();
-        }
-    }
-    a
 }
 
 fn scan_inputs<'a>(
@@ -97,7 +86,7 @@ pub fn forward(
     let (dm, (e, n, r, xd), w) = (cfg.d_model, dims(cfg), cfg.d_conv);
     let rows = seqs * len;
     linear(h, dm, rows, &p[lp.in_proj.clone()], 2 * e, dm, &mut acts.xz, 2 * e);
-    let taps = conv_taps(&p[lp.conv_w.clone()], e, w);
+    let taps = taps(&p[lp.conv_w.clone()], e, w);
     let bias = lp.conv_b.clone().map(|b| &p[b]);
     for s in 0..seqs {
         let mut state = vec![0.0f32; (w - 1) * e];
@@ -115,7 +104,7 @@ pub fn forward(
     }
     linear(&acts.xc, e, rows, &p[lp.x_proj.clone()], xd, e, &mut acts.xdbl, xd);
     linear(&acts.xdbl, xd, rows, &p[lp.dt_proj.clone()], e, r, &mut acts.dt, e);
-    let a = a_matrix(&p[lp.a_log.clone()], e, n);
+    let a = a_from_log(&p[lp.a_log.clone()], e, n);
     let mut y = std::mem::take(&mut acts.y);
     for s in 0..seqs {
         let inp = scan_inputs(cfg, p, lp, &a, acts, s, len);
@@ -144,7 +133,7 @@ pub fn backward(
     let (dm, (e, n, r, xd), w) = (cfg.d_model, dims(cfg), cfg.d_conv);
     let rows = seqs * len;
     linear_backward(&acts.y, e, g_out, dm, rows, &p[lp.out_proj.clone()], dm, e, Some(&mut sc.g_y), g.at(&lp.out_proj));
-    let a = a_matrix(&p[lp.a_log.clone()], e, n);
+    let a = a_from_log(&p[lp.a_log.clone()], e, n);
     let (mut g_a, mut g_d, mut g_bias) = (vec![0.0f32; n * e], vec![0.0f32; e], vec![0.0f32; e]);
     for s in 0..seqs {
         let (c0, d0) = (s * len * e, s * len * xd);
@@ -196,7 +185,7 @@ pub fn backward(
     let mut g_xc = vec![0.0f32; rows * e];
     linear_backward(&acts.xc, e, &sc.g_xdbl, xd, rows, &p[lp.x_proj.clone()], xd, e, Some(&mut g_xc), g.at(&lp.x_proj));
     add_to(&mut sc.g_xc, &g_xc);
-    let taps = conv_taps(&p[lp.conv_w.clone()], e, w);
+    let taps = taps(&p[lp.conv_w.clone()], e, w);
     let mut g_taps = vec![0.0f32; w * e];
     let bias = lp.conv_b.clone().map(|b| &p[b]);
     g_bias.fill(0.0);
@@ -217,7 +206,7 @@ pub fn backward(
             Some(&mut g_bias),
         );
     }
-    add_conv_taps(&g_taps, e, w, g.at(&lp.conv_w));
+    add_taps_to_checkpoint_layout(&g_taps, e, w, g.at(&lp.conv_w));
     if let Some(b) = &lp.conv_b {
         add_to(g.at(b), &g_bias);
     }

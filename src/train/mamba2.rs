@@ -1,12 +1,12 @@
 //! The Mamba-2 mixer's training forward, which keeps what the backward needs, and the backward.
 
-use super::model::{add_conv_taps, add_to, conv_taps, linear, linear_backward, Grads};
+use super::model::{add_to, linear, linear_backward, Grads};
 use super::params::Mamba2Params;
 use crate::config::Config;
-use crate::ops::causal_conv1d::{causal_conv1d_silu, causal_conv1d_silu_backward};
+use crate::ops::causal_conv1d::{add_taps_to_checkpoint_layout, causal_conv1d_silu, causal_conv1d_silu_backward, taps};
 use crate::ops::rms_norm::{gated_rms_norm, gated_rms_norm_backward};
 use crate::ops::simd::softplus_f32;
-use crate::ops::ssd::{ssd, ssd_backward, SsdDims, SsdGrads, SsdInputs, DEFAULT_BLOCK};
+use crate::ops::ssd::{discretize, ssd, ssd_backward, SsdDims, SsdGrads, SsdInputs, DEFAULT_BLOCK};
 
 /// What one layer's forward keeps (R = sequences × length rows).
 pub struct Acts {
@@ -100,15 +100,10 @@ pub fn forward(
     let rows = seqs * len;
     let (xbc_at, dt_at) = (d.ssm, d.ssm + d.conv);
     linear(h, dm, rows, &p[lp.in_proj.clone()], d.w_in, dm, &mut acts.zx, d.w_in);
-    let (bias, a_log) = (&p[lp.dt_bias.clone()], &p[lp.a_log.clone()]);
-    for r in 0..rows {
-        for hh in 0..d.heads {
-            let v = softplus_f32(acts.zx[r * d.w_in + dt_at + hh] + bias[hh]).clamp(cfg.dt_limit.0, cfg.dt_limit.1);
-            acts.dt[r * d.heads + hh] = v;
-            acts.da[r * d.heads + hh] = -v * a_log[hh].exp();
-        }
-    }
-    let taps = conv_taps(&p[lp.conv_w.clone()], d.conv, w);
+    let a: Vec<f32> = p[lp.a_log.clone()].iter().map(|x| -x.exp()).collect();
+    let bias = &p[lp.dt_bias.clone()];
+    discretize(&acts.zx[dt_at..], d.w_in, rows, bias, &a, cfg.dt_limit, &mut acts.dt, &mut acts.da);
+    let taps = taps(&p[lp.conv_w.clone()], d.conv, w);
     let cb = lp.conv_b.clone().map(|b| &p[b]);
     let mut y = std::mem::take(&mut acts.y);
     for s in 0..seqs {
@@ -231,7 +226,7 @@ pub fn backward(
     }
     add_to(g.at(&lp.dt_bias), &g_bias);
     add_to(g.at(&lp.a_log), &g_a_log);
-    let taps = conv_taps(&p[lp.conv_w.clone()], d.conv, w);
+    let taps = taps(&p[lp.conv_w.clone()], d.conv, w);
     let cb = lp.conv_b.clone().map(|b| &p[b]);
     let mut g_taps = vec![0.0f32; w * d.conv];
     let mut g_cb = vec![0.0f32; d.conv];
@@ -252,7 +247,7 @@ pub fn backward(
             Some(&mut g_cb),
         );
     }
-    add_conv_taps(&g_taps, d.conv, w, g.at(&lp.conv_w));
+    add_taps_to_checkpoint_layout(&g_taps, d.conv, w, g.at(&lp.conv_w));
     if let Some(b) = &lp.conv_b {
         add_to(g.at(b), &g_cb);
     }

@@ -60,26 +60,6 @@ pub(super) fn linear_backward(
     gemm_views(out, inp, rows, g_w, inp, View::t(g_y, gy_rs), View::rows(x, x_rs), true);
 }
 
-/// A causal conv's weight `(C, 1, W)` as the kernels' tap-major `(W, C)`.
-pub(super) fn conv_taps(w: &[f32], c: usize, width: usize) -> Vec<f32> {
-    let mut t = vec![0.0f32; width * c];
-    for ch in 0..c {
-        for k in 0..width {
-            t[k * c + ch] = w[ch * width + k];
-        }
-    }
-    t
-}
-
-/// Adds a tap-major `(W, C)` gradient to one laid out `(C, 1, W)`.
-pub(super) fn add_conv_taps(g_taps: &[f32], c: usize, width: usize, g: &mut [f32]) {
-    for ch in 0..c {
-        for k in 0..width {
-            g[ch * width + k] += g_taps[k * c + ch];
-        }
-    }
-}
-
 enum MixerActs {
     M1(mamba1::Acts),
     M2(mamba2::Acts),
