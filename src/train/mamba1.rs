@@ -1,6 +1,6 @@
 //! The Mamba-1 mixer's training forward, which keeps what the backward needs, and the backward.
 
-use super::model::{add_to, linear, linear_backward, Grads};
+use super::model::{add_to, linear, linear_backward, GradX, Grads};
 use super::params::Mamba1Params;
 use crate::config::Config;
 use crate::ops::causal_conv1d::{add_taps_to_checkpoint_layout, causal_conv1d_silu, causal_conv1d_silu_backward, taps};
@@ -132,7 +132,18 @@ pub fn backward(
 ) {
     let (dm, (e, n, r, xd), w) = (cfg.d_model, dims(cfg), cfg.d_conv);
     let rows = seqs * len;
-    linear_backward(&acts.y, e, g_out, dm, rows, &p[lp.out_proj.clone()], dm, e, Some(&mut sc.g_y), g.at(&lp.out_proj));
+    linear_backward(
+        &acts.y,
+        e,
+        g_out,
+        dm,
+        rows,
+        &p[lp.out_proj.clone()],
+        dm,
+        e,
+        GradX::write(&mut sc.g_y, e),
+        g.at(&lp.out_proj),
+    );
     let a = a_from_log(&p[lp.a_log.clone()], e, n);
     let (mut g_a, mut g_d, mut g_bias) = (vec![0.0f32; n * e], vec![0.0f32; e], vec![0.0f32; e]);
     for s in 0..seqs {
@@ -165,8 +176,7 @@ pub fn backward(
             g_a_log[c * n + k] += g_a[k * e + c] * a[k * e + c];
         }
     }
-    // dt_proj reads the first dt_rank columns of x_proj's output.
-    let mut g_low = vec![0.0f32; rows * r];
+    // dt_proj reads the first dt_rank columns of x_proj's output (and writes their gradient).
     linear_backward(
         &acts.xdbl,
         xd,
@@ -176,19 +186,26 @@ pub fn backward(
         &p[lp.dt_proj.clone()],
         e,
         r,
-        Some(&mut g_low),
+        GradX::write(&mut sc.g_xdbl, xd),
         g.at(&lp.dt_proj),
     );
-    for (row, gl) in sc.g_xdbl.chunks_mut(xd).zip(g_low.chunks(r)) {
-        row[..r].copy_from_slice(gl);
-    }
-    let mut g_xc = vec![0.0f32; rows * e];
-    linear_backward(&acts.xc, e, &sc.g_xdbl, xd, rows, &p[lp.x_proj.clone()], xd, e, Some(&mut g_xc), g.at(&lp.x_proj));
-    add_to(&mut sc.g_xc, &g_xc);
+    // The conv's output feeds both the scan (its gradient already in g_xc) and x_proj.
+    linear_backward(
+        &acts.xc,
+        e,
+        &sc.g_xdbl,
+        xd,
+        rows,
+        &p[lp.x_proj.clone()],
+        xd,
+        e,
+        GradX::add(&mut sc.g_xc, e),
+        g.at(&lp.x_proj),
+    );
     let taps = taps(&p[lp.conv_w.clone()], e, w);
     let mut g_taps = vec![0.0f32; w * e];
     let bias = lp.conv_b.clone().map(|b| &p[b]);
-    g_bias.fill(0.0);
+    let mut g_conv_b = vec![0.0f32; e];
     for s in 0..seqs {
         let (c0, x0) = (s * len * e, s * len * 2 * e);
         causal_conv1d_silu_backward(
@@ -203,12 +220,23 @@ pub fn backward(
             &mut sc.g_xz[x0..],
             2 * e,
             &mut g_taps,
-            Some(&mut g_bias),
+            Some(&mut g_conv_b),
         );
     }
     add_taps_to_checkpoint_layout(&g_taps, e, w, g.at(&lp.conv_w));
     if let Some(b) = &lp.conv_b {
-        add_to(g.at(b), &g_bias);
+        add_to(g.at(b), &g_conv_b);
     }
-    linear_backward(h, dm, &sc.g_xz, 2 * e, rows, &p[lp.in_proj.clone()], 2 * e, dm, Some(g_h), g.at(&lp.in_proj));
+    linear_backward(
+        h,
+        dm,
+        &sc.g_xz,
+        2 * e,
+        rows,
+        &p[lp.in_proj.clone()],
+        2 * e,
+        dm,
+        GradX::write(g_h, dm),
+        g.at(&lp.in_proj),
+    );
 }

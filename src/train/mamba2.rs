@@ -1,6 +1,6 @@
 //! The Mamba-2 mixer's training forward, which keeps what the backward needs, and the backward.
 
-use super::model::{add_to, linear, linear_backward, Grads};
+use super::model::{add_to, linear, linear_backward, GradX, Grads};
 use super::params::Mamba2Params;
 use crate::config::Config;
 use crate::ops::causal_conv1d::{add_taps_to_checkpoint_layout, causal_conv1d_silu, causal_conv1d_silu_backward, taps};
@@ -159,7 +159,7 @@ pub fn backward(
         &p[lp.out_proj.clone()],
         dm,
         d.ssm,
-        Some(&mut sc.g_yn),
+        GradX::write(&mut sc.g_yn, d.ssm),
         g.at(&lp.out_proj),
     );
     let group = d.ssm / d.ssd.groups;
@@ -251,5 +251,16 @@ pub fn backward(
     if let Some(b) = &lp.conv_b {
         add_to(g.at(b), &g_cb);
     }
-    linear_backward(h, dm, &sc.g_zx, d.w_in, rows, &p[lp.in_proj.clone()], d.w_in, dm, Some(g_h), g.at(&lp.in_proj));
+    linear_backward(
+        h,
+        dm,
+        &sc.g_zx,
+        d.w_in,
+        rows,
+        &p[lp.in_proj.clone()],
+        d.w_in,
+        dm,
+        GradX::write(g_h, dm),
+        g.at(&lp.in_proj),
+    );
 }

@@ -39,8 +39,24 @@ pub(super) fn linear(
     gemm_views(rows, out, inp, y, y_rs, View::rows(x, x_rs), View::t(w, inp), false);
 }
 
-/// Backward of [`linear`]: writes `g_x = g_y·W` (contiguous rows of `inp`) when asked and adds
-/// `g_yᵀ·x` to `g_w`.
+/// Where [`linear_backward`] puts `g_x = g_y·W`: rows `rs` apart, written or added to.
+pub(super) struct GradX<'a> {
+    buf: &'a mut [f32],
+    rs: usize,
+    add: bool,
+}
+
+impl<'a> GradX<'a> {
+    pub fn write(buf: &'a mut [f32], rs: usize) -> Self {
+        GradX { buf, rs, add: false }
+    }
+
+    pub fn add(buf: &'a mut [f32], rs: usize) -> Self {
+        GradX { buf, rs, add: true }
+    }
+}
+
+/// Backward of [`linear`]: puts `g_x = g_y·W` where `g_x` says and adds `g_yᵀ·x` to `g_w`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_backward(
     x: &[f32],
@@ -51,12 +67,10 @@ pub(super) fn linear_backward(
     w: &[f32],
     out: usize,
     inp: usize,
-    g_x: Option<&mut [f32]>,
+    g_x: GradX,
     g_w: &mut [f32],
 ) {
-    if let Some(g_x) = g_x {
-        gemm_views(rows, inp, out, g_x, inp, View::rows(g_y, gy_rs), View::rows(w, inp), false);
-    }
+    gemm_views(rows, inp, out, g_x.buf, g_x.rs, View::rows(g_y, gy_rs), View::rows(w, inp), g_x.add);
     gemm_views(out, inp, rows, g_w, inp, View::t(g_y, gy_rs), View::rows(x, x_rs), true);
 }
 
