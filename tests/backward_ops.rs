@@ -4,7 +4,7 @@
 //! directions V must equal Σ ∂/∂X · V from the backward (f32) to 1e-3 relative.
 
 use mamba_lm::ops::causal_conv1d::causal_conv1d_silu_backward;
-use mamba_lm::ops::cross_entropy::head_loss_backward;
+use mamba_lm::ops::cross_entropy::{head_loss_backward, HeadGrads};
 use mamba_lm::ops::rms_norm::{gated_rms_norm_backward, rms_norm_backward};
 use mamba_lm::ops::selective_scan::{selective_scan_backward, ScanGrads, ScanInputs};
 use mamba_lm::ops::ssd::{ssd_backward, SsdDims, SsdGrads, SsdInputs};
@@ -304,7 +304,9 @@ fn cross_entropy_head_backward_matches_finite_differences() {
     let want = loss(&inputs) / scale;
     check("cross_entropy head", &mut inputs, loss, |x| {
         let (mut gh, mut gw) = (vec![0.0; n * d], vec![0.0; vocab * d]);
-        let got = head_loss_backward(&x[0], &x[1], vocab, &targets, scale as f32, &mut gh, &mut gw);
+        let grads = HeadGrads { scale: scale as f32, g_h: &mut gh, g_w: &mut gw };
+        let got = head_loss_backward(&x[0], &x[1], vocab, &targets, Some(grads));
+        assert_eq!(got, head_loss_backward(&x[0], &x[1], vocab, &targets, None), "the loss alone is the same");
         assert!((got - want).abs() < 1e-4 * want, "summed loss {got} vs {want}");
         vec![gh, gw]
     });

@@ -169,26 +169,29 @@ unsafe fn max_and_sum<S: Simd>(x: &[f32]) -> (f32, f64) {
 /// A target that takes no part in the loss (positions a task does not grade).
 pub const IGNORE: u32 = u32::MAX;
 
+/// What [`head_loss_backward`] computes besides the loss: `g_h = scale·(softmax − onehot)·W`
+/// (written) and `scale·(softmax − onehot)ᵀ·h` (added to `g_w`).
+pub struct HeadGrads<'a> {
+    pub scale: f32,
+    pub g_h: &'a mut [f32],
+    pub g_w: &'a mut [f32],
+}
+
 /// The LM head's loss and its backward, fused (training-spec §2): for rows `h` (`n × d`)
 /// against f32 weights `w` (`vocab × d`) returns `Σ_rows −log softmax(h·Wᵀ)[target]` (f64,
-/// rows whose target is [`IGNORE`] left out),
-/// writes `g_h = scale·(softmax − onehot)·W` and adds `scale·(softmax − onehot)ᵀ·h` to `g_w`.
+/// rows whose target is [`IGNORE`] left out) and, when asked, the gradients ([`HeadGrads`]).
 /// `ROWS` rows at a time: their logits are computed, turned into `g_z` in place and used for
 /// both products, so `[n × vocab]` logits never exist (128 × 50K f32 is 26 MB; all rows of a
 /// training batch would be gigabytes).
-pub fn head_loss_backward(
-    h: &[f32],
-    w: &[f32],
-    vocab: usize,
-    targets: &[u32],
-    scale: f32,
-    g_h: &mut [f32],
-    g_w: &mut [f32],
-) -> f64 {
+pub fn head_loss_backward(h: &[f32], w: &[f32], vocab: usize, targets: &[u32], mut grads: Option<HeadGrads>) -> f64 {
     use super::matmul::{gemm_views, View};
     let n = targets.len();
     let d = w.len() / vocab;
-    assert!(w.len() == vocab * d && h.len() >= n * d && g_h.len() >= n * d && g_w.len() == w.len());
+    assert!(w.len() == vocab * d && h.len() >= n * d);
+    if let Some(g) = &grads {
+        assert!(g.g_h.len() >= n * d && g.g_w.len() == w.len());
+    }
+    let scale = grads.as_ref().map(|g| g.scale);
     assert!(
         targets.iter().all(|&t| t == IGNORE || (t as usize) < vocab),
         "cross-entropy: a target is past the vocabulary"
@@ -210,15 +213,19 @@ pub fn head_loss_backward(
                 let (m, total) = dispatch!(max_and_sum(x));
                 let lse = m as f64 + total.ln();
                 let nll = lse - x[t as usize] as f64;
-                dispatch!(exp_shifted_scaled(x, lse as f32, scale));
-                x[t as usize] -= scale;
+                if let Some(scale) = scale {
+                    dispatch!(exp_shifted_scaled(x, lse as f32, scale));
+                    x[t as usize] -= scale;
+                }
                 nll
             })
             .collect::<Vec<f64>>()
             .iter()
             .sum::<f64>(); // in row order: the same whatever the threads
-        gemm_views(rows, d, vocab, &mut g_h[r0 * d..], d, View::rows(z, vocab), View::rows(w, d), false);
-        gemm_views(vocab, d, rows, g_w, d, View::t(z, vocab), View::rows(hc, d), true);
+        if let Some(g) = &mut grads {
+            gemm_views(rows, d, vocab, &mut g.g_h[r0 * d..], d, View::rows(z, vocab), View::rows(w, d), false);
+            gemm_views(vocab, d, rows, g.g_w, d, View::t(z, vocab), View::rows(hc, d), true);
+        }
     }
     loss
 }

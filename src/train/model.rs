@@ -5,7 +5,7 @@
 
 use super::params::{LayerParams, Layout};
 use super::{mamba1, mamba2};
-use crate::ops::cross_entropy::{head_loss_backward, IGNORE};
+use crate::ops::cross_entropy::{head_loss_backward, HeadGrads, IGNORE};
 use crate::ops::matmul::{gemm_views, View};
 use crate::ops::rms_norm::{rms_norm, rms_norm_backward};
 use anyhow::{bail, Result};
@@ -228,15 +228,8 @@ pub fn backward(layout: &Layout, params: &[f32], grads: &mut [f32], acts: &mut A
     let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
     assert!(grads.len() == layout.len);
     let mut g = Grads(grads);
-    let loss = head_loss_backward(
-        &acts.h_f,
-        &params[layout.lm_head.clone()],
-        v,
-        &acts.targets,
-        scale,
-        &mut acts.g_h,
-        g.at(&layout.lm_head),
-    );
+    let grads = HeadGrads { scale, g_h: &mut acts.g_h, g_w: g.at(&layout.lm_head) };
+    let loss = head_loss_backward(&acts.h_f, &params[layout.lm_head.clone()], v, &acts.targets, Some(grads));
     acts.g_resid.fill(0.0);
     let mut g_norm = vec![0.0f32; dm];
     rms_norm_backward(
@@ -298,11 +291,9 @@ pub fn forward_backward(
 }
 
 /// After [`forward`], the summed cross-entropy of the graded positions (the LM head's fused
-/// loss, its gradients to scratch).
-pub fn graded_loss(layout: &Layout, params: &[f32], acts: &mut Activations) -> f64 {
-    let head = &params[layout.lm_head.clone()];
-    let mut g_w = vec![0.0f32; head.len()];
-    head_loss_backward(&acts.h_f, head, layout.cfg.vocab_padded, &acts.targets, 0.0, &mut acts.g_h, &mut g_w)
+/// loss, no gradients).
+pub fn graded_loss(layout: &Layout, params: &[f32], acts: &Activations) -> f64 {
+    head_loss_backward(&acts.h_f, &params[layout.lm_head.clone()], layout.cfg.vocab_padded, &acts.targets, None)
 }
 
 /// After [`forward`], for each graded position in order whether its most likely token is the

@@ -155,7 +155,7 @@ fn task_accuracy(run: &Run, task: Task, o: &Options, len: usize) -> Result<(f64,
         let (inputs, targets) = task.batch(&mut rng, seqs, len)?;
         let mut acts = Activations::new(&run.layout, seqs, len, false);
         forward(&run.layout, &run.params, &mut acts, inputs, targets)?;
-        sum += graded_loss(&run.layout, &run.params, &mut acts);
+        sum += graded_loss(&run.layout, &run.params, &acts);
         let h = hits(&run.layout, &run.params, &acts);
         hit += h.iter().filter(|&&x| x).count();
         graded += h.len();
