@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU check and benchmark in one device call. Build here (no toolkit needed):
+# The whole GPU check and benchmark in one script. Build anywhere (no toolkit needed):
 #   cargo build --release --features cuda && cargo test --release --features cuda --no-run
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (with .gpu/ copied along):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage hf baselines plot (default: all; a device call is
-# limited to 10 minutes, so run them as two calls: "start check sanitize scan baselines plot",
-# "models usage").
+# Stages: start check sanitize scan models usage hf baselines plot (default: all; to keep each
+# run under 10 minutes, split them: "start check sanitize scan baselines plot", "models usage hf").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
