@@ -86,23 +86,46 @@ pub fn save(
             ("seed".to_string(), state.seed.to_string()),
         ]);
         write_synced(&tmp.join("trainer.safetensors"), &safetensors::serialize(views, Some(meta))?)?;
-        sync_dir(&tmp)?;
-        // A checkpoint of this step may exist (a resumed run saving again): swap it out.
-        let old = run.join(format!(".{name}.old"));
-        if dst.exists() {
-            std::fs::rename(&dst, &old)?;
-        }
-        std::fs::rename(&tmp, &dst)?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old)?;
-        }
-        sync_dir(run)
+        // A checkpoint of this step may exist (a resumed run saving again): it is replaced.
+        install(&tmp, &dst)
     })();
     if res.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res.with_context(|| format!("cannot save {}", dst.display()))?;
     Ok(dst)
+}
+
+/// Syncs the complete directory `tmp` and renames it to `dst` (a directory of the same parent),
+/// replacing a `dst` that exists only once the new one is in place.
+fn install(tmp: &Path, dst: &Path) -> Result<()> {
+    sync_dir(tmp)?;
+    let parent = dst.parent().expect("a directory inside the run");
+    let old = parent.join(format!(".{}.old", dst.file_name().expect("named").to_string_lossy()));
+    if dst.exists() {
+        std::fs::rename(dst, &old)?;
+    }
+    std::fs::rename(tmp, dst)?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?;
+    }
+    sync_dir(parent)
+}
+
+/// `RUN/final/`: the model files of `checkpoint` (no trainer state), replaced atomically.
+pub fn write_final(run: &Path, checkpoint: &Path) -> Result<()> {
+    let (tmp, dst) = (run.join(".final.tmp"), run.join("final"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    for f in ["config.json", "model.safetensors", "tokenizer.json"].into_iter().filter(|f| checkpoint.join(f).exists())
+    {
+        let bytes = std::fs::read(checkpoint.join(f))
+            .with_context(|| format!("cannot read {f} of {}", checkpoint.display()))?;
+        write_synced(&tmp.join(f), &bytes)?;
+    }
+    install(&tmp, &dst).with_context(|| format!("cannot write {}", dst.display()))
 }
 
 /// Loads a checkpoint directory written by [`save`] for `layout`.

@@ -298,7 +298,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         Some(d) => d,
         None => save(run)?,
     };
-    write_final(&run.dir, &src)?;
+    checkpoint::write_final(&run.dir, &src)?;
     Ok(true)
 }
 
@@ -318,26 +318,4 @@ fn plot_losses(dir: &Path, path: &Path) -> Result<()> {
         }
     }
     crate::plot::loss_curves(&train, &val, path)
-}
-
-/// `RUN/final/`: the model files of the last checkpoint (no trainer state), replaced atomically.
-fn write_final(run: &Path, checkpoint: &Path) -> Result<()> {
-    let (tmp, dst, old) = (run.join(".final.tmp"), run.join("final"), run.join(".final.old"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    for f in ["config.json", "model.safetensors", "tokenizer.json"].into_iter().filter(|f| checkpoint.join(f).exists())
-    {
-        std::fs::copy(checkpoint.join(f), tmp.join(f))
-            .with_context(|| format!("cannot copy {f} to {}", tmp.display()))?;
-    }
-    if dst.exists() {
-        std::fs::rename(&dst, &old)?;
-    }
-    std::fs::rename(&tmp, &dst)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?;
-    }
-    Ok(())
 }
