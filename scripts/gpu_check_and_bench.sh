@@ -4,8 +4,9 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (with .gpu/ copied along):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage hf baselines plot (default: all; to keep each
-# run under 10 minutes, split them: "start check sanitize scan baselines plot", "models usage hf").
+# Stages: start check sanitize scan models usage hf train baselines plot (default: all; to keep
+# each run under 10 minutes, split them: "start check sanitize scan baselines plot", "models usage
+# hf", "train").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models usage hf baselines plot}
+STAGES=${*:-start check sanitize scan models usage hf train baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -167,6 +168,29 @@ if has hf; then
     done
     python3 scripts/hf_load_check.py "$BIN" $H/init-mamba1 $H/init-mamba2 $H/train-tiny/final $H/train-tiny-mamba2/final |
         tee "$OUT/hf.jsonl"
+fi
+
+if has train; then
+    log "training on the GPU: repeatability, speed, MFU and memory (train.jsonl)"
+    T=$OUT/train.jsonl
+    # Two identical runs log the same losses, bit for bit.
+    for r in a b; do
+        rm -rf /tmp/det-$r
+        $BIN train --task induction-heads --preset tiny --seq-len 256 --batch-size 8 --steps 30 --eval-every 0 \
+            --device cuda --dtype bf16 --out /tmp/det-$r >/dev/null 2>&1
+    done
+    same=$(diff <(grep -o '"loss":[^,]*' /tmp/det-a/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/det-b/metrics.jsonl) >/dev/null && echo true || echo false)
+    echo "{\"bench\":\"train\",\"figure\":\"repeat_bitwise\",\"value\":$same}" | tee -a "$T"
+    # Seq 2048 as the official trainer's figures; long context with per-layer recompute.
+    for run in "mamba-130m 8 2048" "mamba-130m 32 2048" "mamba-370m 8 2048" "mamba-130m 1 32768 --recompute" \
+        "mamba-1.4b 1 8192 --recompute"; do
+        set -- $run
+        for t in bf16 f32; do
+            [ $t = f32 ] && [ "$1 $2" != "mamba-130m 8" ] && continue
+            timeout 300 $BIN bench train --preset $1 --batch $2 --seq-len $3 ${4:-} --steps 3 --device cuda --dtype $t \
+                --json | tee -a "$T"
+        done
+    done
 fi
 
 if has baselines; then

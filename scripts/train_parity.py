@@ -3,8 +3,9 @@
 by `mamba-lm train` and by a PyTorch reference (transformers' MambaForCausalLM /
 Mamba2ForCausalLM with torch.optim.AdamW); prints both validation losses at every evaluation.
 
-    python3 scripts/train_parity.py --bin BIN --work DIR [--preset tiny-mamba2] [--steps 1000]
-        [--batch 8] [--seq-len 128] [--lr 3e-3] [--warmup 100] [--eval-every 100] [--device cuda]
+    python3 scripts/train_parity.py --bin BIN --work DIR [--preset tiny-mamba2 | --config C.json]
+        [--steps 1000] [--batch 8] [--seq-len 128] [--lr 3e-3] [--warmup 100] [--eval-every 100]
+        [--device cuda] [--ours-device cpu|cuda]
 
 Both sides read DIR/data (made by `mamba-lm prepare` from README.md and BENCHMARKS.md unless it
 exists) in the trainer's order: rows of seq_len + 1 consecutive tokens, each row's last token
@@ -76,6 +77,7 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--preset", default="tiny-mamba2")
+    ap.add_argument("--config", help="a config file instead of --preset")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -83,7 +85,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the reference's")
+    ap.add_argument("--ours-device", default="cpu", help="mamba-lm train's --device (f32 either way)")
     a = ap.parse_args()
     w = a.work
     data, init, ours = (os.path.join(w, d) for d in ("data", "init", "ours"))
@@ -92,11 +95,13 @@ def main():
     meta = json.load(open(os.path.join(data, "meta.json")))
     if not os.path.exists(init):
         # Zero steps: the initial weights (the data's vocabulary), as both sides start from them.
-        run(a.bin, "train", "--data", data, "--preset", a.preset, "--out", init, "--steps", "0", "--eval-every", "0")
+        shape = ["--config", a.config] if a.config else ["--preset", a.preset]
+        run(a.bin, "train", "--data", data, *shape, "--out", init, "--steps", "0", "--eval-every", "0")
     common = ["--steps", a.steps, "--batch-size", a.batch, "--seq-len", a.seq_len, "--lr", a.lr, "--warmup", a.warmup,
               "--eval-every", a.eval_every, "--eval-tokens", a.eval_tokens, "--save-every", "0"]
     if not os.path.exists(ours):
-        run(a.bin, "train", "--data", data, "--model", os.path.join(init, "final"), "--out", ours, *common)
+        run(a.bin, "train", "--data", data, "--model", os.path.join(init, "final"), "--out", ours, "--device",
+            a.ours_device, *common)
     mine = {r["step"]: r["val_loss"] for r in map(json.loads, open(os.path.join(ours, "metrics.jsonl"))) if "val_loss" in r}
 
     torch.manual_seed(0)

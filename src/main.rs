@@ -145,7 +145,7 @@ struct ScoreArgs {
     /// Write the gradient of the mean next-token cross-entropy (over every position of every
     /// sequence, the padded vocabulary) with respect to every weight to this safetensors file,
     /// f32 under the checkpoint's tensor names (a tied embedding holds the sum of both uses).
-    /// Computed in f32 on the CPU whatever --dtype says.
+    /// Computed in f32 (on --device); with --device cuda --dtype bf16 the products run in bf16.
     #[arg(long)]
     grads_out: Option<PathBuf>,
     /// Allow --logits-out / --grads-out to replace an existing file.
@@ -555,9 +555,6 @@ fn score_with_grads(a: &ScoreArgs) -> Result<()> {
     if a.logits_out.is_some() {
         bail!("--grads-out and --logits-out cannot be combined: run score twice");
     }
-    if !matches!(a.m.device, Device::Cpu) {
-        bail!("--grads-out runs on the CPU only for now: drop --device");
-    }
     set_threads(a.m.threads)?;
     let dir = loader::hub::resolve(&a.m.model)?;
     let cfg = Config::from_file(&dir.join("config.json"))?;
@@ -573,7 +570,19 @@ fn score_with_grads(a: &ScoreArgs) -> Result<()> {
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tokens {per_sec} eta {eta}").expect("template"),
     );
-    let (losses, grads) = mamba_lm::train::model::gradients(&layout, &params, &seqs, |n| bar.inc(n as u64))?;
+    let on_row = |n: usize| bar.inc(n as u64);
+    let (losses, grads) = match a.m.device {
+        Device::Cpu => mamba_lm::train::model::gradients(&layout, &params, &seqs, on_row)?,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => {
+            let gpu = mamba_lm::cuda::Gpu::open(n)?;
+            mamba_lm::cuda::train::gradients(gpu, a.m.dtype == DType::BF16, &layout, &params, &seqs, on_row)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            bail!("this mamba-lm was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+        }
+    };
     bar.finish_and_clear();
     let results: Vec<_> =
         losses.iter().zip(&seqs).map(|(&l, s)| mamba_lm::score::Score { nll_sum: l, predicted: s.len() - 1 }).collect();

@@ -97,12 +97,13 @@ pub struct TrainArgs {
     /// Seed of the initial weights (--preset / --config).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Parameter and activation type; training runs in f32 on the CPU.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Where to run: cpu.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// f32, or bf16 on a GPU (products in bf16 with f32 sums; weights, moments and everything
+    /// else in f32).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_dtype)]
+    dtype: mamba_lm::tensor::DType,
+    /// Where to run: cpu, cuda or cuda:N (Mamba-1 models on the GPU for now).
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: crate::Device,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -233,12 +234,6 @@ fn initial_model(a: &TrainArgs, data: &Vocab) -> Result<(Layout, Vec<f32>)> {
 }
 
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("training runs on the CPU for now: drop --device {}", a.device);
-    }
-    if a.dtype != "f32" {
-        bail!("training runs in f32 for now: drop --dtype {}", a.dtype);
-    }
     if !(0.0..1.0).contains(&a.betas[0]) || !(0.0..1.0).contains(&a.betas[1]) {
         bail!("--betas must be two numbers in [0, 1), got {:?}", a.betas);
     }
@@ -281,6 +276,8 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         keep: a.keep,
         json: a.json,
         plot: a.plot.clone(),
+        device: gpu_ordinal(a.device),
+        dtype: a.dtype,
     };
     o.steps = match (a.steps, a.tokens) {
         (_, Some(n)) => {
@@ -392,9 +389,12 @@ pub struct BenchTrainArgs {
     /// Recompute each layer's activations in the backward (as train --recompute).
     #[arg(long)]
     recompute: bool,
-    /// Where to run: cpu.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where to run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
+    device: crate::Device,
+    /// f32, or bf16 on a GPU (as train --dtype).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_dtype)]
+    dtype: mamba_lm::tensor::DType,
     #[arg(long)]
     threads: Option<usize>,
     /// One JSON object per figure instead of a table.
@@ -403,11 +403,9 @@ pub struct BenchTrainArgs {
 }
 
 pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("training runs on the CPU for now: drop --device {}", a.device);
-    }
     crate::set_threads(a.threads)?;
-    for f in mamba_lm::train::bench::cpu(&a.preset, a.batch, a.seq_len, a.steps, a.recompute)? {
+    let device = gpu_ordinal(a.device);
+    for f in mamba_lm::train::bench::train(&a.preset, a.batch, a.seq_len, a.steps, a.recompute, (device, a.dtype))? {
         if a.json {
             println!("{}", serde_json::to_string(&f)?);
         } else {
@@ -418,4 +416,12 @@ pub fn cmd_bench_train(a: BenchTrainArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The GPU a `--device` names (None: the CPU).
+fn gpu_ordinal(d: crate::Device) -> Option<usize> {
+    match d {
+        crate::Device::Cpu => None,
+        crate::Device::Cuda(n) => Some(n),
+    }
 }

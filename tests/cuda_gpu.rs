@@ -439,3 +439,98 @@ fn deterministic_batches_equal_each_sequence_alone() {
         }
     }
 }
+
+/// The layout, weights and fixture rows of `name`'s checkpoint.
+fn training_fixture(name: &str) -> (mamba_lm::train::params::Layout, Vec<f32>, Vec<Vec<u32>>) {
+    let dir = fixture(name);
+    let cfg = Config::from_file(&dir.join("config.json")).unwrap();
+    let ck = mamba_lm::loader::Checkpoint::open_dir(&dir).unwrap();
+    let layout = mamba_lm::train::params::Layout::of_checkpoint(&cfg, &ck).unwrap();
+    let params = layout.load(&ck).unwrap();
+    (layout, params, expected(name).ids)
+}
+
+fn trainer(layout: &mamba_lm::train::params::Layout, params: &[f32]) -> mamba_lm::cuda::train::GpuTrainer {
+    let zeros = vec![0.0f32; layout.len];
+    mamba_lm::cuda::train::GpuTrainer::new(Gpu::open(0).unwrap(), layout, params, &zeros, &zeros, false)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_gradients_match_the_reference_and_the_cpu() {
+    use mamba_lm::train::model::{forward_backward, shifted, Activations};
+    for name in ["mamba1-ssm", "mamba1-hf"] {
+        let (layout, params, ids) = training_fixture(name);
+        // Each row alone (score --grads-out's path) against the float64 reference.
+        let gradients = |bf16| {
+            mamba_lm::cuda::train::gradients(Gpu::open(0).unwrap(), bf16, &layout, &params, &ids, |_| {})
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        };
+        let (losses, grads) = gradients(false);
+        let count: usize = ids.iter().map(|r| r.len() - 1).sum();
+        let worst = compare(name, losses.iter().sum::<f64>() / count as f64, |t| {
+            let p = layout.table.iter().find(|p| p.name == t).unwrap();
+            (grads[p.range()].to_vec(), p.shape.clone())
+        });
+        println!("{name} GPU f32 per row: worst rel L2 {:.2e} ({})", worst.0, worst.1);
+        // bf16 products against the f32 gradient.
+        let (_, g16) = gradients(true);
+        let worst = layout
+            .table
+            .iter()
+            .map(|p| {
+                (rel_l2(&g16[p.range()], &grads[p.range()].iter().map(|&x| x as f64).collect::<Vec<_>>()), &p.name)
+            })
+            .fold((0.0f64, &layout.table[0].name), |a, b| if b.0 > a.0 { b } else { a });
+        println!("{name} GPU bf16 vs f32: worst rel L2 {:.2e} ({})", worst.0, worst.1);
+        assert!(worst.0 <= 2e-2, "{name}: bf16 {} rel L2 {:.2e}", worst.1, worst.0);
+        // All rows in one batch, with and without recompute, against the CPU's backward.
+        let len = ids[0].len() - 1;
+        let mut cpu = vec![0.0f32; layout.len];
+        let mut acts = Activations::new(&layout, ids.len(), len, false);
+        let scale = 1.0 / (ids.len() * len) as f32;
+        let cpu_loss = forward_backward(&layout, &params, &mut cpu, &mut acts, &ids.concat(), scale).unwrap();
+        for recompute in [false, true] {
+            let mut t = trainer(&layout, &params);
+            let (inputs, targets) = shifted(&ids.concat(), ids.len(), len).unwrap();
+            t.forward(&layout, (ids.len(), len, recompute), inputs, targets).unwrap();
+            let loss = t.backward(&layout, Some(scale)).unwrap();
+            assert!((loss - cpu_loss).abs() <= 1e-5 * cpu_loss, "{name}: loss {loss} vs CPU {cpu_loss}");
+            let gpu = t.gradients().unwrap();
+            for p in &layout.table {
+                let want: Vec<f64> = cpu[p.range()].iter().map(|&x| x as f64).collect();
+                let err = rel_l2(&gpu[p.range()], &want);
+                assert!(err <= 1e-4, "{name} recompute {recompute}: {} rel L2 {err:.2e} vs the CPU", p.name);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_adamw_step_matches_the_cpu() {
+    use mamba_lm::train::optim::AdamW;
+    let (layout, params, _) = training_fixture("mamba1-hf");
+    let n = layout.len;
+    let grads: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-4).collect();
+    let m: Vec<f32> = (0..n).map(|i| ((i * 31 % 100) as f32 - 50.0) * 1e-5).collect();
+    let v: Vec<f32> = (0..n).map(|i| (i * 17 % 100) as f32 * 1e-7).collect();
+    let adamw = AdamW::default();
+    let mut t = mamba_lm::cuda::train::GpuTrainer::new(Gpu::open(0).unwrap(), &layout, &params, &m, &v, false).unwrap();
+    // The update rule alone: the same gradients on both sides.
+    t.set_gradients(&grads).unwrap();
+    let norm = t.grad_norm().unwrap();
+    let want_norm = mamba_lm::train::optim::grad_norm(&grads);
+    assert!((norm - want_norm).abs() <= 1e-9 * want_norm, "norm {norm} vs {want_norm}");
+    t.update(&layout, &adamw, 3, 1e-3, 0.5).unwrap();
+    let (mut p, mut mm, mut vv) = (params.clone(), m.clone(), v.clone());
+    let clipped: Vec<f32> = grads.iter().map(|g| g * 0.5).collect();
+    adamw.step(&layout, 3, 1e-3, &mut p, &clipped, &mut mm, &mut vv);
+    let (gp, gm, gv) = t.download().unwrap();
+    for (name, a, b) in [("params", &gp, &p), ("m", &gm, &mm), ("v", &gv, &vv)] {
+        let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+        let err = rel_l2(a, &b64);
+        assert!(err <= 1e-6, "{name}: rel L2 {err:.2e}");
+    }
+}

@@ -10,35 +10,6 @@ use mamba_lm::loader::Checkpoint;
 use mamba_lm::train::model::{forward_backward, Activations};
 use mamba_lm::train::params::Layout;
 
-/// The reference's loss and its tensors' names.
-fn reference(name: &str) -> (f64, Vec<String>) {
-    let bytes = std::fs::read(fixture(name).join("grads.safetensors")).unwrap();
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let loss = meta.metadata().as_ref().unwrap()["loss"].parse().unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    (loss, st.names().into_iter().map(|s| s.to_string()).collect())
-}
-
-/// Checks the loss and every tensor (`ours(name)` → values and shape) against the reference;
-/// returns the worst error.
-fn compare(name: &str, loss: f64, ours: impl Fn(&str) -> (Vec<f32>, Vec<usize>)) -> (f64, String) {
-    let (want, names) = reference(name);
-    assert!((loss - want).abs() < 1e-5 * want, "{name}: loss {loss} vs {want}");
-    let file = fixture(name).join("grads.safetensors");
-    let mut worst = (0.0f64, String::new());
-    for t in &names {
-        let (reference, shape) = read_tensor(&file, t);
-        let (got, got_shape) = ours(t);
-        assert_eq!(got_shape, shape, "{name}: {t}");
-        let err = rel_l2(&got, &reference);
-        assert!(err <= 1e-4, "{name}: {t} rel L2 {err:.2e}");
-        if err > worst.0 {
-            worst = (err, t.clone());
-        }
-    }
-    worst
-}
-
 #[test]
 fn score_grads_out_matches_the_reference() {
     let tmp = std::env::temp_dir().join(format!("mamba-lm-grads-{}", std::process::id()));

@@ -16,6 +16,10 @@ const SSD: &str = include_str!("../ops/ssd.cu");
 const SAMPLING: &str = include_str!("../ops/sampling.cu");
 const CROSS_ENTROPY: &str = include_str!("../ops/cross_entropy.cu");
 const DECODE: &str = include_str!("../ops/decode.cu");
+const SCAN_BACKWARD: &str = include_str!("../ops/selective_scan_backward.cu");
+const REDUCE: &str = include_str!("../ops/reduce.cu");
+const ADAMW: &str = include_str!("../train/adamw.cu");
+const CONVERT: &str = include_str!("../ops/convert.cu");
 
 /// One NVRTC compilation: a module name and its source (common.cuh is prepended).
 #[derive(Clone, Debug)]
@@ -74,10 +78,16 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         return Some(unit("sampling", &format!("{}{SAMPLING}", super::pick::defines())));
     }
     let (name, src) = match kernel {
-        k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") => ("rms_norm", RMS_NORM),
-        k if k.starts_with("conv1d_") => ("causal_conv1d", CONV),
+        k if k.starts_with("add_norm_") || k.starts_with("gated_norm_") || k.starts_with("rms_norm_") => {
+            ("rms_norm", RMS_NORM)
+        }
+        k if k.starts_with("conv1d_") || k == "conv_taps" => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
-        "nll_rows" => ("cross_entropy", CROSS_ENTROPY),
+        "nll_rows" | "ce_grad_rows" => ("cross_entropy", CROSS_ENTROPY),
+        "scan_backward" | "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
+        "sum_parts" | "sum_squares" | "embed_rows" | "embed_backward" => ("reduce", REDUCE),
+        "adamw" => ("adamw", ADAMW),
+        "to_bf16" => ("convert", CONVERT),
         _ => return None,
     };
     Some(unit(name, src))
@@ -101,7 +111,7 @@ pub fn all_units() -> Vec<Unit> {
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));
-    v.extend(unit_for("nll_rows"));
+    v.extend(["nll_rows", "scan_backward", "sum_parts", "adamw", "to_bf16"].iter().filter_map(|k| unit_for(k)));
     v
 }
 

@@ -8,6 +8,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod model;
 pub mod pick;
+pub mod train;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{

@@ -409,6 +409,40 @@ pub fn scan_workspace(seqs: usize, e: usize, n: usize, l: usize) -> usize {
     }
 }
 
+/// Enqueues the causal conv + SiLU of `seqs` sequences of `l` steps over `ch` channels (input
+/// rows `x_rs` apart, taps `(width, ch)`), carrying the last inputs in `state`; `l == 1` is the
+/// decode step.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_silu(
+    g: &Gpu,
+    t: DType,
+    (x, x_rs): (u64, usize),
+    w: u64,
+    bias: Option<u64>,
+    state: u64,
+    y: u64,
+    (seqs, l, ch, width): (usize, usize, usize, usize),
+) -> Result<()> {
+    let p = ConvParams {
+        x,
+        x_rs: x_rs as i32,
+        w,
+        bias: bias.unwrap_or(0),
+        state,
+        y,
+        l: l as i32,
+        c: ch as i32,
+        width: width as i32,
+    };
+    let t = suffix(t);
+    let cb = (ch as u32).div_ceil(128);
+    if l == 1 {
+        return g.launch_early(&format!("conv1d_step_{t}"), (cb, seqs as u32, 1), 128, 0, &p);
+    }
+    g.launch(&format!("conv1d_silu_{t}"), (cb, (l as u32).div_ceil(16), seqs as u32), 128, &p, None)?;
+    g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
+}
+
 struct DNorm {
     w: CudaSlice<f32>,
     b: Option<CudaSlice<f32>>,
@@ -711,24 +745,8 @@ impl GpuModel {
         ch: usize,
     ) -> Result<()> {
         let g = &self.gpu;
-        let p = ConvParams {
-            x,
-            x_rs: x_rs as i32,
-            w: g.ptr(w),
-            bias: bias.as_ref().map_or(0, |b| g.ptr(b)),
-            state,
-            y,
-            l: l as i32,
-            c: ch as i32,
-            width: self.cfg.d_conv as i32,
-        };
-        let t = suffix(self.dtype);
-        let cb = (ch as u32).div_ceil(128);
-        if l == 1 {
-            return g.launch_early(&format!("conv1d_step_{t}"), (cb, seqs as u32, 1), 128, 0, &p);
-        }
-        g.launch(&format!("conv1d_silu_{t}"), (cb, (l as u32).div_ceil(16), seqs as u32), 128, &p, None)?;
-        g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
+        let bias = bias.as_ref().map(|b| g.ptr(b));
+        conv_silu(g, self.dtype, (x, x_rs), g.ptr(w), bias, state, y, (seqs, l, ch, self.cfg.d_conv))
     }
 
     /// The scan parameters of a Mamba-2 layer (channels = heads × headdim; δ and A per head,

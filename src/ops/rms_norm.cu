@@ -93,3 +93,56 @@ template <typename T> __device__ void gated_norm(const GatedNormParams p) {
     }
 }
 FOR_EACH_TYPE(gated_norm, GatedNormParams, 256)
+
+// ---- Training (f32) --------------------------------------------------------------------------
+// rms_norm_train: out = x·rstd·w per row (one block per row); rms_norm_backward recomputes rstd,
+// keeps it in `rstd` for the weight's gradient and adds the input's:
+//   ∂x += rstd·(gy ⊙ w) − x·rstd³/d · Σ(gy ⊙ w ⊙ x).
+// rms_norm_weight_grad: ∂w's partial sums Σ gy·x·rstd over a slice of rows (blockIdx.y), one
+// thread per column, for sum_parts. Each reads the rows once: 8·d bytes a row (12·d backward).
+
+struct NormTrainParams {
+    const float* x;    // (rows, d)
+    const float* w;    // (d)
+    float* out;        // (rows, d) rms_norm_train
+    float* rstd;       // (rows)
+    const float* gy;   // (rows, d) ∂/∂out
+    float* gx;         // (rows, d) added to
+    float* parts;      // (slices, d) rms_norm_weight_grad
+    int d, rows;
+    float eps;
+};
+
+__device__ __forceinline__ float row_rstd(const float* x, int d, float eps) {
+    float s2 = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s2 += x[i] * x[i];
+    return rsqrtf(block_sum(s2) / d + eps);
+}
+
+extern "C" __global__ void rms_norm_train(const NormTrainParams p) {
+    const float* x = p.x + (long)blockIdx.x * p.d;
+    const float inv = row_rstd(x, p.d, p.eps);
+    float* o = p.out + (long)blockIdx.x * p.d;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) o[i] = x[i] * inv * p.w[i];
+}
+
+extern "C" __global__ void rms_norm_backward(const NormTrainParams p) {
+    const long r = blockIdx.x;
+    const float *x = p.x + r * p.d, *gy = p.gy + r * p.d;
+    const float inv = row_rstd(x, p.d, p.eps);
+    float dot = 0.0f;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) dot += gy[i] * p.w[i] * x[i];
+    const float k = inv * inv * inv * block_sum(dot) / p.d;
+    float* gx = p.gx + r * p.d;
+    for (int i = threadIdx.x; i < p.d; i += blockDim.x) gx[i] += inv * gy[i] * p.w[i] - x[i] * k;
+    if (threadIdx.x == 0) p.rstd[r] = inv;
+}
+
+extern "C" __global__ void rms_norm_weight_grad(const NormTrainParams p) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.d) return;
+    const int per = (p.rows + gridDim.y - 1) / gridDim.y, r0 = blockIdx.y * per, r1 = min(p.rows, r0 + per);
+    float v = 0.0f;
+    for (long r = r0; r < r1; r++) v += p.gy[r * p.d + i] * p.x[r * p.d + i] * p.rstd[r];
+    p.parts[(long)blockIdx.y * p.d + i] = v;
+}

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
 pub mod mamba1;
 pub mod mamba2;
 pub mod model;

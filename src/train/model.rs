@@ -164,13 +164,8 @@ pub fn forward(
     targets: Vec<u32>,
 ) -> Result<()> {
     let cfg = &layout.cfg;
-    let (seqs, len, dm, v) = (acts.seqs, acts.len, cfg.d_model, cfg.vocab_padded);
-    if inputs.len() != seqs * len || targets.len() != inputs.len() {
-        bail!("training step: {} inputs and {} targets for {seqs} rows of {len}", inputs.len(), targets.len());
-    }
-    if let Some(&t) = inputs.iter().chain(targets.iter().filter(|&&t| t != IGNORE)).find(|&&t| t as usize >= v) {
-        bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
-    }
+    let (seqs, len, dm) = (acts.seqs, acts.len, cfg.d_model);
+    check_tokens(layout, seqs, len, &inputs, &targets)?;
     assert!(params.len() == layout.len);
     (acts.inputs, acts.targets) = (inputs, targets);
     let emb = &params[layout.embedding.clone()];
@@ -186,6 +181,19 @@ pub fn forward(
     }
     acts.resid_f = x;
     rms_norm(&acts.resid_f, &params[layout.norm_f.clone()], cfg.norm_eps, &mut acts.h_f);
+    Ok(())
+}
+
+/// Checks a step's tokens: `seqs × len` inputs and targets, each in the vocabulary (a target
+/// may be [`IGNORE`]).
+pub fn check_tokens(layout: &Layout, seqs: usize, len: usize, inputs: &[u32], targets: &[u32]) -> Result<()> {
+    let v = layout.cfg.vocab_padded;
+    if inputs.len() != seqs * len || targets.len() != inputs.len() {
+        bail!("training step: {} inputs and {} targets for {seqs} rows of {len}", inputs.len(), targets.len());
+    }
+    if let Some(&t) = inputs.iter().chain(targets.iter().filter(|&&t| t != IGNORE)).find(|&&t| t as usize >= v) {
+        bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
+    }
     Ok(())
 }
 

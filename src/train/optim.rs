@@ -69,17 +69,23 @@ pub fn grad_norm(grads: &[f32]) -> f64 {
     parts.iter().sum::<f64>().sqrt()
 }
 
-/// Scales `grads` so that their global norm is at most `max_norm` (0: no clipping), as
-/// torch.nn.utils.clip_grad_norm_ (factor `max / (norm + 1e-6)` when it is below 1). Returns
-/// the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
-    let norm = grad_norm(grads);
+/// The factor torch.nn.utils.clip_grad_norm_ scales gradients of global norm `norm` by so that
+/// theirs is at most `max_norm`: `max / (norm + 1e-6)` when that is below 1, else 1 (and 1 for
+/// `max_norm` 0: no clipping).
+pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     let factor = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && factor < 1.0 {
-        let f = factor as f32;
+        factor as f32
+    } else {
+        1.0
+    }
+}
+
+/// Multiplies `grads` by `f` (skipped for 1).
+pub fn scale_grads(grads: &mut [f32], f: f32) {
+    if f != 1.0 {
         grads.par_chunks_mut(TASK).for_each(|c| c.iter_mut().for_each(|g| *g *= f));
     }
-    norm
 }
 
 /// Learning-rate schedule: linear warmup from 0 over `warmup` steps (`max·it/warmup`), then
@@ -145,10 +151,11 @@ mod tests {
     #[test]
     fn clipping_scales_to_the_max_norm() {
         let mut g = vec![3.0f32, 4.0];
-        assert!((clip_grad_norm(&mut g, 1.0) - 5.0).abs() < 1e-9);
+        let norm = grad_norm(&g);
+        assert!((norm - 5.0).abs() < 1e-9);
+        scale_grads(&mut g, clip_factor(norm, 1.0));
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
-        let mut small = vec![0.3f32, 0.4];
-        clip_grad_norm(&mut small, 1.0);
-        assert_eq!(small, vec![0.3, 0.4]);
+        assert_eq!(clip_factor(grad_norm(&[0.3, 0.4]), 1.0), 1.0);
+        assert_eq!(clip_factor(5.0, 0.0), 1.0, "0: no clipping");
     }
 }

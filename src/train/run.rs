@@ -5,8 +5,9 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::data::{next_batch, Data, Position};
-use super::model::{backward, forward, graded_loss, hits, loss, shifted, Activations};
-use super::optim::{clip_grad_norm, AdamW, Schedule};
+use super::engine::Engine;
+use super::model::shifted;
+use super::optim::{clip_factor, AdamW, Schedule};
 use super::params::Layout;
 use super::tasks::{self, Task};
 use crate::ops::cross_entropy::IGNORE;
@@ -44,6 +45,10 @@ pub struct Options {
     pub json: bool,
     /// Draw train and validation loss against tokens here after each checkpoint.
     pub plot: Option<PathBuf>,
+    /// The GPU to train on (None: the CPU).
+    pub device: Option<usize>,
+    /// f32, or bf16 products on a GPU.
+    pub dtype: crate::tensor::DType,
 }
 
 /// A run's model and optimizer state, and where it lives.
@@ -121,16 +126,17 @@ pub enum Source<'a> {
 }
 
 /// The evaluation records of step `step`.
-fn evaluate(run: &Run, source: &Source, o: &Options, step: u64) -> Result<Vec<serde_json::Value>> {
+fn evaluate(run: &Run, eng: &mut Engine, source: &Source, o: &Options, step: u64) -> Result<Vec<serde_json::Value>> {
     let t = o.seq_len_at(step.saturating_sub(1));
     match source {
-        Source::Tokens(data) => {
-            Ok(validation_loss(run, data, o, t)?.map(|v| json!({"step": step, "val_loss": v})).into_iter().collect())
-        }
+        Source::Tokens(data) => Ok(validation_loss(run, eng, data, o, t)?
+            .map(|v| json!({"step": step, "val_loss": v}))
+            .into_iter()
+            .collect()),
         Source::Task { task, eval_lens } => {
             let mut out = Vec::new();
             for (k, &len) in std::iter::once(&t).chain(eval_lens).enumerate() {
-                let (loss, acc) = task_accuracy(run, *task, o, len)?;
+                let (loss, acc) = task_accuracy(run, eng, *task, o, len)?;
                 out.push(if k == 0 {
                     json!({"step": step, "val_loss": loss, "accuracy": acc})
                 } else {
@@ -145,7 +151,7 @@ fn evaluate(run: &Run, source: &Source, o: &Options, step: u64) -> Result<Vec<se
 /// Loss per graded position and accuracy of `task` over fixed examples of `len` tokens:
 /// `o.eval_tokens / len` of them, at least 8 and at most 256, run `o.batch·seq_len / len`
 /// (at least one) at a time.
-fn task_accuracy(run: &Run, task: Task, o: &Options, len: usize) -> Result<(f64, f64)> {
+fn task_accuracy(run: &Run, eng: &mut Engine, task: Task, o: &Options, len: usize) -> Result<(f64, f64)> {
     let examples = (o.eval_tokens / len).clamp(8, 256);
     let per = (o.batch * o.seq_len / len).clamp(1, examples);
     let mut rng = tasks::eval_rng(run.state.seed, len);
@@ -153,10 +159,9 @@ fn task_accuracy(run: &Run, task: Task, o: &Options, len: usize) -> Result<(f64,
     for e0 in (0..examples).step_by(per) {
         let seqs = per.min(examples - e0);
         let (inputs, targets) = task.batch(&mut rng, seqs, len)?;
-        let mut acts = Activations::new(&run.layout, seqs, len, false);
-        forward(&run.layout, &run.params, &mut acts, inputs, targets)?;
-        sum += graded_loss(&run.layout, &run.params, &acts);
-        let h = hits(&run.layout, &run.params, &acts);
+        eng.forward(run, (seqs, len, o.recompute), inputs, targets)?;
+        sum += eng.backward(run, None)?;
+        let h = eng.hits(run)?;
         hit += h.iter().filter(|&&x| x).count();
         graded += h.len();
     }
@@ -165,7 +170,7 @@ fn task_accuracy(run: &Run, task: Task, o: &Options, len: usize) -> Result<(f64,
 
 /// Mean next-token loss over the first `o.eval_tokens` tokens of the validation shard, in rows
 /// of `t + 1`. `None` when the shard is shorter than one row.
-fn validation_loss(run: &Run, data: &Data, o: &Options, t: usize) -> Result<Option<f64>> {
+fn validation_loss(run: &Run, eng: &mut Engine, data: &Data, o: &Options, t: usize) -> Result<Option<f64>> {
     let rows = (o.eval_tokens / t).max(1).min(data.val.len().saturating_sub(1) / t);
     if rows == 0 {
         return Ok(None);
@@ -173,40 +178,40 @@ fn validation_loss(run: &Run, data: &Data, o: &Options, t: usize) -> Result<Opti
     let (mut sum, mut pos) = (0.0, Position::default());
     for r0 in (0..rows).step_by(o.batch) {
         let seqs = o.batch.min(rows - r0);
-        let tokens = next_batch(&data.val, &mut pos, seqs, t)?;
-        let mut acts = Activations::new(&run.layout, seqs, t, false);
-        sum += loss(&run.layout, &run.params, &mut acts, &tokens)?;
+        let (inputs, targets) = shifted(&next_batch(&data.val, &mut pos, seqs, t)?, seqs, t)?;
+        eng.forward(run, (seqs, t, o.recompute), inputs, targets)?;
+        sum += eng.backward(run, None)?;
     }
     Ok(Some(sum / (rows * t) as f64))
 }
 
-/// One optimizer step of `run`: `o.grad_accum` micro-batches from `next(micro)` (inputs and
-/// targets of `acts`'s shape), global-norm clipping, AdamW at the schedule's rate. Returns the
-/// mean loss over the graded positions, the gradient norm before clipping and the learning
-/// rate. A non-finite loss stops it before the update.
+/// One optimizer step of `run` on `eng`: `o.grad_accum` micro-batches of `seqs × len` from
+/// `next(micro)` (inputs and targets), global-norm clipping, AdamW at the schedule's rate.
+/// Returns the mean loss over the graded positions, the gradient norm before clipping and the
+/// learning rate. A non-finite loss stops it before the update.
 pub fn step(
     run: &mut Run,
     o: &Options,
-    acts: &mut Activations,
-    grads: &mut [f32],
+    eng: &mut Engine,
+    (seqs, len): (usize, usize),
     mut next: impl FnMut(usize) -> Result<(Vec<u32>, Vec<u32>)>,
 ) -> Result<(f64, f64, f64)> {
     let batches = (0..o.grad_accum).map(&mut next).collect::<Result<Vec<_>>>()?;
     let count = batches.iter().map(|b| b.1.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>().max(1) as f64;
-    grads.fill(0.0);
+    eng.zero_grads()?;
     let mut sum = 0.0;
     for (inputs, targets) in batches {
-        forward(&run.layout, &run.params, acts, inputs, targets)?;
-        sum += backward(&run.layout, &run.params, grads, acts, (1.0 / count) as f32);
+        eng.forward(run, (seqs, len, o.recompute), inputs, targets)?;
+        sum += eng.backward(run, Some((1.0 / count) as f32))?;
     }
     let loss = sum / count;
     if !loss.is_finite() {
         bail!("the loss is {loss} at step {}: stopping before the update", run.state.step + 1);
     }
-    let norm = clip_grad_norm(grads, o.clip);
+    let norm = eng.grad_norm()?;
     let lr = o.schedule.lr(run.state.step);
     run.state.step += 1;
-    o.adamw.step(&run.layout, run.state.step, lr as f32, &mut run.params, grads, &mut run.m, &mut run.v);
+    eng.update(run, &o.adamw, lr as f32, clip_factor(norm, o.clip))?;
     Ok((loss, norm, lr))
 }
 
@@ -222,15 +227,15 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         Source::Task { .. } => None,
     };
     let mut metrics = Metrics::open(&run.dir, o.json)?;
-    let mut acts = Activations::new(&run.layout, b, o.seq_len_at(run.state.step), o.recompute);
+    let mut eng = Engine::new(run, o.device, o.dtype)?;
     let mut tokens = o.tokens_before(run.state.step);
-    let mut grads = vec![0.0f32; run.layout.len];
     let bar = indicatif::ProgressBar::new(o.steps).with_position(run.state.step);
     bar.set_style(
         indicatif::ProgressStyle::with_template("step {pos}/{len} {wide_bar} {msg} eta {eta}").expect("template"),
     );
     let mut last_saved = None;
-    let save = |run: &Run| -> Result<PathBuf> {
+    let save = |run: &mut Run, eng: &mut Engine| -> Result<PathBuf> {
+        eng.sync(run)?;
         let dir =
             checkpoint::save(&run.dir, &run.layout, &run.params, &run.m, &run.v, &run.state, tokenizer.as_deref())?;
         checkpoint::prune(&run.dir, o.keep)?;
@@ -241,9 +246,6 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
     };
     while run.state.step < o.steps {
         let t = o.seq_len_at(run.state.step);
-        if acts.len != t {
-            acts = Activations::new(&run.layout, b, t, o.recompute);
-        }
         let started = Instant::now();
         let mut pos = run.state.pos;
         let (seed, at) = (run.state.seed, run.state.step);
@@ -251,7 +253,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
             Source::Tokens(data) => shifted(&next_batch(&data.train, &mut pos, b, t)?, b, t),
             Source::Task { task, .. } => task.batch(&mut tasks::rng_for(seed, at, micro), b, t),
         };
-        let (loss, norm, lr) = match step(run, o, &mut acts, &mut grads, next) {
+        let (loss, norm, lr) = match step(run, o, &mut eng, (b, t), next) {
             Ok(r) => r,
             Err(e) => {
                 let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
@@ -270,7 +272,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {:.0} tok/s", tps));
         let last = step == o.steps;
         if (o.eval_every > 0 && step.is_multiple_of(o.eval_every)) || last {
-            for r in evaluate(run, source, o, step)? {
+            for r in evaluate(run, &mut eng, source, o, step)? {
                 let acc = r["accuracy"].as_f64().map_or(String::new(), |a| format!(", accuracy {:.2} %", 100.0 * a));
                 match (r["val_loss"].as_f64(), r["eval_len"].as_u64()) {
                     (Some(v), _) => bar.println(format!("step {step}: val loss {v:.4}{acc}")),
@@ -282,7 +284,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         }
         let stopping = stop.load(Ordering::Relaxed);
         if (o.save_every > 0 && step.is_multiple_of(o.save_every)) || last || stopping {
-            last_saved = Some(save(run)?);
+            last_saved = Some(save(run, &mut eng)?);
         }
         if stopping && !last {
             bar.abandon();
@@ -296,7 +298,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
     bar.finish_and_clear();
     let src = match last_saved {
         Some(d) => d,
-        None => save(run)?,
+        None => save(run, &mut eng)?,
     };
     checkpoint::write_final(&run.dir, &src)?;
     Ok(true)

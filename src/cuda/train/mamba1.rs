@@ -1,0 +1,238 @@
+//! The Mamba-1 mixer's training forward and backward on the GPU (train/mamba1.rs's twin): the
+//! projections through cuBLASLt, the conv and the scan forward through the inference kernels
+//! (f32), their backward through the training kernels. The layer's activations live at
+//! [`Slots`] offsets of the trainer's one allocation.
+
+use super::ops::{self, ConvBwdParams, Gemms, Operand, ScanBwdParams};
+use super::Acts;
+use crate::config::Config;
+use crate::cuda::model::{scan_workspace, selective_scan, ScanParams};
+use crate::tensor::DType;
+use crate::train::params::Mamba1Params;
+use anyhow::Result;
+
+/// Floats of a mixer's activations per row: xz (2E) | xc (E) | xdbl (R + 2N) | dt (E) | y (E);
+/// the gradient scratch has the same shape.
+pub fn width(cfg: &Config) -> usize {
+    5 * cfg.d_inner + xdbl_width(cfg)
+}
+
+fn xdbl_width(cfg: &Config) -> usize {
+    cfg.dt_rank + 2 * cfg.d_state
+}
+
+/// Where a layer's activations (or their gradients) start in a slot of `rows × width`.
+struct Slots {
+    xz: u64,
+    xc: u64,
+    xdbl: u64,
+    dt: u64,
+    y: u64,
+}
+
+fn slots(cfg: &Config, rows: usize, base: u64) -> Slots {
+    let (e, xd) = (cfg.d_inner as u64, xdbl_width(cfg) as u64);
+    let r = 4 * rows as u64;
+    Slots {
+        xz: base,
+        xc: base + r * 2 * e,
+        xdbl: base + r * 3 * e,
+        dt: base + r * (3 * e + xd),
+        y: base + r * (4 * e + xd),
+    }
+}
+
+/// Floats of the layer workspace (shared by every layer): conv taps, A·log2(e), the zero conv
+/// state, the scan's state and chunk work, the backward's kept states and partial sums.
+pub fn work_len(cfg: &Config, seqs: usize, len: usize) -> usize {
+    let (e, n, w) = (cfg.d_inner, cfg.d_state, cfg.d_conv);
+    let nblk = e.div_ceil(ops::scan_block_channels(n));
+    let parts = (seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e);
+    w * e
+        + n * e
+        + seqs * (w - 1) * e
+        + seqs * e * n
+        + scan_workspace(seqs, e, n, len)
+        + seqs * len.div_ceil(ops::SCAN_SUB) * e * n
+        + parts
+        + seqs * e * n
+        + seqs * 2 * e
+}
+
+struct Work {
+    taps: u64,
+    a2: u64,
+    conv_state: u64,
+    scan_state: u64,
+    scan_work: u64,
+    ckpt: u64,
+    parts: u64,
+    parts_a: u64,
+    parts_dd: u64,
+}
+
+fn work(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
+    let (e, n, w) = (cfg.d_inner, cfg.d_state, cfg.d_conv);
+    let nblk = e.div_ceil(ops::scan_block_channels(n));
+    let mut at = base;
+    let mut take = |floats: usize| {
+        let p = at;
+        at += 4 * floats as u64;
+        p
+    };
+    Work {
+        taps: take(w * e),
+        a2: take(n * e),
+        conv_state: take(seqs * (w - 1) * e),
+        scan_state: take(seqs * e * n),
+        scan_work: take(scan_workspace(seqs, e, n, len)),
+        ckpt: take(seqs * len.div_ceil(ops::SCAN_SUB) * e * n),
+        parts: take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e)),
+        parts_a: take(seqs * e * n),
+        parts_dd: take(seqs * 2 * e),
+    }
+}
+
+fn at(base: u64, r: &std::ops::Range<usize>) -> u64 {
+    base + 4 * r.start as u64
+}
+
+/// The mixer over the normed input `acts.h` into slot `slot`; with `out`, out_proj's product is
+/// added to it (the residual stream).
+pub fn forward(
+    mm: &Gemms,
+    cfg: &Config,
+    lp: &Mamba1Params,
+    p: u64,
+    acts: &Acts,
+    slot: u64,
+    out: Option<u64>,
+) -> Result<()> {
+    let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
+    let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
+    let xd = xdbl_width(cfg);
+    let s = slots(cfg, rows, slot);
+    let wk = work(cfg, seqs, len, acts.work());
+    mm.gemm((rows, 2 * e, dm), Operand::n(acts.h(), dm), Operand::t(at(p, &lp.in_proj), dm), s.xz, 2 * e, false)?;
+    mm.timed("conv", || {
+        ops::conv_taps(g, at(p, &lp.conv_w), wk.taps, e, w)?;
+        acts.zero(wk.conv_state, seqs * (w - 1) * e)?;
+        let bias = lp.conv_b.as_ref().map(|b| at(p, b));
+        crate::cuda::model::conv_silu(
+            g,
+            DType::F32,
+            (s.xz, 2 * e),
+            wk.taps,
+            bias,
+            wk.conv_state,
+            s.xc,
+            (seqs, len, e, w),
+        )
+    })?;
+    mm.gemm((rows, xd, e), Operand::n(s.xc, e), Operand::t(at(p, &lp.x_proj), e), s.xdbl, xd, false)?;
+    mm.gemm((rows, e, r), Operand::n(s.xdbl, xd), Operand::t(at(p, &lp.dt_proj), r), s.dt, e, false)?;
+    mm.timed("scan", || {
+        ops::scan_a2(g, at(p, &lp.a_log), wk.a2, e, n)?;
+        acts.zero(wk.scan_state, seqs * e * n)
+    })?;
+    let mut sp = ScanParams {
+        u: s.xc,
+        dt: s.dt,
+        dt_bias: at(p, &lp.dt_bias),
+        a2: wk.a2,
+        b: s.xdbl + 4 * r as u64,
+        c: s.xdbl + 4 * (r + n) as u64,
+        d: at(p, &lp.d),
+        z: s.xz + 4 * e as u64,
+        state: wk.scan_state,
+        y: s.y,
+        state_stride: (e * n) as i64,
+        u_rs: e as i32,
+        dt_rs: e as i32,
+        dt_div: 1,
+        a_ns: e as i32,
+        a_div: 1,
+        bc_rs: xd as i32,
+        g_ch: e as i32,
+        d_div: 1,
+        z_rs: 2 * e as i32,
+        p_blk: e as i32,
+        y_rs: e as i32,
+        l: len as i32,
+        e: e as i32,
+        n: n as i32,
+        dt_min: 0.0,
+        dt_max: f32::INFINITY,
+        ..Default::default()
+    };
+    mm.timed("scan", || selective_scan(g, DType::F32, &mut sp, seqs, false, wk.scan_work))?;
+    if let Some(out) = out {
+        mm.gemm((rows, dm, e), Operand::n(s.y, e), Operand::t(at(p, &lp.out_proj), e), out, dm, true)?;
+    }
+    Ok(())
+}
+
+/// Backward of [`forward`] (its activations in slot `slot`, its input in `acts.h`): from the
+/// output's gradient `acts.g_resid` adds every parameter's gradient at `gp` and writes the
+/// normed input's gradient to `acts.g_h`.
+pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, acts: &Acts, slot: u64) -> Result<()> {
+    let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
+    let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
+    let xd = xdbl_width(cfg);
+    let (s, gs) = (slots(cfg, rows, slot), slots(cfg, rows, acts.g_mixer()));
+    let wk = work(cfg, seqs, len, acts.work());
+    let g_out = acts.g_resid();
+    mm.timed("conv", || ops::conv_taps(g, at(p, &lp.conv_w), wk.taps, e, w))?;
+    mm.gemm((rows, e, dm), Operand::n(g_out, dm), Operand::n(at(p, &lp.out_proj), e), gs.y, e, false)?;
+    mm.gemm((dm, e, rows), Operand::t(g_out, dm), Operand::n(s.y, e), at(gp, &lp.out_proj), e, true)?;
+    let sb = ScanBwdParams {
+        u: s.xc,
+        dt: s.dt,
+        dt_bias: at(p, &lp.dt_bias),
+        a_log: at(p, &lp.a_log),
+        b: s.xdbl + 4 * r as u64,
+        c: s.xdbl + 4 * (r + n) as u64,
+        d: at(p, &lp.d),
+        z: s.xz + 4 * e as u64,
+        gy: gs.y,
+        gu: gs.xc,
+        gdt: gs.dt,
+        gz: gs.xz + 4 * e as u64,
+        ckpt: wk.ckpt,
+        parts_bc: wk.parts,
+        parts_a: wk.parts_a,
+        parts_dd: wk.parts_dd,
+        u_rs: e as i32,
+        dt_rs: e as i32,
+        bc_rs: xd as i32,
+        z_rs: 2 * e as i32,
+        l: len as i32,
+        e: e as i32,
+        n: n as i32,
+    };
+    let grads = (at(gp, &lp.a_log), at(gp, &lp.d), at(gp, &lp.dt_bias));
+    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, (gs.xdbl + 4 * r as u64, xd), grads))?;
+    // dt_proj reads the first dt_rank columns of x_proj's output (and writes their gradient).
+    mm.gemm((rows, r, e), Operand::n(gs.dt, e), Operand::n(at(p, &lp.dt_proj), r), gs.xdbl, xd, false)?;
+    mm.gemm((e, r, rows), Operand::t(gs.dt, e), Operand::n(s.xdbl, xd), at(gp, &lp.dt_proj), r, true)?;
+    // The conv's output feeds both the scan (its gradient already in g_xc) and x_proj.
+    mm.gemm((rows, e, xd), Operand::n(gs.xdbl, xd), Operand::n(at(p, &lp.x_proj), e), gs.xc, e, true)?;
+    mm.gemm((xd, e, rows), Operand::t(gs.xdbl, xd), Operand::n(s.xc, e), at(gp, &lp.x_proj), e, true)?;
+    let cp = ConvBwdParams {
+        x: s.xz,
+        x_rs: 2 * e as i32,
+        w: wk.taps,
+        bias: lp.conv_b.as_ref().map_or(0, |b| at(p, b)),
+        g: gs.xc,
+        gx: gs.xz,
+        gx_rs: 2 * e as i32,
+        parts: wk.parts,
+        l: len as i32,
+        c: e as i32,
+        width: w as i32,
+    };
+    let (gw, gb) = (at(gp, &lp.conv_w), lp.conv_b.as_ref().map(|b| at(gp, b)));
+    mm.timed("conv", || ops::conv_backward(g, &cp, seqs, gw, gb))?;
+    mm.gemm((rows, dm, 2 * e), Operand::n(gs.xz, 2 * e), Operand::n(at(p, &lp.in_proj), dm), acts.g_h(), dm, false)?;
+    mm.gemm((2 * e, dm, rows), Operand::t(gs.xz, 2 * e), Operand::n(acts.h(), dm), at(gp, &lp.in_proj), dm, true)
+}

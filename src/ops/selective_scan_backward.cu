@@ -1,0 +1,174 @@
+// Backward of Mamba-1's selective scan (selective_scan.rs's selective_scan_backward on the GPU),
+// f32, for S sequences that each start from a zero state.
+//
+// scan_backward: one lane per (channel, state). A channel's N states sit in N adjacent lanes of
+// a warp (N a power of two ≤ 32), so sums over states (the output y, ∂u, ∂δ) are log2 N
+// shuffles. Each lane runs the recurrence forward once and keeps its state every SCAN_BWD_SUB
+// steps (the workspace `ckpt`: L·E·N / SCAN_BWD_SUB floats per sequence, shared by all layers:
+// nothing of size L·E·N is kept); then, sub-chunk by sub-chunk from the end, it recomputes the
+// sub-chunk's states in registers from the kept one and runs the adjoint recurrence
+//   gh_t = C_t·gy_t + exp(δ_{t+1}A)·gh_{t+1}
+// backwards through them (training-spec §2). ∂B_t and ∂C_t are sums over channels: a warp's by
+// shuffles, the block's through shared memory, written per block to `parts_bc` and summed over
+// the blocks by sum_parts in a fixed order; ∂A_log, ∂D and ∂dt_bias are per-sequence partials
+// summed the same way. No atomics: the result is the same every run.
+// Cost per (t, c, n): 3 exps and ~25 FLOPs. Bytes per (t, c): u, δ, z read three times and gy
+// once, ∂u, ∂δ, ∂z written once; B, C are per step, broadcast to the channels.
+//
+// scan_a2: the training forward's A·log2(e) in the (N, E) layout of ScanParams.a2, from A_log
+// ((E, N), the parameter) after each update.
+
+#define SCAN_BWD_SUB 16
+#define SCAN_BWD_THREADS 256
+#define SCAN_BWD_MAX_N 32
+
+struct ScanBwdParams {
+    const float* u;         // u[r·u_rs + c], r = s·L + t
+    const float* dt;        // raw δ (before the bias) at dt[r·dt_rs + c]
+    const float* dt_bias;   // (E)
+    const float* a_log;     // (E, N): A = −exp(A_log)
+    const float* b;         // B[r·bc_rs + n]
+    const float* cm;        // C likewise
+    const float* d;         // (E)
+    const float* z;         // gate z[r·z_rs + c], or null
+    const float* gy;        // (S·L, E) ∂/∂(gated output)
+    float* gu;              // (S·L, E) written
+    float* gdt;             // (S·L, E) ∂/∂(raw δ), written
+    float* gz;              // gz[r·z_rs + c], written when z is given
+    float* ckpt;            // (S, ⌈L/SUB⌉, E, N) workspace
+    float* parts_bc;        // (S, blocks, L, 2N): the block's Σ over its channels of ∂B | ∂C
+    float* parts_a;         // (S, E, N) ∂A_log of each sequence
+    float* parts_dd;        // (S, 2, E) ∂D, ∂dt_bias of each sequence
+    int u_rs, dt_rs, bc_rs, z_rs;
+    int L, E, N;
+};
+
+// Σ of v over the N lanes of a channel (every lane gets it).
+__device__ __forceinline__ float state_sum(float v, int n) {
+    for (int o = n / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(const ScanBwdParams p) {
+    __shared__ float red[SCAN_BWD_THREADS / 32][SCAN_BWD_SUB][2 * SCAN_BWD_MAX_N];
+    const int N = p.N, E = p.E, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int n = threadIdx.x % N, c = blockIdx.x * (SCAN_BWD_THREADS / N) + threadIdx.x / N, s = blockIdx.y;
+    // Lanes past the last channel run along with zeros (the shuffles need every lane).
+    const bool on = c < E;
+    const long row0 = (long)s * p.L;
+    const float A = on ? -expf(p.a_log[c * N + n]) : 0.0f;
+    const float bias = on ? p.dt_bias[c] : 0.0f, D = on ? p.d[c] : 0.0f;
+    const int nsub = (p.L + SCAN_BWD_SUB - 1) / SCAN_BWD_SUB;
+    float* ck = p.ckpt + ((long)s * nsub * E + c) * N + n;
+    const long ck_step = (long)E * N;
+    // δ_t u_t B_t and exp(δ_t A) of step t (zeros past L and for idle lanes).
+    auto step = [&](int t, float& delta, float& decay, float& dub) {
+        delta = decay = dub = 0.0f;
+        if (on && t < p.L) {
+            const long r = row0 + t;
+            delta = softplus(p.dt[r * p.dt_rs + c] + bias);
+            decay = expf(delta * A);
+            dub = delta * p.u[r * p.u_rs + c] * p.b[r * p.bc_rs + n];
+        }
+    };
+
+    float h = 0.0f;
+    for (int j = 0; j < nsub; j++) {
+        if (on) ck[j * ck_step] = h;
+#pragma unroll
+        for (int i = 0; i < SCAN_BWD_SUB; i++) {
+            float delta, decay, dub;
+            step(j * SCAN_BWD_SUB + i, delta, decay, dub);
+            h = fmaf(decay, h, dub);
+        }
+    }
+
+    float gh = 0.0f, ga = 0.0f, gd = 0.0f, gbias = 0.0f;
+    for (int j = nsub - 1; j >= 0; j--) {
+        const int t0 = j * SCAN_BWD_SUB;
+        float hs[SCAN_BWD_SUB + 1];  // hs[i]: the state before step t0 + i
+        hs[0] = on ? ck[j * ck_step] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < SCAN_BWD_SUB; i++) {
+            float delta, decay, dub;
+            step(t0 + i, delta, decay, dub);
+            hs[i + 1] = fmaf(decay, hs[i], dub);
+        }
+#pragma unroll
+        for (int i = SCAN_BWD_SUB - 1; i >= 0; i--) {
+            const int t = t0 + i;
+            float vb = 0.0f, vc = 0.0f;
+            if (t < p.L) {  // the same for the whole block
+                const long r = row0 + t;
+                float u = 0.0f, raw = 0.0f, bn = 0.0f, cn = 0.0f, zt = 0.0f, g = 0.0f;
+                if (on) {
+                    u = p.u[r * p.u_rs + c];
+                    raw = p.dt[r * p.dt_rs + c] + bias;
+                    bn = p.b[r * p.bc_rs + n];
+                    cn = p.cm[r * p.bc_rs + n];
+                    g = p.gy[r * E + c];
+                    if (p.z) zt = p.z[r * p.z_rs + c];
+                }
+                const float delta = softplus(raw), decay = expf(delta * A);
+                float gy = g;
+                if (p.z) {
+                    const float y = state_sum(cn * hs[i + 1], N) + D * u;
+                    const float sg = 1.0f / (1.0f + expf(-zt));
+                    if (on && n == 0) p.gz[r * p.z_rs + c] = g * y * sg * (1.0f + zt * (1.0f - sg));
+                    gy = g * zt * sg;
+                }
+                gd += gy * u;
+                gh = fmaf(cn, gy, gh);
+                vc = gy * hs[i + 1];
+                vb = gh * delta * u;
+                const float gu = state_sum(gh * delta * bn, N) + D * gy;
+                const float gdelta = state_sum(gh * (A * decay * hs[i] + bn * u), N);
+                ga += gh * delta * decay * hs[i];
+                gh *= decay;
+                const float graw = gdelta / (1.0f + expf(-raw));
+                gbias += graw;
+                if (on && n == 0) {
+                    p.gu[r * E + c] = gu;
+                    p.gdt[r * E + c] = graw;
+                }
+            }
+            // Σ over the warp's channels: the lanes that hold the same state.
+            for (int o = N; o < 32; o <<= 1) {
+                vb += shfl_xor(vb, o);
+                vc += shfl_xor(vc, o);
+            }
+            if (lane < N) {
+                red[warp][i][n] = vb;
+                red[warp][i][N + n] = vc;
+            }
+        }
+        __syncthreads();
+        for (int k = threadIdx.x; k < SCAN_BWD_SUB * 2 * N; k += blockDim.x) {
+            const int i = k / (2 * N), q = k % (2 * N);
+            if (t0 + i < p.L) {
+                float v = 0.0f;
+                for (int w = 0; w < SCAN_BWD_THREADS / 32; w++) v += red[w][i][q];
+                p.parts_bc[(((long)s * gridDim.x + blockIdx.x) * p.L + t0 + i) * 2 * N + q] = v;
+            }
+        }
+        __syncthreads();
+    }
+    if (on) p.parts_a[((long)s * E + c) * N + n] = ga * A;  // ∂A_log = ∂A · A
+    if (on && n == 0) {
+        p.parts_dd[(long)s * 2 * E + c] = gd;
+        p.parts_dd[(long)s * 2 * E + E + c] = gbias;
+    }
+}
+
+struct ScanA2Params {
+    const float* a_log;  // (E, N)
+    float* a2;           // (N, E)
+    int E, N;
+};
+
+extern "C" __global__ void scan_a2(const ScanA2Params p) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= p.E * p.N) return;
+    const int c = i / p.N, n = i % p.N;
+    p.a2[n * p.E + c] = -expf(p.a_log[i]) * 1.44269504088896340736f;
+}
