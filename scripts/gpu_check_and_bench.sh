@@ -4,9 +4,9 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (with .gpu/ copied along):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage hf train baselines plot (default: all; to keep
-# each run under 10 minutes, split them: "start check sanitize scan baselines plot", "models usage
-# hf", "train").
+# Stages: start check sanitize scan models usage hf train tasks baselines plot (default: all; to
+# keep each run under 10 minutes, split them: "start check sanitize scan baselines plot", "models
+# usage hf", "train", "tasks").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models usage hf train baselines plot}
+STAGES=${*:-start check sanitize scan models usage hf train tasks baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -187,9 +187,20 @@ if has train; then
         set -- $run
         for t in bf16 f32; do
             [ $t = f32 ] && [ "$1 $2" != "mamba-130m 8" ] && continue
-            timeout 300 $BIN bench train --preset $1 --batch $2 --seq-len $3 ${4:-} --steps 3 --device cuda --dtype $t \
+            timeout 120 $BIN bench train --preset $1 --batch $2 --seq-len $3 ${4:-} --steps 3 --device cuda --dtype $t \
                 --json | tee -a "$T"
         done
+    done
+fi
+
+if has tasks; then
+    log "the synthetic tasks on the GPU (tasks-*.jsonl)"
+    for task in induction-heads selective-copying; do
+        rm -rf /tmp/$task
+        timeout 240 $BIN train --task $task --preset tiny --seq-len 256 --batch-size 32 --steps 3000 --lr 2e-3 \
+            --warmup 100 --eval-every 500 --eval-lens 4096,65536 --save-every 0 --device cuda --dtype bf16 \
+            --out /tmp/$task >/dev/null 2>&1
+        grep -E 'accuracy' /tmp/$task/metrics.jsonl | tee "$OUT/tasks-$task.jsonl"
     done
 fi
 

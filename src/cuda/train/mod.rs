@@ -42,12 +42,14 @@ pub struct Acts {
     scratch: [usize; 2], // bf16 mode: two product operands in bf16 (half as many floats each)
     head_rows: usize,
     width: usize,
-    tokens: CudaSlice<u32>, // (3R + 1): inputs | targets, then the embedding backward's lists
+    tokens: CudaSlice<u32>, // (5R + 1): inputs | targets | the embedding backward's lists
     ids: CudaSlice<u32>,    // (R) argmax of each row
     nll: CudaSlice<f64>,    // (R)
     inputs: Vec<u32>,
     targets: Vec<u32>,
     stream: cudarc::driver::sys::CUstream,
+    /// Run the scan's backward through its plain reference kernel.
+    pub slow_scan: bool,
 }
 
 impl Acts {
@@ -97,12 +99,13 @@ impl Acts {
             scratch,
             head_rows,
             width,
-            tokens: g.alloc(3 * rows + 1)?,
+            tokens: g.alloc(5 * rows + 1)?,
             ids: g.alloc(rows)?,
             nll: g.alloc(rows)?,
             inputs: vec![],
             targets: vec![],
             stream: g.stream.cu_stream(),
+            slow_scan: false,
         })
     }
 
@@ -147,7 +150,8 @@ impl Acts {
 
     /// Zeroes `floats` floats at `p`.
     pub fn zero(&self, p: u64, floats: usize) -> Result<()> {
-        unsafe { drv::memset_d8_async(p, 0, 4 * floats, self.stream) }.map_err(err)
+        unsafe { drv::memset_d8_async(p, 0, 4 * floats, self.stream) }
+            .map_err(|e| anyhow::anyhow!("zeroing {floats} floats on the GPU: {e:?}"))
     }
 
     fn bytes(&self) -> usize {
@@ -171,6 +175,7 @@ pub struct GpuTrainer {
     copy: Option<CudaSlice<u16>>,
     acts: Option<Acts>,
     profile: Option<ops::Profile>,
+    slow_scan: bool,
 }
 
 impl GpuTrainer {
@@ -196,11 +201,20 @@ impl GpuTrainer {
             copy: if bf16 { Some(gpu.alloc(layout.len)?) } else { None },
             acts: None,
             profile: None,
+            slow_scan: false,
             gpu,
         };
         t.zero_grads()?;
         t.refresh_copy()?;
         Ok(t)
+    }
+
+    /// Runs the scan's backward through its plain reference kernel (tests compare the two).
+    pub fn set_slow_scan(&mut self, on: bool) {
+        self.slow_scan = on;
+        if let Some(a) = &mut self.acts {
+            a.slow_scan = on;
+        }
     }
 
     /// Keeps a [`ops::Profile`] of the work from now on (`on`), or stops.
@@ -258,7 +272,9 @@ impl GpuTrainer {
         let same = self.acts.as_ref().is_some_and(|a| (a.seqs, a.len, a.recompute) == (seqs, len, recompute));
         if !same {
             self.acts = None; // freed before the new one is taken
-            self.acts = Some(Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?);
+            let mut a = Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?;
+            a.slow_scan = self.slow_scan;
+            self.acts = Some(a);
         }
         Ok(self.acts.as_ref().expect("set above"))
     }
@@ -280,7 +296,9 @@ impl GpuTrainer {
         let acts = self.acts.as_mut().expect("shaped");
         let rows = acts.rows();
         let both: Vec<u32> = inputs.iter().chain(&targets).copied().collect();
-        g.stream.memcpy_htod(&both, &mut acts.tokens.slice_mut(0..2 * rows)).map_err(err)?;
+        g.stream
+            .memcpy_htod(&both, &mut acts.tokens.slice_mut(0..2 * rows))
+            .map_err(|e| anyhow::anyhow!("uploading {} tokens: {e:?}", both.len()))?;
         (acts.inputs, acts.targets) = (inputs, targets);
         let (acts, mm) = (self.acts.as_ref().expect("shaped"), self.gemms());
         mm.timed("embedding", || {
@@ -289,7 +307,8 @@ impl GpuTrainer {
         for (i, lp) in layout.layers.iter().enumerate() {
             let (x, out) = (acts.resid(i, dm), acts.resid(i + 1, dm));
             mm.timed("residual", || {
-                unsafe { drv::memcpy_dtod_async(out, x, 4 * rows * dm, g.stream.cu_stream()) }.map_err(err)
+                unsafe { drv::memcpy_dtod_async(out, x, 4 * rows * dm, g.stream.cu_stream()) }
+                    .map_err(|e| anyhow::anyhow!("copying the residual stream: {e:?}"))
             })?;
             layer_forward(&mm, layout, lp, p, acts, i, Some(out))?;
         }
@@ -369,7 +388,8 @@ impl GpuTrainer {
         let k = distinct.len();
         let lists: Vec<u32> = distinct.iter().chain(&starts).chain(&order).copied().collect();
         let base = g.ptr(&acts.tokens) + 8 * rows as u64;
-        unsafe { drv::memcpy_htod_async(base, &lists[..], g.stream.cu_stream()) }.map_err(err)?;
+        unsafe { drv::memcpy_htod_async(base, &lists[..], g.stream.cu_stream()) }
+            .map_err(|e| anyhow::anyhow!("uploading the embedding's position lists: {e:?}"))?;
         let p = ops::EmbedParams {
             table: at(self.gp(), &layout.embedding),
             tokens: base,
