@@ -211,8 +211,7 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
         n: n as i32,
     };
     let grads = (at(gp, &lp.a_log), at(gp, &lp.d), at(gp, &lp.dt_bias));
-    let gbc = (gs.xdbl + 4 * r as u64, xd);
-    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, gbc, grads, acts.slow_scan))?;
+    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, (gs.xdbl + 4 * r as u64, xd), grads))?;
     // dt_proj reads the first dt_rank columns of x_proj's output (and writes their gradient).
     mm.gemm((rows, r, e), Operand::n(gs.dt, e), Operand::n(at(p, &lp.dt_proj), r), gs.xdbl, xd, false)?;
     mm.gemm((e, r, rows), Operand::t(gs.dt, e), Operand::n(s.xdbl, xd), at(gp, &lp.dt_proj), r, true)?;

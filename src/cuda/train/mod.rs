@@ -48,8 +48,6 @@ pub struct Acts {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     stream: cudarc::driver::sys::CUstream,
-    /// Run the scan's backward through its plain reference kernel.
-    pub slow_scan: bool,
 }
 
 impl Acts {
@@ -105,7 +103,6 @@ impl Acts {
             inputs: vec![],
             targets: vec![],
             stream: g.stream.cu_stream(),
-            slow_scan: false,
         })
     }
 
@@ -175,7 +172,6 @@ pub struct GpuTrainer {
     copy: Option<CudaSlice<u16>>,
     acts: Option<Acts>,
     profile: Option<ops::Profile>,
-    slow_scan: bool,
 }
 
 impl GpuTrainer {
@@ -201,20 +197,11 @@ impl GpuTrainer {
             copy: if bf16 { Some(gpu.alloc(layout.len)?) } else { None },
             acts: None,
             profile: None,
-            slow_scan: false,
             gpu,
         };
         t.zero_grads()?;
         t.refresh_copy()?;
         Ok(t)
-    }
-
-    /// Runs the scan's backward through its plain reference kernel (tests compare the two).
-    pub fn set_slow_scan(&mut self, on: bool) {
-        self.slow_scan = on;
-        if let Some(a) = &mut self.acts {
-            a.slow_scan = on;
-        }
     }
 
     /// Keeps a [`ops::Profile`] of the work from now on (`on`), or stops.
@@ -272,9 +259,7 @@ impl GpuTrainer {
         let same = self.acts.as_ref().is_some_and(|a| (a.seqs, a.len, a.recompute) == (seqs, len, recompute));
         if !same {
             self.acts = None; // freed before the new one is taken
-            let mut a = Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?;
-            a.slow_scan = self.slow_scan;
-            self.acts = Some(a);
+            self.acts = Some(Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?);
         }
         Ok(self.acts.as_ref().expect("set above"))
     }

@@ -375,36 +375,18 @@ pub fn scan_block_channels(n: usize) -> usize {
     SCAN_THREADS / n
 }
 
-/// Bytes of scan_backward's shared memory for `n` states (its layout is in the .cu file).
-fn scan_backward_smem(n: usize) -> u32 {
-    let (ch, warps) = (SCAN_THREADS / n, SCAN_THREADS / 32);
-    let floats = 7 * SCAN_SUB * ch
-        + SCAN_SUB * 2 * n
-        + 3 * SCAN_SUB * ch * (n + 1)
-        + 2 * SCAN_SUB * warps * n
-        + 2 * SCAN_THREADS;
-    4 * floats as u32
-}
-
 /// The scan's backward for `seqs` sequences (`p` complete but for the parts' reduction): ∂B
 /// and ∂C written to `gbc` (rows `gbc_rs` apart, ∂B then ∂C), ∂A_log, ∂D, ∂dt_bias added.
-/// `slow`: the plain kernel (the reference; also what state sizes other than 8, 16, 32 take).
 pub fn scan_backward(
     g: &Gpu,
     p: &ScanBwdParams,
     seqs: usize,
     (gbc, gbc_rs): (u64, usize),
     (ga, gd, gbias): (u64, u64, u64),
-    slow: bool,
 ) -> Result<()> {
     let (l, e, n) = (p.l as usize, p.e as usize, p.n as usize);
     let nblk = e.div_ceil(scan_block_channels(n));
-    let grid = (nblk as u32, seqs as u32, 1);
-    if slow || ![8, 16, 32].contains(&n) {
-        g.launch("scan_backward_slow", grid, SCAN_THREADS as u32, p, None)?;
-    } else {
-        g.launch_smem("scan_backward", grid, SCAN_THREADS as u32, scan_backward_smem(n), p, None)?;
-    }
+    g.launch("scan_backward", (nblk as u32, seqs as u32, 1), SCAN_THREADS as u32, p, None)?;
     let bc = 2 * n;
     sum_parts_strided(
         g,
