@@ -1,6 +1,6 @@
 //! `mamba-lm prepare` and `mamba-lm train`: flags, starting or resuming a run, the stop signals.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use mamba_lm::config::{Arch, Config};
 use mamba_lm::loader;
@@ -178,7 +178,6 @@ fn open_run(a: &TrainArgs, data: &Vocab) -> Result<Run> {
         );
     }
     let (layout, params) = initial_model(a, data)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let n = layout.len;
     Ok(Run {
         dir,

@@ -170,6 +170,11 @@ fn bad_training_input_is_refused() {
     assert!(e.contains("steps increasing"), "{e}");
     let e = fails(bin().args(train_args(&data, &t.path().join("r7"))).args(["--tokens", "1000"]));
     assert!(e.contains("cannot be used with"), "{e}");
+    // bf16 is a GPU mode; nothing is left behind by a run that cannot start.
+    let r8 = t.path().join("r8");
+    let e = fails(bin().args(train_args(&data, &r8)).args(["--dtype", "bf16"]));
+    assert!(e.contains("training on the CPU runs in f32"), "{e}");
+    assert!(!r8.exists(), "no run directory left");
     // prepare never writes into a directory that holds files.
     let e = fails(bin().args(["prepare", "--input", "README.md", "--out", run.to_str().unwrap()]));
     assert!(e.contains("not empty"), "{e}");

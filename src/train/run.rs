@@ -226,8 +226,10 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         Source::Tokens(data) => Some(data.dir.join("tokenizer.json")),
         Source::Task { .. } => None,
     };
-    let mut metrics = Metrics::open(&run.dir, o.json)?;
+    // The device first: a run that cannot start leaves no directory behind.
     let mut eng = Engine::new(run, o.device, o.dtype)?;
+    std::fs::create_dir_all(&run.dir).with_context(|| format!("cannot create {}", run.dir.display()))?;
+    let mut metrics = Metrics::open(&run.dir, o.json)?;
     let mut tokens = o.tokens_before(run.state.step);
     let bar = indicatif::ProgressBar::new(o.steps).with_position(run.state.step);
     bar.set_style(
