@@ -443,6 +443,13 @@ pub fn conv_silu(
     g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
 }
 
+/// The index of the largest of the first `limit` logits of each of `rows` rows (`stride` apart)
+/// into `out` (u32; sampling.cu's argmax).
+pub fn argmax(g: &Gpu, logits: u64, out: u64, rows: usize, stride: usize, limit: usize) -> Result<()> {
+    let p = ArgmaxParams { logits, out, stride: stride as i32, limit: limit as i32 };
+    g.launch("argmax", (rows as u32, 1, 1), 1024, &p, None)
+}
+
 struct DNorm {
     w: CudaSlice<f32>,
     b: Option<CudaSlice<f32>>,
@@ -1210,13 +1217,8 @@ impl GpuModel {
         g.sync()?;
         let graph = g.capture(|| {
             self.forward(&bufs, st, 0, seqs, 1, 1)?;
-            let p = ArgmaxParams {
-                logits: g.ptr(&bufs.logits),
-                out: g.ptr(&bufs.ids),
-                stride: self.cfg.vocab_padded as i32,
-                limit: vocab_limit.min(self.cfg.vocab_padded) as i32,
-            };
-            g.launch("argmax", (seqs as u32, 1, 1), 1024, &p, None)?;
+            let v = self.cfg.vocab_padded;
+            argmax(g, g.ptr(&bufs.logits), g.ptr(&bufs.ids), seqs, v, vocab_limit.min(v))?;
             // The greedy token becomes the next step's input, so greedy decoding can run on the
             // device without the host in the loop.
             g.stream.memcpy_dtod(&bufs.ids, &mut bufs.tokens).map_err(err)

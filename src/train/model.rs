@@ -325,6 +325,14 @@ pub fn loss(layout: &Layout, params: &[f32], acts: &mut Activations, tokens: &[u
     Ok(graded_loss(layout, params, acts))
 }
 
+/// The positions `rows` predict (each row's length less one), checking every row has one.
+pub fn predicted(rows: &[Vec<u32>]) -> Result<usize> {
+    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() < 2) {
+        bail!("sequence {i} has {} token(s): a gradient needs at least 2", r.len());
+    }
+    Ok(rows.iter().map(|r| r.len() - 1).sum())
+}
+
 /// The gradient of the mean next-token cross-entropy over every position of every row of
 /// `rows` (rows of any lengths ≥ 2, each run as a batch of one), f32 in `layout`, and each
 /// row's summed loss. `on_row(tokens)` is called after each row.
@@ -334,10 +342,7 @@ pub fn gradients(
     rows: &[Vec<u32>],
     mut on_row: impl FnMut(usize),
 ) -> Result<(Vec<f64>, Vec<f32>)> {
-    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() < 2) {
-        bail!("sequence {i} has {} token(s): a gradient needs at least 2", r.len());
-    }
-    let count: usize = rows.iter().map(|r| r.len() - 1).sum();
+    let count = predicted(rows)?;
     let mut grads = vec![0.0f32; layout.len];
     let mut losses = Vec::with_capacity(rows.len());
     for r in rows {

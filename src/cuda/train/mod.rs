@@ -400,7 +400,7 @@ impl GpuTrainer {
             let n = acts.head_rows.min(rows - r0);
             let h = acts.h() + 4 * (r0 * dm) as u64;
             mm.gemm((n, v, dm), ops::Operand::n(h, dm), ops::Operand::t(at(p, &layout.lm_head), dm), logits, v, false)?;
-            ops::argmax(g, logits, g.ptr(&acts.ids) + 4 * r0 as u64, n, v)?;
+            crate::cuda::model::argmax(g, logits, g.ptr(&acts.ids) + 4 * r0 as u64, n, v, v)?;
         }
         let ids = g.download(&acts.ids, rows)?;
         Ok(acts.targets.iter().zip(&ids).filter(|(&t, _)| t != IGNORE).map(|(t, i)| t == i).collect())
@@ -508,10 +508,7 @@ pub fn gradients(
     rows: &[Vec<u32>],
     mut on_row: impl FnMut(usize),
 ) -> Result<(Vec<f64>, Vec<f32>)> {
-    if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() < 2) {
-        bail!("sequence {i} has {} token(s): a gradient needs at least 2", r.len());
-    }
-    let count: usize = rows.iter().map(|r| r.len() - 1).sum();
+    let count = crate::train::model::predicted(rows)?;
     let zeros = vec![0.0f32; layout.len];
     let mut t = GpuTrainer::new(gpu, layout, params, &zeros, &zeros, bf16)?;
     let mut losses = Vec::with_capacity(rows.len());

@@ -159,7 +159,6 @@ unsafe impl DeviceRepr for EmbedParams {}
 unsafe impl DeviceRepr for CeGradParams {}
 unsafe impl DeviceRepr for AdamWParams {}
 unsafe impl DeviceRepr for TwoPtrParams {}
-unsafe impl DeviceRepr for ArgmaxParams {}
 unsafe impl DeviceRepr for ToBf16Params {}
 
 #[repr(C)]
@@ -170,22 +169,6 @@ struct ToBf16Params {
     rows: i64,
     cols: i64,
     ld: i64,
-}
-
-/// Mirrors sampling.cu's `ArgmaxParams`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ArgmaxParams {
-    logits: u64,
-    out: u64,
-    stride: i32,
-    limit: i32,
-}
-
-/// The index of each of `rows` rows' (of `v`) largest logit, into `out` (u32).
-pub fn argmax(g: &Gpu, logits: u64, out: u64, rows: usize, v: usize) -> Result<()> {
-    let p = ArgmaxParams { logits, out, stride: v as i32, limit: v as i32 };
-    g.launch("argmax", (rows as u32, 1, 1), 1024, &p, None)
 }
 
 fn blocks(n: usize, per: usize) -> u32 {
