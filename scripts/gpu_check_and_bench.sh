@@ -4,9 +4,9 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (with .gpu/ copied along):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage hf train tasks baselines plot (default: all; to
-# keep each run under 10 minutes, split them: "start check sanitize scan baselines plot", "models
-# usage hf", "train", "tasks").
+# Stages: start check sanitize scan models usage hf train parity tasks baselines plot (default: all;
+# to keep each run under 10 minutes, split them: "start check sanitize scan baselines plot",
+# "models usage hf", "train", "parity", "tasks").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models usage hf train tasks baselines plot}
+STAGES=${*:-start check sanitize scan models usage hf train parity tasks baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -182,8 +182,7 @@ if has train; then
     same=$(diff <(grep -o '"loss":[^,]*' /tmp/det-a/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/det-b/metrics.jsonl) >/dev/null && echo true || echo false)
     echo "{\"bench\":\"train\",\"figure\":\"repeat_bitwise\",\"value\":$same}" | tee -a "$T"
     # Seq 2048 as the official trainer's figures; long context with per-layer recompute.
-    for run in "mamba-130m 8 2048" "mamba-130m 32 2048" "mamba-370m 8 2048" "mamba-130m 1 32768 --recompute" \
-        "mamba-1.4b 1 8192 --recompute"; do
+    for run in "mamba-130m 8 2048" "mamba-130m 32 2048" "mamba-370m 8 2048" "mamba-1.4b 1 8192 --recompute"; do
         set -- $run
         for t in bf16 f32; do
             [ $t = f32 ] && [ "$1 $2" != "mamba-130m 8" ] && continue
@@ -191,6 +190,20 @@ if has train; then
                 --json | tee -a "$T"
         done
     done
+    # Memory against length: batch 1 with per-layer recompute, to 64K.
+    for len in 2048 4096 8192 16384 32768 65536; do
+        timeout 120 $BIN bench train --preset mamba-130m --batch 1 --seq-len $len --recompute --steps 1 --device cuda \
+            --dtype bf16 --json | tee -a "$T"
+    done
+    $BIN bench plot --input "$T" --out "$OUT/train_memory.png" --force
+fi
+
+if has parity; then
+    log "convergence parity: mamba-lm train against transformers + torch AdamW, ~12M parameters (parity.jsonl)"
+    rm -rf /tmp/parity
+    timeout 540 python3 scripts/train_parity.py --bin "$BIN" --work /tmp/parity --config scripts/parity-mamba1-12m.json \
+        --ours-device cuda --steps 1000 2>&1 | tail -14 | tee "$OUT/parity.log"
+    cp /tmp/parity/parity.jsonl /tmp/parity/ours/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
 if has tasks; then

@@ -1,5 +1,6 @@
 //! Benchmark plots (PNG, plotters): the selective scan's time against sequence length on log-log
-//! axes, and generation throughput against batch size, one line per (model, dtype, figure) —
+//! axes, generation throughput against batch size and training memory against sequence length,
+//! one line per (model, dtype, figure) —
 //! ours and whatever baselines the figures include (scripts/gpu_baselines.py writes them in the
 //! same JSON-lines schema).
 
@@ -35,13 +36,20 @@ const PANELS: &[Panel] = &[
         take: |f| (f.bench == "generate" && f.figure == "tokens_per_s").then_some(f.batch as f64),
         log_y: false,
     },
+    Panel {
+        title: "Training memory (batch 1, per-layer recompute)",
+        x_label: "sequence length",
+        y_label: "peak GB",
+        take: |f| (f.bench == "train" && f.figure == "peak_memory_gb" && f.batch == 1).then_some(f.length as f64),
+        log_y: false,
+    },
 ];
 
 /// Draws every panel that `figs` has data for, side by side, into `path`.
 pub fn draw(figs: &[Figure], path: &Path) -> Result<()> {
     let panels: Vec<&Panel> = PANELS.iter().filter(|p| figs.iter().any(|f| (p.take)(f).is_some())).collect();
     if panels.is_empty() {
-        bail!("nothing to plot: the figures have no scan times or generation throughput");
+        bail!("nothing to plot: the figures have no scan times, generation throughput or training memory");
     }
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let root = BitMapBackend::new(path, (900 * panels.len() as u32, 600)).into_drawing_area();

@@ -491,17 +491,19 @@ fn gpu_gradients_match_the_reference_and_the_cpu() {
         let mut acts = Activations::new(&layout, ids.len(), len, false);
         let scale = 1.0 / (ids.len() * len) as f32;
         let cpu_loss = forward_backward(&layout, &params, &mut cpu, &mut acts, &ids.concat(), scale).unwrap();
-        for recompute in [false, true] {
+        for (recompute, slow) in [(false, false), (true, false), (false, true)] {
             let mut t = trainer(&layout, &params);
+            t.set_slow_scan(slow);
             let (inputs, targets) = shifted(&ids.concat(), ids.len(), len).unwrap();
             t.forward(&layout, (ids.len(), len, recompute), inputs, targets).unwrap();
             let loss = t.backward(&layout, Some(scale)).unwrap();
             assert!((loss - cpu_loss).abs() <= 1e-5 * cpu_loss, "{name}: loss {loss} vs CPU {cpu_loss}");
+            let what = format!("recompute {recompute}, plain scan backward {slow}");
             let gpu = t.gradients().unwrap();
             for p in &layout.table {
                 let want: Vec<f64> = cpu[p.range()].iter().map(|&x| x as f64).collect();
                 let err = rel_l2(&gpu[p.range()], &want);
-                assert!(err <= 1e-4, "{name} recompute {recompute}: {} rel L2 {err:.2e} vs the CPU", p.name);
+                assert!(err <= 1e-4, "{name} ({what}): {} rel L2 {err:.2e} vs the CPU", p.name);
             }
         }
     }
@@ -532,5 +534,42 @@ fn gpu_adamw_step_matches_the_cpu() {
         let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
         let err = rel_l2(a, &b64);
         assert!(err <= 1e-6, "{name}: rel L2 {err:.2e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn scan_backward_matches_its_plain_twin_on_long_rows() {
+    use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
+    // mamba-130m's width, 2 layers, rows of 700 steps (44 sub-chunks), N = 16 and N = 8.
+    for n in [16, 8] {
+        let mut cfg = preset_with_layers("mamba-130m", Some(2));
+        cfg.d_state = n;
+        let layout = Layout::new(&cfg, EMBEDDING_NAMES[0]).unwrap();
+        let mut params = vec![0.0f32; layout.len];
+        for t in mamba_lm::init::random_weights(&cfg, 0) {
+            if let Some(p) = layout.table.iter().find(|p| p.name == t.name) {
+                params[p.range()].copy_from_slice(&t.data);
+            }
+        }
+        let (seqs, len) = (2, 700);
+        let tokens: Vec<u32> = (0..seqs * (len + 1)).map(|i| (i * 7919 % 50000) as u32).collect();
+        let grads = |slow| {
+            let mut t = trainer(&layout, &params);
+            t.set_slow_scan(slow);
+            let (inputs, targets) = mamba_lm::train::model::shifted(&tokens, seqs, len).unwrap();
+            t.forward(&layout, (seqs, len, false), inputs, targets).unwrap();
+            t.backward(&layout, Some(1.0 / (seqs * len) as f32)).unwrap();
+            t.gradients().unwrap()
+        };
+        let (fast, slow) = (grads(false), grads(true));
+        let mut worst = 0.0f64;
+        for p in &layout.table {
+            let want: Vec<f64> = slow[p.range()].iter().map(|&x| x as f64).collect();
+            let err = rel_l2(&fast[p.range()], &want);
+            assert!(err <= 1e-5, "N = {n}: {} rel L2 {err:.2e}", p.name);
+            worst = worst.max(err);
+        }
+        println!("N = {n}: scan backward vs its plain twin, worst rel L2 {worst:.2e}");
     }
 }

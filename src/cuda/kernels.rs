@@ -84,7 +84,7 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         k if k.starts_with("conv1d_") || k == "conv_taps" => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
         "nll_rows" | "ce_grad_rows" => ("cross_entropy", CROSS_ENTROPY),
-        "scan_backward" | "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
+        "scan_backward" | "scan_backward_slow" | "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
         "sum_parts" | "sum_squares" | "embed_rows" | "embed_backward" => ("reduce", REDUCE),
         "adamw" => ("adamw", ADAMW),
         "to_bf16" => ("convert", CONVERT),

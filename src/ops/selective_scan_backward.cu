@@ -1,7 +1,8 @@
 // Backward of Mamba-1's selective scan (selective_scan.rs's selective_scan_backward on the GPU),
 // f32, for S sequences that each start from a zero state.
 //
-// scan_backward: one lane per (channel, state). A channel's N states sit in N adjacent lanes of
+// scan_backward_slow: the plain form, the reference scan_backward is tested against (and the
+// path for state sizes scan_backward does not take). One lane per (channel, state). A channel's N states sit in N adjacent lanes of
 // a warp (N a power of two ≤ 32), so sums over states (the output y, ∂u, ∂δ) are log2 N
 // shuffles. Each lane runs the recurrence forward once and keeps its state every SCAN_BWD_SUB
 // steps (the workspace `ckpt`: L·E·N / SCAN_BWD_SUB floats per sequence, shared by all layers:
@@ -13,7 +14,8 @@
 // the blocks by sum_parts in a fixed order; ∂A_log, ∂D and ∂dt_bias are per-sequence partials
 // summed the same way. No atomics: the result is the same every run.
 // Cost per (t, c, n): 3 exps and ~25 FLOPs. Bytes per (t, c): u, δ, z read three times and gy
-// once, ∂u, ∂δ, ∂z written once; B, C are per step, broadcast to the channels.
+// once, ∂u, ∂δ, ∂z and the gated output y written once; B, C are per step, broadcast to the
+// channels.
 //
 // scan_a2: the training forward's A·log2(e) in the (N, E) layout of ScanParams.a2, from A_log
 // ((E, N), the parameter) after each update.
@@ -35,6 +37,8 @@ struct ScanBwdParams {
     float* gu;              // (S·L, E) written
     float* gdt;             // (S·L, E) ∂/∂(raw δ), written
     float* gz;              // gz[r·z_rs + c], written when z is given
+    float* y;               // (S·L, E) the forward's gated output, written again (for out_proj's
+                            // weight gradient, so that the forward need not keep it)
     float* ckpt;            // (S, ⌈L/SUB⌉, E, N) workspace
     float* parts_bc;        // (S, blocks, L, 2N): the block's Σ over its channels of ∂B | ∂C
     float* parts_a;         // (S, E, N) ∂A_log of each sequence
@@ -49,7 +53,7 @@ __device__ __forceinline__ float state_sum(float v, int n) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(const ScanBwdParams p) {
+extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward_slow(const ScanBwdParams p) {
     __shared__ float red[SCAN_BWD_THREADS / 32][SCAN_BWD_SUB][2 * SCAN_BWD_MAX_N];
     const int N = p.N, E = p.E, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int n = threadIdx.x % N, c = blockIdx.x * (SCAN_BWD_THREADS / N) + threadIdx.x / N, s = blockIdx.y;
@@ -111,11 +115,16 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
                 }
                 const float delta = softplus(raw), decay = expf(delta * A);
                 float gy = g;
+                const float y = state_sum(cn * hs[i + 1], N) + D * u;
                 if (p.z) {
-                    const float y = state_sum(cn * hs[i + 1], N) + D * u;
                     const float sg = 1.0f / (1.0f + expf(-zt));
-                    if (on && n == 0) p.gz[r * p.z_rs + c] = g * y * sg * (1.0f + zt * (1.0f - sg));
+                    if (on && n == 0) {
+                        p.gz[r * p.z_rs + c] = g * y * sg * (1.0f + zt * (1.0f - sg));
+                        p.y[r * E + c] = y * zt * sg;
+                    }
                     gy = g * zt * sg;
+                } else if (on && n == 0) {
+                    p.y[r * E + c] = y;
                 }
                 gd += gy * u;
                 gh = fmaf(cn, gy, gh);
@@ -157,6 +166,191 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
     if (on && n == 0) {
         p.parts_dd[(long)s * 2 * E + c] = gd;
         p.parts_dd[(long)s * 2 * E + E + c] = gbias;
+    }
+}
+
+// scan_backward: the same lanes and passes, fed from shared memory. Per sub-chunk the block loads
+// the steps' u, raw δ, z and ∂y of its channels (coalesced) and turns them once per (step,
+// channel) into δ = softplus(raw δ + bias), σ(raw), σ(z) and gy = ∂y·z·σ(z), and the steps' B,
+// C rows; the lanes then recompute their states and decays into registers and run the adjoint
+// recurrence with no shuffles in the loop: each lane parks its terms of the sums over states
+// (C·h for y, gh·δ·B for ∂u, gh·(A·decay·h + B·u) for ∂δ) in shared memory, and after the
+// sub-chunk one thread per (step, channel) sums them and finishes ∂z, ∂u, ∂δ. ∂B and ∂C are
+// summed over the warp's channels by shuffles once per sub-chunk, then over the block's warps.
+// Needs N in {8, 16, 32} (32 or fewer channels a block).
+
+// Shared memory (floats; CH = 256 / N channels, 8 warps): the tile 7·SUB·CH, the B, C rows
+// SUB·2N, the terms 3·SUB·CH·(N + 1), ∂B and ∂C per warp 2·SUB·8·N, ∂D and ∂bias per thread
+// 2·256 (scan_backward_smem in ops.rs).
+extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(const ScanBwdParams p) {
+    extern __shared__ float sm[];
+    const int N = p.N, E = p.E, CH = SCAN_BWD_THREADS / N, SUB = SCAN_BWD_SUB;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nw = SCAN_BWD_THREADS / 32;
+    const int n = tid % N, ch = tid / N, c0 = blockIdx.x * CH, c = c0 + ch, s = blockIdx.y;
+    const bool on = c < E;
+    // The tile: [what][step][channel].
+    float* t_u = sm;
+    float* t_d = t_u + SUB * CH;     // δ
+    float* t_gy = t_d + SUB * CH;    // ∂y·z·σ(z)
+    float* t_sr = t_gy + SUB * CH;   // σ(raw δ + bias)
+    float* t_z = t_sr + SUB * CH;
+    float* t_sz = t_z + SUB * CH;    // σ(z)
+    float* t_g = t_sz + SUB * CH;    // ∂y
+    float* t_bc = t_g + SUB * CH;    // [step][B | C]
+    float* t_terms = t_bc + SUB * 2 * N;  // [3][step][channel][N + 1]
+    float* t_red = t_terms + 3 * SUB * CH * (N + 1);  // [2][step][warp][N]
+    float* t_dd = t_red + 2 * SUB * nw * N;           // [2][thread]
+    const long row0 = (long)s * p.L;
+    const float A = on ? -expf(p.a_log[c * N + n]) : 0.0f;
+    const int nsub = (p.L + SUB - 1) / SUB;
+    float* ck = p.ckpt + ((long)s * nsub * E + c) * N + n;
+    const long ck_step = (long)E * N;
+
+    // Loads the tile of sub-chunk j (all of it when `full`, else u, δ and B for the forward).
+    auto load = [&](int j, bool full) {
+        const int t0 = j * SUB;
+        for (int k = tid; k < SUB * CH; k += blockDim.x) {
+            const int i = k / CH, cc = c0 + k % CH, t = t0 + i;
+            float u = 0.0f, d = 0.0f, sr = 0.0f, z = 0.0f, sz = 0.0f, g = 0.0f;
+            if (cc < E && t < p.L) {
+                const long r = row0 + t;
+                const float raw = p.dt[r * p.dt_rs + cc] + p.dt_bias[cc];
+                u = p.u[r * p.u_rs + cc];
+                d = softplus(raw);
+                if (full) {
+                    sr = 1.0f / (1.0f + expf(-raw));
+                    g = p.gy[r * E + cc];
+                    if (p.z) {
+                        z = p.z[r * p.z_rs + cc];
+                        sz = 1.0f / (1.0f + expf(-z));
+                    }
+                }
+            }
+            t_u[k] = u;
+            t_d[k] = d;
+            if (full) {
+                t_sr[k] = sr;
+                t_z[k] = z;
+                t_sz[k] = sz;
+                t_g[k] = g;
+                t_gy[k] = p.z ? g * z * sz : g;
+            }
+        }
+        for (int k = tid; k < SUB * 2 * N; k += blockDim.x) {
+            const int i = k / (2 * N), q = k % (2 * N), t = t0 + i;
+            float v = 0.0f;
+            if (t < p.L && (full || q < N)) {
+                const long r = row0 + t;
+                v = q < N ? p.b[r * p.bc_rs + q] : p.cm[r * p.bc_rs + q - N];
+            }
+            t_bc[k] = v;
+        }
+    };
+
+    float h = 0.0f;
+    for (int j = 0; j < nsub; j++) {
+        load(j, false);
+        __syncthreads();
+        if (on) ck[j * ck_step] = h;
+#pragma unroll
+        for (int i = 0; i < SUB; i++) {
+            const float d = t_d[i * CH + ch];
+            h = fmaf(expf(d * A), h, d * t_u[i * CH + ch] * t_bc[i * 2 * N + n]);
+        }
+        __syncthreads();
+    }
+
+    float gh = 0.0f, ga = 0.0f, acc_d = 0.0f, acc_bias = 0.0f;
+    for (int j = nsub - 1; j >= 0; j--) {
+        const int t0 = j * SUB;
+        load(j, true);
+        __syncthreads();
+        float hs[SUB + 1], dk[SUB], vb[SUB], vc[SUB];
+        hs[0] = on ? ck[j * ck_step] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < SUB; i++) {
+            const float d = t_d[i * CH + ch];
+            dk[i] = expf(d * A);
+            hs[i + 1] = fmaf(dk[i], hs[i], d * t_u[i * CH + ch] * t_bc[i * 2 * N + n]);
+        }
+#pragma unroll
+        for (int i = SUB - 1; i >= 0; i--) {
+            const float d = t_d[i * CH + ch], u = t_u[i * CH + ch], gy = t_gy[i * CH + ch];
+            const float bn = t_bc[i * 2 * N + n], cn = t_bc[i * 2 * N + N + n];
+            gh = fmaf(cn, gy, gh);
+            float* term = t_terms + (i * CH + ch) * (N + 1) + n;
+            term[0] = cn * hs[i + 1];
+            term[SUB * CH * (N + 1)] = gh * d * bn;
+            term[2 * SUB * CH * (N + 1)] = gh * (A * dk[i] * hs[i] + bn * u);
+            ga += gh * d * dk[i] * hs[i];
+            vb[i] = gh * d * u;
+            vc[i] = gy * hs[i + 1];
+            gh *= dk[i];
+        }
+        // ∂B, ∂C: Σ over the warp's channels (the lanes holding the same state), per warp.
+#pragma unroll
+        for (int i = 0; i < SUB; i++) {
+            for (int o = N; o < 32; o <<= 1) {
+                vb[i] += shfl_xor(vb[i], o);
+                vc[i] += shfl_xor(vc[i], o);
+            }
+            if (lane < N) {
+                t_red[(i * nw + warp) * N + n] = vb[i];
+                t_red[((SUB + i) * nw + warp) * N + n] = vc[i];
+            }
+        }
+        __syncthreads();
+        // One thread per (step, channel): the sums over states, then ∂z, ∂u, ∂δ.
+        for (int k = tid; k < SUB * CH; k += blockDim.x) {
+            const int i = k / CH, cc = c0 + k % CH, t = t0 + i;
+            const float* term = t_terms + k * (N + 1);
+            float y = 0.0f, gu = 0.0f, gd = 0.0f;
+            for (int q = 0; q < N; q++) {
+                y += term[q];
+                gu += term[SUB * CH * (N + 1) + q];
+                gd += term[2 * SUB * CH * (N + 1) + q];
+            }
+            if (cc < E && t < p.L) {
+                const long r = row0 + t;
+                const float u = t_u[k], gy = t_gy[k], dd = p.d[cc], yd = y + dd * u;
+                if (p.z) {
+                    const float z = t_z[k], sz = t_sz[k];
+                    p.gz[r * p.z_rs + cc] = t_g[k] * yd * sz * (1.0f + z * (1.0f - sz));
+                    p.y[r * E + cc] = yd * z * sz;
+                } else {
+                    p.y[r * E + cc] = yd;
+                }
+                const float graw = gd * t_sr[k];
+                p.gu[r * E + cc] = gu + dd * gy;
+                p.gdt[r * E + cc] = graw;
+                acc_d += gy * u;
+                acc_bias += graw;
+            }
+        }
+        for (int k = tid; k < SUB * 2 * N; k += blockDim.x) {
+            const int i = k / (2 * N), q = k % (2 * N);
+            if (t0 + i < p.L) {
+                const int half = q < N ? 0 : SUB, qn = q % N;
+                float v = 0.0f;
+                for (int w = 0; w < nw; w++) v += t_red[((half + i) * nw + w) * N + qn];
+                p.parts_bc[(((long)s * gridDim.x + blockIdx.x) * p.L + t0 + i) * 2 * N + q] = v;
+            }
+        }
+        __syncthreads();
+    }
+    if (on) p.parts_a[((long)s * E + c) * N + n] = ga * A;  // ∂A_log = ∂A · A
+    // ∂D, ∂dt_bias: thread k summed channel k % CH; add up the threads of each channel.
+    t_dd[tid] = acc_d;
+    t_dd[SCAN_BWD_THREADS + tid] = acc_bias;
+    __syncthreads();
+    if (tid < CH && c0 + tid < E) {
+        float gd = 0.0f, gb = 0.0f;
+        for (int k = tid; k < SCAN_BWD_THREADS; k += CH) {
+            gd += t_dd[k];
+            gb += t_dd[SCAN_BWD_THREADS + k];
+        }
+        p.parts_dd[(long)s * 2 * E + c0 + tid] = gd;
+        p.parts_dd[(long)s * 2 * E + E + c0 + tid] = gb;
     }
 }
 

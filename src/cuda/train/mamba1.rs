@@ -3,7 +3,7 @@
 //! (f32), their backward through the training kernels. The layer's activations live at
 //! [`Slots`] offsets of the trainer's one allocation.
 
-use super::ops::{self, ConvBwdParams, Gemms, Operand, ScanBwdParams};
+use super::ops::{self, ConvBwdParams, Gemms, Mat, ScanBwdParams};
 use super::Acts;
 use crate::config::Config;
 use crate::cuda::model::{scan_workspace, selective_scan, ScanParams};
@@ -11,35 +11,41 @@ use crate::tensor::DType;
 use crate::train::params::Mamba1Params;
 use anyhow::Result;
 
-/// Floats of a mixer's activations per row: xz (2E) | xc (E) | xdbl (R + 2N) | dt (E) | y (E);
-/// the gradient scratch has the same shape.
-pub fn width(cfg: &Config) -> usize {
-    5 * cfg.d_inner + xdbl_width(cfg)
+/// Floats per row of what a layer keeps for its backward: xz (2E) | xdbl (R + 2N).
+pub fn kept_width(cfg: &Config) -> usize {
+    2 * cfg.d_inner + xdbl_width(cfg)
+}
+
+/// Floats per row of what the backward remakes from them (one layer at a time): xc (E) | dt (E)
+/// | y (E). The activations' gradient scratch holds both: kept then remade.
+pub fn remade_width(cfg: &Config) -> usize {
+    3 * cfg.d_inner
 }
 
 fn xdbl_width(cfg: &Config) -> usize {
     cfg.dt_rank + 2 * cfg.d_state
 }
 
-/// Where a layer's activations (or their gradients) start in a slot of `rows × width`.
+/// Where a layer's activations (or their gradients) start.
 struct Slots {
     xz: u64,
-    xc: u64,
     xdbl: u64,
+    xc: u64,
     dt: u64,
     y: u64,
 }
 
-fn slots(cfg: &Config, rows: usize, base: u64) -> Slots {
-    let (e, xd) = (cfg.d_inner as u64, xdbl_width(cfg) as u64);
+/// The slots of `rows` rows, the kept ones at `kept`, the remade ones at `remade`.
+fn slots(cfg: &Config, rows: usize, (kept, remade): (u64, u64)) -> Slots {
+    let e = cfg.d_inner as u64;
     let r = 4 * rows as u64;
-    Slots {
-        xz: base,
-        xc: base + r * 2 * e,
-        xdbl: base + r * 3 * e,
-        dt: base + r * (3 * e + xd),
-        y: base + r * (4 * e + xd),
-    }
+    Slots { xz: kept, xdbl: kept + r * 2 * e, xc: remade, dt: remade + r * e, y: remade + r * 2 * e }
+}
+
+/// The gradient scratch's slots (at `acts.g_mixer()`).
+fn grad_slots(cfg: &Config, acts: &Acts) -> Slots {
+    let g = acts.g_mixer();
+    slots(cfg, acts.rows(), (g, g + 4 * (acts.rows() * kept_width(cfg)) as u64))
 }
 
 /// Floats of the layer workspace (shared by every layer): conv taps, A·log2(e), the zero conv
@@ -109,28 +115,13 @@ pub fn forward(
     out: Option<u64>,
 ) -> Result<()> {
     let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
-    let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
+    let (dm, e, n, r) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank);
     let xd = xdbl_width(cfg);
-    let s = slots(cfg, rows, slot);
+    let s = slots(cfg, rows, (slot, acts.remade()));
     let wk = work(cfg, seqs, len, acts.work());
-    mm.gemm((rows, 2 * e, dm), Operand::n(acts.h(), dm), Operand::t(at(p, &lp.in_proj), dm), s.xz, 2 * e, false)?;
-    mm.timed("conv", || {
-        ops::conv_taps(g, at(p, &lp.conv_w), wk.taps, e, w)?;
-        acts.zero(wk.conv_state, seqs * (w - 1) * e)?;
-        let bias = lp.conv_b.as_ref().map(|b| at(p, b));
-        crate::cuda::model::conv_silu(
-            g,
-            DType::F32,
-            (s.xz, 2 * e),
-            wk.taps,
-            bias,
-            wk.conv_state,
-            s.xc,
-            (seqs, len, e, w),
-        )
-    })?;
-    mm.gemm((rows, xd, e), Operand::n(s.xc, e), Operand::t(at(p, &lp.x_proj), e), s.xdbl, xd, false)?;
-    mm.gemm((rows, e, r), Operand::n(s.xdbl, xd), Operand::t(at(p, &lp.dt_proj), r), s.dt, e, false)?;
+    mm.linear(rows, (2 * e, dm), Mat::new(acts.h(), dm), at(p, &lp.in_proj), Mat::new(s.xz, 2 * e), false)?;
+    mm.timed("conv", || ops::conv_taps(g, at(p, &lp.conv_w), wk.taps, e, cfg.d_conv))?;
+    conv_and_dt(mm, cfg, lp, p, acts, (&s, &wk), false)?;
     mm.timed("scan", || {
         ops::scan_a2(g, at(p, &lp.a_log), wk.a2, e, n)?;
         acts.zero(wk.scan_state, seqs * e * n)
@@ -167,9 +158,44 @@ pub fn forward(
     };
     mm.timed("scan", || selective_scan(g, DType::F32, &mut sp, seqs, false, wk.scan_work))?;
     if let Some(out) = out {
-        mm.gemm((rows, dm, e), Operand::n(s.y, e), Operand::t(at(p, &lp.out_proj), e), out, dm, true)?;
+        mm.linear(rows, (dm, e), Mat::new(s.y, e), at(p, &lp.out_proj), Mat::new(out, dm), true)?;
     }
     Ok(())
+}
+
+/// The conv + SiLU over x (from `s.xz`, taps in `wk.taps`) into `s.xc`, then x_proj into
+/// `s.xdbl` and dt_proj into `s.dt`; from `s.xdbl` on with `only_remake` (the backward remaking
+/// what the forward did not keep, as it made it).
+fn conv_and_dt(
+    mm: &Gemms,
+    cfg: &Config,
+    lp: &Mamba1Params,
+    p: u64,
+    acts: &Acts,
+    (s, wk): (&Slots, &Work),
+    only_remake: bool,
+) -> Result<()> {
+    let (seqs, len, rows) = (acts.seqs, acts.len, acts.rows());
+    let (e, r, w) = (cfg.d_inner, cfg.dt_rank, cfg.d_conv);
+    let xd = xdbl_width(cfg);
+    mm.timed("conv", || {
+        acts.zero(wk.conv_state, seqs * (w - 1) * e)?;
+        let bias = lp.conv_b.as_ref().map(|b| at(p, b));
+        crate::cuda::model::conv_silu(
+            mm.g,
+            DType::F32,
+            (s.xz, 2 * e),
+            wk.taps,
+            bias,
+            wk.conv_state,
+            s.xc,
+            (seqs, len, e, w),
+        )
+    })?;
+    if !only_remake {
+        mm.linear(rows, (xd, e), Mat::new(s.xc, e), at(p, &lp.x_proj), Mat::new(s.xdbl, xd), false)?;
+    }
+    mm.linear(rows, (e, r), Mat::new(s.xdbl, xd), at(p, &lp.dt_proj), Mat::new(s.dt, e), false)
 }
 
 /// Backward of [`forward`] (its activations in slot `slot`, its input in `acts.h`): from the
@@ -179,12 +205,14 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
     let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
     let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
     let xd = xdbl_width(cfg);
-    let (s, gs) = (slots(cfg, rows, slot), slots(cfg, rows, acts.g_mixer()));
+    let (s, gs) = (slots(cfg, rows, (slot, acts.remade())), grad_slots(cfg, acts));
     let wk = work(cfg, seqs, len, acts.work());
-    let g_out = acts.g_resid();
     mm.timed("conv", || ops::conv_taps(g, at(p, &lp.conv_w), wk.taps, e, w))?;
-    mm.gemm((rows, e, dm), Operand::n(g_out, dm), Operand::n(at(p, &lp.out_proj), e), gs.y, e, false)?;
-    mm.gemm((dm, e, rows), Operand::t(g_out, dm), Operand::n(s.y, e), at(gp, &lp.out_proj), e, true)?;
+    if !acts.recompute {
+        conv_and_dt(mm, cfg, lp, p, acts, (&s, &wk), true)?;
+    }
+    let g_out = mm.operand(Mat::new(acts.g_resid(), dm), (rows, dm), 0)?;
+    mm.linear_grad_input(rows, (dm, e), g_out, at(p, &lp.out_proj), (Mat::new(gs.y, e), false))?;
     let sb = ScanBwdParams {
         u: s.xc,
         dt: s.dt,
@@ -198,6 +226,7 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
         gu: gs.xc,
         gdt: gs.dt,
         gz: gs.xz + 4 * e as u64,
+        y: s.y,
         ckpt: wk.ckpt,
         parts_bc: wk.parts,
         parts_a: wk.parts_a,
@@ -211,13 +240,17 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
         n: n as i32,
     };
     let grads = (at(gp, &lp.a_log), at(gp, &lp.d), at(gp, &lp.dt_bias));
-    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, (gs.xdbl + 4 * r as u64, xd), grads))?;
+    let gbc = (gs.xdbl + 4 * r as u64, xd);
+    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, gbc, grads, acts.slow_scan))?;
+    // out_proj's weight gradient needs the gated output, which the scan's backward remade.
+    let y = mm.operand(Mat::new(s.y, e), (rows, e), 1)?;
+    mm.linear_grad_weight(rows, (dm, e), g_out, y, at(gp, &lp.out_proj))?;
     // dt_proj reads the first dt_rank columns of x_proj's output (and writes their gradient).
-    mm.gemm((rows, r, e), Operand::n(gs.dt, e), Operand::n(at(p, &lp.dt_proj), r), gs.xdbl, xd, false)?;
-    mm.gemm((e, r, rows), Operand::t(gs.dt, e), Operand::n(s.xdbl, xd), at(gp, &lp.dt_proj), r, true)?;
+    let dt_proj = (Mat::new(gs.dt, e), Mat::new(s.xdbl, xd), at(p, &lp.dt_proj));
+    mm.linear_backward(rows, (e, r), dt_proj, (Mat::new(gs.xdbl, xd), false), at(gp, &lp.dt_proj))?;
     // The conv's output feeds both the scan (its gradient already in g_xc) and x_proj.
-    mm.gemm((rows, e, xd), Operand::n(gs.xdbl, xd), Operand::n(at(p, &lp.x_proj), e), gs.xc, e, true)?;
-    mm.gemm((xd, e, rows), Operand::t(gs.xdbl, xd), Operand::n(s.xc, e), at(gp, &lp.x_proj), e, true)?;
+    let x_proj = (Mat::new(gs.xdbl, xd), Mat::new(s.xc, e), at(p, &lp.x_proj));
+    mm.linear_backward(rows, (xd, e), x_proj, (Mat::new(gs.xc, e), true), at(gp, &lp.x_proj))?;
     let cp = ConvBwdParams {
         x: s.xz,
         x_rs: 2 * e as i32,
@@ -233,6 +266,6 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
     };
     let (gw, gb) = (at(gp, &lp.conv_w), lp.conv_b.as_ref().map(|b| at(gp, b)));
     mm.timed("conv", || ops::conv_backward(g, &cp, seqs, gw, gb))?;
-    mm.gemm((rows, dm, 2 * e), Operand::n(gs.xz, 2 * e), Operand::n(at(p, &lp.in_proj), dm), acts.g_h(), dm, false)?;
-    mm.gemm((2 * e, dm, rows), Operand::t(gs.xz, 2 * e), Operand::n(acts.h(), dm), at(gp, &lp.in_proj), dm, true)
+    let in_proj = (Mat::new(gs.xz, 2 * e), Mat::new(acts.h(), dm), at(p, &lp.in_proj));
+    mm.linear_backward(rows, (2 * e, dm), in_proj, (Mat::new(acts.g_h(), dm), false), at(gp, &lp.in_proj))
 }

@@ -1,10 +1,11 @@
 //! Training on one GPU, f32: `crate::train::model`'s step with the same parameter layout. The
 //! weights, their gradients and AdamW's moments are each one device buffer in the [`Layout`];
 //! the activations one allocation per (batch, length), its buffers at the offsets of [`Acts`].
-//! The forward keeps each layer's input and its mixer's activations (with `recompute`, the
-//! inputs only); the backward recomputes each layer's norm (and with `recompute` its mixer)
-//! before running it backwards. Sums run in a fixed order, with no atomics, so a step gives the
-//! same bits every run.
+//! The forward keeps each layer's input and its mixer's in_proj and x_proj outputs (with
+//! `recompute`, the inputs only); the backward remakes each layer's norm, conv and dt_proj (with
+//! `recompute`, its whole mixer) before running it backwards, and the scan's backward remakes the
+//! gated output out_proj's weight gradient needs. Sums run in a fixed order, with no atomics, so
+//! a step gives the same bits every run.
 
 pub mod mamba1;
 pub mod ops;
@@ -16,7 +17,7 @@ use crate::train::optim::AdamW;
 use crate::train::params::{LayerParams, Layout};
 use anyhow::{bail, Result};
 use cudarc::driver::{result as drv, CudaSlice};
-use ops::Gemms;
+use ops::{Gemms, Mat};
 
 /// Logit rows the head computes at once (bounds its f32 logits to ~256 MB).
 const HEAD_FLOATS: usize = 64 << 20;
@@ -26,15 +27,16 @@ const HEAD_FLOATS: usize = 64 << 20;
 pub struct Acts {
     pub seqs: usize,
     pub len: usize,
-    recompute: bool,
+    pub recompute: bool,
     buf: CudaSlice<f32>,
     base: u64,
     resid: usize,        // (n_layer + 1, R, D): each layer's input, then the final norm's
     h: usize,            // (R, D): a layer's normed input; after the forward, the head's input
-    mixer: usize,        // (kept layers, R, mixer width): each layer's activations
+    mixer: usize,        // (kept layers, R, kept width): what each layer keeps for its backward
+    remade: usize,       // (R, remade width): one layer's activations made again from those
     g_resid: usize,      // (R, D)
     g_h: usize,          // (R, D)
-    g_mixer: usize,      // (R, mixer width): one layer's activation gradients
+    g_mixer: usize,      // (R, kept + remade width): one layer's activation gradients
     rstd: usize,         // (R)
     parts: usize,        // (NORM_SLICES, D)
     logits: usize,       // (head rows, V)
@@ -48,13 +50,15 @@ pub struct Acts {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     stream: cudarc::driver::sys::CUstream,
+    /// Run the scan's backward through its plain reference kernel.
+    pub slow_scan: bool,
 }
 
 impl Acts {
     fn new(g: &Gpu, layout: &Layout, seqs: usize, len: usize, recompute: bool, bf16: bool) -> Result<Acts> {
         let cfg = &layout.cfg;
         let (rows, dm, v) = (seqs * len, cfg.d_model, cfg.vocab_padded);
-        let width = mamba1::width(cfg);
+        let (width, remade_width) = (mamba1::kept_width(cfg), mamba1::remade_width(cfg));
         let kept = if recompute { 1 } else { cfg.n_layer };
         let head_rows = (HEAD_FLOATS / v).clamp(1, rows);
         let mut n = 0usize;
@@ -66,9 +70,10 @@ impl Acts {
         let resid = take((cfg.n_layer + 1) * rows * dm);
         let h = take(rows * dm);
         let mixer = take(kept * rows * width);
+        let remade = take(rows * remade_width);
         let g_resid = take(rows * dm);
         let g_h = take(rows * dm);
-        let g_mixer = take(rows * width);
+        let g_mixer = take(rows * (width + remade_width));
         let rstd = take(rows);
         let parts = take(ops::NORM_SLICES * dm);
         let logits = take(head_rows * v);
@@ -87,6 +92,7 @@ impl Acts {
             resid,
             h,
             mixer,
+            remade,
             g_resid,
             g_h,
             g_mixer,
@@ -103,6 +109,7 @@ impl Acts {
             inputs: vec![],
             targets: vec![],
             stream: g.stream.cu_stream(),
+            slow_scan: false,
         })
     }
 
@@ -128,6 +135,10 @@ impl Acts {
 
     pub fn g_mixer(&self) -> u64 {
         self.ptr(self.g_mixer)
+    }
+
+    pub fn remade(&self) -> u64 {
+        self.ptr(self.remade)
     }
 
     pub fn work(&self) -> u64 {
@@ -172,6 +183,7 @@ pub struct GpuTrainer {
     copy: Option<CudaSlice<u16>>,
     acts: Option<Acts>,
     profile: Option<ops::Profile>,
+    slow_scan: bool,
 }
 
 impl GpuTrainer {
@@ -197,11 +209,20 @@ impl GpuTrainer {
             copy: if bf16 { Some(gpu.alloc(layout.len)?) } else { None },
             acts: None,
             profile: None,
+            slow_scan: false,
             gpu,
         };
         t.zero_grads()?;
         t.refresh_copy()?;
         Ok(t)
+    }
+
+    /// Runs the scan's backward through its plain reference kernel (tests compare the two).
+    pub fn set_slow_scan(&mut self, on: bool) {
+        self.slow_scan = on;
+        if let Some(a) = &mut self.acts {
+            a.slow_scan = on;
+        }
     }
 
     /// Keeps a [`ops::Profile`] of the work from now on (`on`), or stops.
@@ -259,7 +280,9 @@ impl GpuTrainer {
         let same = self.acts.as_ref().is_some_and(|a| (a.seqs, a.len, a.recompute) == (seqs, len, recompute));
         if !same {
             self.acts = None; // freed before the new one is taken
-            self.acts = Some(Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?);
+            let mut a = Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?;
+            a.slow_scan = self.slow_scan;
+            self.acts = Some(a);
         }
         Ok(self.acts.as_ref().expect("set above"))
     }
@@ -316,14 +339,14 @@ impl GpuTrainer {
         for r0 in (0..rows).step_by(acts.head_rows) {
             let n = acts.head_rows.min(rows - r0);
             let h = acts.h() + 4 * (r0 * dm) as u64;
-            mm.gemm((n, v, dm), ops::Operand::n(h, dm), ops::Operand::t(head, dm), logits, v, false)?;
+            mm.linear(n, (v, dm), Mat::new(h, dm), head, Mat::new(logits, v), false)?;
             mm.timed("cross-entropy", || {
                 ops::cross_entropy(g, logits, targets + 4 * r0 as u64, nll + 8 * r0 as u64, n, v, v, scale)
             })?;
             if scale.is_some() {
                 let gh = acts.g_h() + 4 * (r0 * dm) as u64;
-                mm.gemm((n, dm, v), ops::Operand::n(logits, v), ops::Operand::n(head, dm), gh, dm, false)?;
-                mm.gemm((v, dm, n), ops::Operand::t(logits, v), ops::Operand::n(h, dm), g_head, dm, true)?;
+                let head_grad = (Mat::new(logits, v), Mat::new(h, dm), head);
+                mm.linear_backward(n, (v, dm), head_grad, (Mat::new(gh, dm), false), g_head)?;
             }
         }
         if scale.is_some() {
@@ -399,7 +422,7 @@ impl GpuTrainer {
         for r0 in (0..rows).step_by(acts.head_rows) {
             let n = acts.head_rows.min(rows - r0);
             let h = acts.h() + 4 * (r0 * dm) as u64;
-            mm.gemm((n, v, dm), ops::Operand::n(h, dm), ops::Operand::t(at(p, &layout.lm_head), dm), logits, v, false)?;
+            mm.linear(n, (v, dm), Mat::new(h, dm), at(p, &layout.lm_head), Mat::new(logits, v), false)?;
             crate::cuda::model::argmax(g, logits, g.ptr(&acts.ids) + 4 * r0 as u64, n, v, v)?;
         }
         let ids = g.download(&acts.ids, rows)?;

@@ -2,7 +2,7 @@
 //! beside its CPU twin in `crate::ops` / `crate::train`: RMSNorm, the causal conv, the scan's
 //! backward, the LM head's cross-entropy, the embedding, the reductions and AdamW. All f32.
 
-pub use crate::cuda::gemm::Operand;
+use crate::cuda::gemm::Operand;
 use crate::cuda::Gpu;
 use crate::tensor::DType;
 use anyhow::Result;
@@ -65,6 +65,7 @@ pub struct ScanBwdParams {
     pub gu: u64,
     pub gdt: u64,
     pub gz: u64,
+    pub y: u64,
     pub ckpt: u64,
     pub parts_bc: u64,
     pub parts_a: u64,
@@ -232,36 +233,93 @@ impl Gemms<'_> {
         Ok(r)
     }
 
-    /// Row-major `C (m × n) = op(A)·op(B)` (+ C when `acc`), C in f32.
-    pub fn gemm(
+    /// `y (rows × out) (+= when acc) = x (rows × in)·Wᵀ`, `W` stored `(out × in)` as a
+    /// checkpoint's Linear weight.
+    pub fn linear(&self, rows: usize, (out, inp): (usize, usize), x: Mat, w: u64, y: Mat, acc: bool) -> Result<()> {
+        let (x, w) = (self.operand(x, (rows, inp), 0)?, self.weight(w, inp));
+        self.product((rows, out, inp), Operand::n(x.ptr, x.ld), Operand::t(w.ptr, w.ld), y, acc)
+    }
+
+    /// Backward of [`Gemms::linear`]: `gx (+= when acc_gx) = gy·W` and `gW += gyᵀ·x` (in bf16,
+    /// `gy` converted once for both products).
+    pub fn linear_backward(
         &self,
-        (m, n, k): (usize, usize, usize),
-        a: Operand,
-        b: Operand,
-        c: u64,
-        ldc: usize,
-        acc: bool,
+        rows: usize,
+        (out, inp): (usize, usize),
+        (gy, x, w): (Mat, Mat, u64),
+        (gx, acc_gx): (Mat, bool),
+        gw: u64,
     ) -> Result<()> {
+        let gy = self.operand(gy, (rows, out), 0)?;
+        self.linear_grad_input(rows, (out, inp), gy, w, (gx, acc_gx))?;
+        let x = self.operand(x, (rows, inp), 1)?;
+        self.linear_grad_weight(rows, (out, inp), gy, x, gw)
+    }
+
+    /// `m` (`rows × cols` f32) as the products take it: itself in f32, its bf16 copy in scratch
+    /// buffer `slot` (which the next operand of that slot replaces) in bf16.
+    pub fn operand(&self, m: Mat, (rows, cols): (usize, usize), slot: usize) -> Result<Mat> {
+        match self.bf16 {
+            None => Ok(m),
+            Some(h) => self.timed("bf16 conversion", || h.convert(self.g, m, (rows, cols), slot)),
+        }
+    }
+
+    /// `gx (+= when acc) = gy·W`, `gy` an [`Gemms::operand`].
+    pub fn linear_grad_input(
+        &self,
+        rows: usize,
+        (out, inp): (usize, usize),
+        gy: Mat,
+        w: u64,
+        (gx, acc): (Mat, bool),
+    ) -> Result<()> {
+        let w = self.weight(w, inp);
+        self.product((rows, inp, out), Operand::n(gy.ptr, gy.ld), Operand::n(w.ptr, w.ld), gx, acc)
+    }
+
+    /// `gW += gyᵀ·x`, `gy` and `x` [`Gemms::operand`]s.
+    pub fn linear_grad_weight(&self, rows: usize, (out, inp): (usize, usize), gy: Mat, x: Mat, gw: u64) -> Result<()> {
+        self.product((out, inp, rows), Operand::t(gy.ptr, gy.ld), Operand::n(x.ptr, x.ld), Mat::new(gw, inp), true)
+    }
+
+    /// The weight at `w` (`· × ld`) as the products take it.
+    fn weight(&self, w: u64, ld: usize) -> Mat {
+        self.bf16.map_or(Mat::new(w, ld), |h| h.weight(w, ld))
+    }
+
+    /// Row-major `C (m × n) (+= when acc) = op(A)·op(B)` in the mode's dtype, C in f32.
+    fn product(&self, dims: (usize, usize, usize), a: Operand, b: Operand, c: Mat, acc: bool) -> Result<()> {
+        let dtype = if self.bf16.is_some() { DType::BF16 } else { DType::F32 };
         let (g, s) = (self.g, self.g.stream.cu_stream());
-        let Some(h) = self.bf16 else {
-            return self.timed("products", || g.gemm.gemm(s, DType::F32, (m, n, k), a, b, c, ldc, true, acc));
-        };
-        // The stored shapes: A is (k × m) when transposed, else (m × k); B likewise.
-        let (a, b) = self.timed("bf16 conversion", || {
-            let a = h.operand(g, a, if a.t { (k, m) } else { (m, k) }, 0)?;
-            Ok((a, h.operand(g, b, if b.t { (n, k) } else { (k, n) }, 1)?))
-        })?;
-        self.timed("products", || g.gemm.gemm(s, DType::BF16, (m, n, k), a, b, c, ldc, true, acc))
+        self.timed("products", || g.gemm.gemm(s, dtype, dims, a, b, c.ptr, c.ld, true, acc))
+    }
+}
+
+/// A row-major matrix: where it starts and the elements between its rows.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: u64,
+    pub ld: usize,
+}
+
+impl Mat {
+    pub fn new(ptr: u64, ld: usize) -> Mat {
+        Mat { ptr, ld }
     }
 }
 
 impl Bf16 {
-    fn operand(&self, g: &Gpu, o: Operand, (rows, cols): (usize, usize), slot: usize) -> Result<Operand> {
-        if (self.params..self.params + 4 * self.params_len as u64).contains(&o.ptr) {
-            return Ok(Operand { ptr: self.copy + (o.ptr - self.params) / 2, ..o });
-        }
-        to_bf16(g, o.ptr, o.ld, rows, cols, self.scratch[slot])?;
-        Ok(Operand { ptr: self.scratch[slot], ld: cols, t: o.t })
+    /// The bf16 copy of the weight at `w` (a pointer into the f32 parameters).
+    fn weight(&self, w: u64, ld: usize) -> Mat {
+        debug_assert!((self.params..self.params + 4 * self.params_len as u64).contains(&w));
+        Mat::new(self.copy + (w - self.params) / 2, ld)
+    }
+
+    /// `m` (`rows × cols` f32) converted into scratch buffer `slot`, packed.
+    fn convert(&self, g: &Gpu, m: Mat, (rows, cols): (usize, usize), slot: usize) -> Result<Mat> {
+        to_bf16(g, m.ptr, m.ld, rows, cols, self.scratch[slot])?;
+        Ok(Mat::new(self.scratch[slot], cols))
     }
 }
 
@@ -358,18 +416,36 @@ pub fn scan_block_channels(n: usize) -> usize {
     SCAN_THREADS / n
 }
 
+/// Bytes of scan_backward's shared memory for `n` states (its layout is in the .cu file).
+fn scan_backward_smem(n: usize) -> u32 {
+    let (ch, warps) = (SCAN_THREADS / n, SCAN_THREADS / 32);
+    let floats = 7 * SCAN_SUB * ch
+        + SCAN_SUB * 2 * n
+        + 3 * SCAN_SUB * ch * (n + 1)
+        + 2 * SCAN_SUB * warps * n
+        + 2 * SCAN_THREADS;
+    4 * floats as u32
+}
+
 /// The scan's backward for `seqs` sequences (`p` complete but for the parts' reduction): ∂B
 /// and ∂C written to `gbc` (rows `gbc_rs` apart, ∂B then ∂C), ∂A_log, ∂D, ∂dt_bias added.
+/// `slow`: the plain kernel (the reference; also what state sizes other than 8, 16, 32 take).
 pub fn scan_backward(
     g: &Gpu,
     p: &ScanBwdParams,
     seqs: usize,
     (gbc, gbc_rs): (u64, usize),
     (ga, gd, gbias): (u64, u64, u64),
+    slow: bool,
 ) -> Result<()> {
     let (l, e, n) = (p.l as usize, p.e as usize, p.n as usize);
     let nblk = e.div_ceil(scan_block_channels(n));
-    g.launch("scan_backward", (nblk as u32, seqs as u32, 1), SCAN_THREADS as u32, p, None)?;
+    let grid = (nblk as u32, seqs as u32, 1);
+    if slow || ![8, 16, 32].contains(&n) {
+        g.launch("scan_backward_slow", grid, SCAN_THREADS as u32, p, None)?;
+    } else {
+        g.launch_smem("scan_backward", grid, SCAN_THREADS as u32, scan_backward_smem(n), p, None)?;
+    }
     let bc = 2 * n;
     sum_parts_strided(
         g,
