@@ -195,7 +195,8 @@ if has train; then
         timeout 120 $BIN bench train --preset mamba-130m --batch 1 --seq-len $len --recompute --steps 1 --device cuda \
             --dtype bf16 --json | tee -a "$T"
     done
-    $BIN bench plot --input "$T" --out "$OUT/train_memory.png" --force
+    grep peak_memory_gb "$T" >"$OUT/train_memory.jsonl"
+    $BIN bench plot --input "$OUT/train_memory.jsonl" --out "$OUT/train_memory.png" --force
 fi
 
 if has parity; then
