@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CPU figures of mamba-lm beside llama.cpp's, interleaved, on this machine, in one run.
+# CPU figures of mamba-lm beside llama.cpp's, interleaved, on this machine, in one run (our
+# int8 beside llama.cpp's q8_0).
 # Usage: scripts/bench_cpu_side_by_side.sh [ROUNDS=3] [THREADS=2] [OUT=bench-out]
 # Needs ../shared/peers (builds llama.cpp from PyPI's llama-cpp-python source the first time;
 # nothing of it enters this repo). Writes OUT/ours.jsonl, OUT/llama.jsonl, OUT/membw.txt and
@@ -14,7 +15,7 @@ gcc -O3 -march=native -ffast-math -fopenmp "$PEERS/membw.c" -o "$OUT/membw"
 OMP_NUM_THREADS=$T "$OUT/membw" 1024 10 > "$OUT/membw.txt"
 for r in $(seq "$ROUNDS"); do
   "$BIN" bench cpu --threads "$T" --reps 1 --json | tee -a "$OUT/ours.jsonl"
-  bash "$PEERS/llama_side_by_side.sh" /tmp/llama-peer "$T" | tee -a "$OUT/llama.jsonl"
+  TYPES=${TYPES:-f32 bf16 q8_0} bash "$PEERS/llama_side_by_side.sh" /tmp/llama-peer "$T" | tee -a "$OUT/llama.jsonl"
 done
 python3 - "$OUT" <<'PY'
 import json, sys, statistics as st
@@ -25,7 +26,8 @@ def load(f, key):
         r = json.loads(l)
         m = r["model"].replace("mamba1-", "mamba-")
         if r["figure"] in ("prefill_tok_s", "decode_tok_s"):
-            rows.setdefault((m, r["dtype"], r["figure"]), []).append(r["value"])
+            d = "int8" if r["dtype"] == "q8_0" else r["dtype"]
+            rows.setdefault((m, d, r["figure"]), []).append(r["value"])
     return rows
 ours, llama = load("ours.jsonl", "model"), load("llama.jsonl", "model")
 print(open(f"{out}/membw.txt").read().strip())

@@ -30,9 +30,26 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Streaming read bandwidth of this machine on all worker threads, GB/s: the best of a few
+/// passes summing a 1 GiB buffer (what decode at batch 1 is bound by: every weight once a token).
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1u64; 1 << 27];
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let sum: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x))).sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(8.0 * buf.len() as f64 / secs / 1e9);
+    }
+    best
+}
+
 /// Times a `prompt`-token prefill and `gen`-token greedy decode at batch 1, `reps` times each;
-/// reports medians, and the weight bandwidth decode achieves.
-pub fn cpu(preset: &str, dtype: DType, prompt: usize, gen: usize, reps: usize) -> Result<Vec<Figure>> {
+/// reports medians, the weight bandwidth decode achieves, and (given the machine's `read_gb_s`)
+/// that bandwidth as a fraction of it.
+pub fn cpu(preset: &str, dtype: DType, prompt: usize, gen: usize, reps: usize, read_gb_s: f64) -> Result<Vec<Figure>> {
     let cfg = Config::preset(preset)?;
     let model = random_model(&cfg, 0, dtype)?;
     let tokens: Vec<u32> = (0..prompt).map(|i| (i * 7919 % 50000) as u32 + 1).collect();
@@ -58,6 +75,7 @@ pub fn cpu(preset: &str, dtype: DType, prompt: usize, gen: usize, reps: usize) -
         fig("prefill_tok_s", prompt, p, "tok/s"),
         fig("decode_tok_s", gen, d, "tok/s"),
         fig("decode_weight_gb_s", gen, d * model.weight_bytes() as f64 / 1e9, "GB/s"),
+        fig("decode_bandwidth_fraction", gen, d * model.weight_bytes() as f64 / 1e9 / read_gb_s, "of read bandwidth"),
     ])
 }
 

@@ -4,6 +4,7 @@
 use crate::config::{Arch, Config};
 use crate::loader::Checkpoint;
 use crate::model::Model;
+use crate::ops::q8::QBLOCK;
 use crate::tensor::{DType, Store};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -115,21 +116,50 @@ pub fn random_model(cfg: &Config, seed: u64, dtype: DType) -> Result<Model> {
     Model::from_checkpoint(cfg.clone(), &ck, dtype)
 }
 
-/// Writes `config.json` and `model.safetensors` (tensors in `dtype`, except A_log, D and
-/// dt biases, which stay f32 as the official modules keep them) into a new directory `out`.
+/// Writes `config.json` and `model.safetensors` (tensors in `dtype`, as [`safetensors_bytes`]
+/// stores them) into a new directory `out`.
 pub fn write_checkpoint(cfg: &Config, seed: u64, dtype: DType, out: &Path) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         bail!("{} already exists and is not empty; refusing to overwrite it", out.display());
     }
-    let tensors = random_weights(cfg, seed);
-    let stores: Vec<(String, Vec<usize>, Store)> = tensors
-        .into_iter()
-        .map(|t| {
-            let keep_f32 = [".A_log", ".D", "dt_proj.bias", ".dt_bias"].iter().any(|s| t.name.ends_with(s));
-            let dt = if keep_f32 { DType::F32 } else { dtype };
-            (t.name, t.shape, Store::from_f32(t.data, dt))
-        })
-        .collect();
+    let st = safetensors_bytes(random_weights(cfg, seed), dtype)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let cfg_json = serde_json::to_string_pretty(&cfg.to_transformers_json())?;
+    crate::io::write_file(&out.join("model.safetensors"), &st, false)?;
+    crate::io::write_file(&out.join("config.json"), cfg_json.as_bytes(), false)?;
+    Ok(())
+}
+
+/// Whether a checkpoint tensor is one of the large matrices `--dtype int8` quantizes (the model
+/// loads them as matrices: the embedding, the LM head, the projections).
+fn is_large_matrix(name: &str) -> bool {
+    name.ends_with("_proj.weight")
+        || name.ends_with("embeddings.weight")
+        || name.ends_with("embedding.weight")
+        || name == "lm_head.weight"
+}
+
+/// A safetensors file of `tensors`: in `dtype`, except A_log, D and the dt biases, which stay
+/// f32 as the official modules keep them; in int8, the large matrices whose rows are whole
+/// blocks are 8-bit with their block scales beside them (`<name>_scale`, f32, rows × blocks)
+/// and everything else f32.
+pub fn safetensors_bytes(tensors: Vec<NamedTensor>, dtype: DType) -> Result<Vec<u8>> {
+    let mut stores: Vec<(String, Vec<usize>, Store)> = vec![];
+    for t in tensors {
+        let keep_f32 = [".A_log", ".D", "dt_proj.bias", ".dt_bias"].iter().any(|s| t.name.ends_with(s));
+        let dt = match dtype {
+            _ if keep_f32 => DType::F32,
+            DType::I8 if is_large_matrix(&t.name) && t.shape.len() == 2 && t.shape[1] % QBLOCK == 0 => DType::I8,
+            DType::I8 => DType::F32,
+            d => d,
+        };
+        let store = Store::from_f32(t.data, dt);
+        if let Store::I8(q) = &store {
+            let shape = vec![t.shape[0], t.shape[1] / QBLOCK];
+            stores.push((Checkpoint::scale_name(&t.name), shape, Store::F32(q.d.clone())));
+        }
+        stores.push((t.name, t.shape, store));
+    }
     let bytes: Vec<Vec<u8>> = stores.iter().map(|(_, _, s)| s.to_le_bytes()).collect();
     let views = stores
         .iter()
@@ -139,15 +169,11 @@ pub fn write_checkpoint(cfg: &Config, seed: u64, dtype: DType, out: &Path) -> Re
                 DType::F32 => safetensors::Dtype::F32,
                 DType::BF16 => safetensors::Dtype::BF16,
                 DType::F16 => safetensors::Dtype::F16,
+                DType::I8 => safetensors::Dtype::I8,
             };
             Ok((name.clone(), TensorView::new(dt, shape.clone(), b)?))
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let st = safetensors::serialize(views, Some(meta))?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let cfg_json = serde_json::to_string_pretty(&cfg.to_transformers_json())?;
-    crate::io::write_file(&out.join("model.safetensors"), &st, false)?;
-    crate::io::write_file(&out.join("config.json"), cfg_json.as_bytes(), false)?;
-    Ok(())
+    Ok(safetensors::serialize(views, Some(meta))?)
 }

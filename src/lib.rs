@@ -29,6 +29,7 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod quantize;
 pub mod sampling;
 pub mod score;
 pub mod state;

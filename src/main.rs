@@ -37,6 +37,8 @@ enum Cmd {
     Init(InitArgs),
     /// Describe a model: architecture, sizes, parameters, state size, stored dtype.
     Info(InfoArgs),
+    /// Rewrite a checkpoint with 8-bit (or 16-bit) large matrices that load without converting.
+    Quantize(QuantizeArgs),
     /// Tokenize text files into the token shards `train` reads.
     Prepare(train_cli::PrepareArgs),
     /// Train or fine-tune a model on data made by `prepare` (checkpoints, metrics, resume).
@@ -65,6 +67,19 @@ struct ModelArgs {
     /// tokenizer.json to use instead of the model's own or the bundled GPT-NeoX-20B one.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The model to convert: a local directory or a Hugging Face repo id.
+    #[arg(long, short = 'm')]
+    model: String,
+    /// The new model's directory (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage type of the large matrices: int8 (blocks of 32 with f32 scales), bf16 or f16.
+    #[arg(long, default_value = "int8", value_parser = parse_dtype)]
+    dtype: DType,
 }
 
 #[derive(Args)]
@@ -278,7 +293,7 @@ struct BenchCpuArgs {
     #[arg(long, default_values_t = ["mamba-130m".to_string(), "mamba2-130m".to_string()])]
     preset: Vec<String>,
     /// Weight storage types to measure (repeatable).
-    #[arg(long, default_values_t = [DType::F32, DType::BF16], value_parser = parse_dtype)]
+    #[arg(long, default_values_t = [DType::F32, DType::BF16, DType::I8], value_parser = parse_dtype)]
     dtype: Vec<DType>,
     /// Prompt length for the prefill figure.
     #[arg(long, default_value_t = 512)]
@@ -383,6 +398,9 @@ pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
 
 fn load_model(m: &ModelArgs) -> Result<(Placed, PathBuf)> {
     set_threads(m.threads)?;
+    if m.dtype == DType::I8 && m.device != Device::Cpu {
+        bail!("--dtype int8 runs on the CPU; on the GPU use bf16 or f16");
+    }
     let dir = loader::hub::resolve(&m.model)?;
     // Loading a multi-GB checkpoint takes seconds: show that something is happening (on a
     // terminal only; indicatif draws nothing when stderr is not one).
@@ -641,6 +659,13 @@ fn cmd_init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_quantize(a: QuantizeArgs) -> Result<()> {
+    let dir = loader::hub::resolve(&a.model)?;
+    mamba_lm::quantize::quantize_dir(&dir, &a.out, a.dtype)?;
+    eprintln!("wrote {} with {} large matrices to {}", dir.display(), a.dtype, a.out.display());
+    Ok(())
+}
+
 fn cmd_info(a: InfoArgs) -> Result<()> {
     let dir = loader::hub::resolve(&a.model)?;
     let cfg = Config::from_file(&dir.join("config.json"))?;
@@ -693,9 +718,17 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
         writeln!(out, "# CPU: {}, kernels: {}, threads: {}", cpu_model(), isa.name(), rayon::current_num_threads())?;
         writeln!(out, "{:<14} {:<6} {:<20} {:>8} {:>12}", "model", "dtype", "figure", "length", "value")?;
     }
+    let read_gb_s = mamba_lm::bench::read_bandwidth();
+    if a.json {
+        let f = json!({"bench": "cpu", "model": "machine", "dtype": "", "batch": 1, "length": 0,
+            "figure": "read_bandwidth_gb_s", "value": read_gb_s, "unit": "GB/s"});
+        writeln!(out, "{f}")?;
+    } else {
+        writeln!(out, "# read bandwidth: {read_gb_s:.1} GB/s")?;
+    }
     for p in &a.preset {
         for &d in &a.dtype {
-            for f in mamba_lm::bench::cpu(p, d, a.prompt_len, a.gen, a.reps)? {
+            for f in mamba_lm::bench::cpu(p, d, a.prompt_len, a.gen, a.reps, read_gb_s)? {
                 if a.json {
                     writeln!(out, "{}", serde_json::to_string(&f)?)?;
                 } else {
@@ -751,6 +784,7 @@ fn main() -> ExitCode {
         Cmd::Info(a) => cmd_info(a),
         Cmd::Prepare(a) => train_cli::cmd_prepare(a),
         Cmd::Train(a) => train_cli::cmd_train(a),
+        Cmd::Quantize(a) => cmd_quantize(a),
         Cmd::Bench(b) => cmd_bench(b),
     };
     match r {

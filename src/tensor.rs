@@ -1,5 +1,6 @@
 //! Weight storage: row-major matrices kept in f32, bf16 or f16 and widened to f32 on the fly.
 
+use crate::ops::q8::Q8;
 use half::{bf16, f16};
 use std::fmt;
 use std::str::FromStr;
@@ -10,13 +11,17 @@ pub enum DType {
     F32,
     BF16,
     F16,
+    /// 8-bit weights in blocks with f32 scales (the CPU's large matrices; see `ops::q8`).
+    I8,
 }
 
 impl DType {
+    /// Bytes per element (an 8-bit block's scale not counted).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::BF16 | DType::F16 => 2,
+            DType::I8 => 1,
         }
     }
 }
@@ -27,6 +32,7 @@ impl fmt::Display for DType {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
             DType::F16 => "f16",
+            DType::I8 => "int8",
         })
     }
 }
@@ -38,7 +44,8 @@ impl FromStr for DType {
             "f32" | "float32" | "fp32" => Ok(DType::F32),
             "bf16" | "bfloat16" => Ok(DType::BF16),
             "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
-            _ => Err(format!("unknown dtype '{s}' (expected f32, bf16 or f16)")),
+            "int8" | "i8" | "q8" => Ok(DType::I8),
+            _ => Err(format!("unknown dtype '{s}' (expected f32, bf16, f16 or int8)")),
         }
     }
 }
@@ -49,6 +56,7 @@ pub enum Store {
     F32(Vec<f32>),
     BF16(Vec<bf16>),
     F16(Vec<f16>),
+    I8(Q8),
 }
 
 /// Collects `it` into a vector whose memory the kernel is asked to back with transparent huge
@@ -80,6 +88,7 @@ impl Store {
             DType::F32 => Store::F32(weight_vec(n, v.into_iter())),
             DType::BF16 => Store::BF16(weight_vec(n, v.iter().map(|&x| bf16::from_f32(x)))),
             DType::F16 => Store::F16(weight_vec(n, v.iter().map(|&x| f16::from_f32(x)))),
+            DType::I8 => Store::I8(Q8::quantize(&v)),
         }
     }
 
@@ -88,6 +97,7 @@ impl Store {
             Store::F32(_) => DType::F32,
             Store::BF16(_) => DType::BF16,
             Store::F16(_) => DType::F16,
+            Store::I8(_) => DType::I8,
         }
     }
 
@@ -96,6 +106,7 @@ impl Store {
             Store::F32(v) => v.len(),
             Store::BF16(v) => v.len(),
             Store::F16(v) => v.len(),
+            Store::I8(q) => q.len(),
         }
     }
 
@@ -110,6 +121,7 @@ impl Store {
             Store::F32(v) => out.copy_from_slice(&v[start..end]),
             Store::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
             Store::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, x)| *o = x.to_f32()),
+            Store::I8(q) => q.read_f32(start, out),
         }
     }
 
@@ -119,12 +131,14 @@ impl Store {
         out
     }
 
-    /// Little-endian bytes in the storage type (for writing checkpoints).
+    /// Little-endian bytes in the storage type (for writing checkpoints; an 8-bit store's
+    /// values only, its scales are a tensor of their own).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match self {
             Store::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Store::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
             Store::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            Store::I8(q) => q.q.iter().map(|&x| x as u8).collect(),
         }
     }
 }
@@ -143,8 +157,12 @@ impl Matrix {
         Matrix { rows, cols, data }
     }
 
+    /// Bytes of the stored values (with an 8-bit matrix's scales).
     pub fn bytes(&self) -> usize {
-        self.data.len() * self.data.dtype().size()
+        match &self.data {
+            Store::I8(q) => q.len() + 4 * q.d.len(),
+            d => d.len() * d.dtype().size(),
+        }
     }
 
     /// Widens row `r` into `out` (`out.len() == cols`).

@@ -15,6 +15,7 @@ fn cuda_type(t: DType) -> sys::cudaDataType {
         DType::F32 => sys::cudaDataType::CUDA_R_32F,
         DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
         DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        DType::I8 => unreachable!("8-bit weights run on the CPU"),
     }
 }
 

@@ -255,6 +255,7 @@ fn suffix(t: DType) -> &'static str {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
         DType::F16 => "f16",
+        DType::I8 => unreachable!("GpuModel::new refuses 8-bit weights"),
     }
 }
 
@@ -560,6 +561,9 @@ impl GpuModel {
     pub fn new(gpu: Gpu, model: &Model) -> Result<GpuModel> {
         let cfg = model.cfg.clone();
         check_supported(&cfg)?;
+        if model.dtype == DType::I8 {
+            bail!("--dtype int8 runs on the CPU; on the GPU use bf16 or f16");
+        }
         let up = |v: &[f32]| gpu.upload(v);
         let mat = |m: &Matrix| -> Result<DMatrix> {
             Ok(DMatrix { w: gpu.upload(&m.data.to_le_bytes())?, out: m.rows, inp: m.cols })

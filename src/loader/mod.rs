@@ -5,6 +5,7 @@
 pub mod hub;
 pub mod pickle;
 
+use crate::ops::q8::{Q8, QBLOCK};
 use crate::tensor::{weight_vec, DType, Matrix, Store};
 use anyhow::{anyhow, bail, Context, Result};
 use half::{bf16, f16};
@@ -20,6 +21,8 @@ pub enum SrcDType {
     F16,
     BF16,
     F64,
+    /// 8-bit values of a quantized matrix, its block scales in `<name>_scale` (see `quantize`).
+    I8,
 }
 
 impl SrcDType {
@@ -28,6 +31,7 @@ impl SrcDType {
             SrcDType::F32 => 4,
             SrcDType::F16 | SrcDType::BF16 => 2,
             SrcDType::F64 => 8,
+            SrcDType::I8 => 1,
         }
     }
     pub fn name(self) -> &'static str {
@@ -36,6 +40,7 @@ impl SrcDType {
             SrcDType::F16 => "f16",
             SrcDType::BF16 => "bf16",
             SrcDType::F64 => "f64",
+            SrcDType::I8 => "int8",
         }
     }
 }
@@ -139,6 +144,7 @@ impl Checkpoint {
                 safetensors::Dtype::F16 => SrcDType::F16,
                 safetensors::Dtype::BF16 => SrcDType::BF16,
                 safetensors::Dtype::F64 => SrcDType::F64,
+                safetensors::Dtype::I8 => SrcDType::I8,
                 other => bail!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
             };
             let offset = view.data().as_ptr() as usize - base;
@@ -310,8 +316,15 @@ impl Checkpoint {
     /// A tensor of the given shape widened to f32; rejects NaN and infinity.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let e = self.entry(name, shape)?;
+        if e.dtype == SrcDType::I8 {
+            let q = self.q8(name, shape)?;
+            let mut v = vec![0.0; q.len()];
+            q.read_f32(0, &mut v);
+            return Ok(v);
+        }
         let raw = self.raw(name, e)?;
         let v: Vec<f32> = match e.dtype {
+            SrcDType::I8 => unreachable!("dequantized above"),
             SrcDType::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
             SrcDType::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
             SrcDType::F16 => raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
@@ -331,8 +344,18 @@ impl Checkpoint {
 
     /// Like [`Checkpoint::matrix`] for a tensor stored with another shape of the same size
     /// (a conv weight `(C, 1, W)`, say).
+    /// 8-bit storage: an 8-bit tensor as it is, others quantized; matrices whose rows are not
+    /// whole blocks of [`QBLOCK`] (Mamba-1's dt_proj, say) stay f32.
     pub fn matrix_shaped(&self, name: &str, shape: &[usize], rows: usize, cols: usize, dtype: DType) -> Result<Matrix> {
         let e = self.entry(name, shape)?;
+        if dtype == DType::I8 {
+            let store = match (cols % QBLOCK, e.dtype) {
+                (0, SrcDType::I8) => Store::I8(self.q8(name, shape)?),
+                (0, _) => Store::I8(Q8::quantize(&self.f32(name, shape)?)),
+                _ => Store::F32(self.f32(name, shape)?),
+            };
+            return Ok(Matrix::new(rows, cols, store));
+        }
         let same = matches!((e.dtype, dtype), (SrcDType::BF16, DType::BF16) | (SrcDType::F16, DType::F16));
         let store = if same {
             let raw = self.raw(name, e)?;
@@ -350,6 +373,37 @@ impl Checkpoint {
             Store::from_f32(self.f32(name, shape)?, dtype)
         };
         Ok(Matrix::new(rows, cols, store))
+    }
+}
+
+impl Checkpoint {
+    /// The scales' tensor of 8-bit tensor `name`.
+    pub fn scale_name(name: &str) -> String {
+        format!("{name}_scale")
+    }
+
+    /// Whether `name` is the scales' tensor of an 8-bit tensor.
+    pub fn is_scale(&self, name: &str) -> bool {
+        name.strip_suffix("_scale").is_some_and(|base| self.dtype_of(base) == Some(SrcDType::I8))
+    }
+
+    /// 8-bit tensor `name` of `shape` (rows of whole blocks) with its block scales.
+    fn q8(&self, name: &str, shape: &[usize]) -> Result<Q8> {
+        let e = self.entry(name, shape)?;
+        let cols = *shape.last().unwrap_or(&0);
+        if !cols.is_multiple_of(QBLOCK) {
+            bail!("{}: 8-bit tensor {name} has rows of {cols}, not whole blocks of {QBLOCK}", e.file.display());
+        }
+        let q: Vec<i8> = self.raw(name, e)?.iter().map(|&b| b as i8).collect();
+        if let Some(i) = q.iter().position(|&v| v == -128) {
+            bail!("{}: 8-bit tensor {name} holds -128 at flat index {i} (values are in [-127, 127])", e.file.display());
+        }
+        let scales = Checkpoint::scale_name(name);
+        let d = self.f32(&scales, &[q.len() / cols, cols / QBLOCK])?;
+        if let Some(i) = d.iter().position(|&v| v < 0.0) {
+            bail!("{}: scales {scales} hold a negative value at flat index {i}", e.file.display());
+        }
+        Ok(Q8 { q: weight_vec(q.len(), q.into_iter()), d })
     }
 }
 

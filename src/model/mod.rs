@@ -162,7 +162,7 @@ impl Model {
         if !cfg.rms_norm {
             expected.insert("backbone.norm_f.bias".into());
         }
-        if let Some(extra) = ck.names().find(|n| !expected.contains(*n)) {
+        if let Some(extra) = ck.names().find(|n| !expected.contains(*n) && !ck.is_scale(n)) {
             let files: Vec<String> = ck.files.iter().map(|f| f.display().to_string()).collect();
             bail!("unexpected tensor {extra} in {} (does config.json match the weights?)", files.join(", "));
         }

@@ -6,6 +6,7 @@ pub mod cross_entropy;
 pub mod gemm_bf16;
 pub mod matmul;
 pub mod pool;
+pub mod q8;
 pub mod rms_norm;
 pub mod selective_scan;
 pub mod simd;

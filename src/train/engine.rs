@@ -28,8 +28,12 @@ impl Engine {
             #[cfg(feature = "cuda")]
             Some(n) => {
                 let gpu = crate::cuda::Gpu::open(n)?;
-                if dtype == DType::F16 {
-                    anyhow::bail!("training on the GPU runs in f32 or bf16 (f16 with loss scaling is not built yet)");
+                match dtype {
+                    DType::F32 | DType::BF16 => {}
+                    DType::F16 => anyhow::bail!(
+                        "training on the GPU runs in f32 or bf16 (f16 with loss scaling is not built yet)"
+                    ),
+                    DType::I8 => anyhow::bail!("int8 is for inference on the CPU; train in f32 or bf16"),
                 }
                 let (l, bf16) = (&run.layout, dtype == DType::BF16);
                 let t = crate::cuda::train::GpuTrainer::new(gpu, l, &run.params, &run.m, &run.v, bf16)?;

@@ -1,0 +1,341 @@
+//! 8-bit weights (`--dtype int8`): symmetric block quantization and the matrix-vector product
+//! in integer arithmetic.
+//!
+//! A block is [`QBLOCK`] consecutive values of a row with one f32 scale `d = max|x| / 127`, each
+//! value stored as `q = round(x / d)` in [−127, 127]. A decode step quantizes its activation row
+//! the same way, so each block's dot product is an exact integer sum `Σ q_w·q_x` (at most
+//! 32·127² < 2³¹) scaled once by `d_w·d_x`. Per block of 32 weights the kernels read 32 bytes of
+//! weights and 4 of scale (1.125 bytes a weight, against 2 for bf16): decode is bound by those
+//! bytes. The kernels: AVX-512 VNNI (`vpdpbusd`, two blocks per instruction), AVX-VNNI (the
+//! same on 256 bits), AVX2 (`vpmaddubsw` + `vpmaddwd`) and scalar, picked at run time. The
+//! unsigned × signed instructions take |w| and x with w's sign moved onto it, so no offset
+//! correction is needed.
+
+use super::matmul::SendPtr;
+use crate::tensor::weight_vec;
+
+/// Values per quantization block (a row's length must be a multiple of it).
+pub const QBLOCK: usize = 32;
+
+/// Quantized values and their block scales, row-major as the f32 matrix they stand for.
+#[derive(Clone, Debug)]
+pub struct Q8 {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+}
+
+/// Quantizes one block: its scale, and `q` filled.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+impl Q8 {
+    /// `x` (a multiple of [`QBLOCK`] long) quantized block by block.
+    pub fn quantize(x: &[f32]) -> Q8 {
+        assert_eq!(x.len() % QBLOCK, 0, "8-bit quantization needs whole blocks of {QBLOCK}");
+        let mut q = weight_vec(x.len(), std::iter::repeat_n(0i8, x.len()));
+        let d = x.chunks_exact(QBLOCK).zip(q.chunks_exact_mut(QBLOCK)).map(|(b, o)| quantize_block(b, o)).collect();
+        Q8 { q, d }
+    }
+
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Dequantizes `self[start..start + out.len()]` into `out`.
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let i = start + j;
+            *o = self.q[i] as f32 * self.d[i / QBLOCK];
+        }
+    }
+}
+
+/// An activation row in two 8-bit terms: `x ≈ d·q + e·r` per block, `r` the rounding residual
+/// of the first term quantized again. Decode reads every weight once whatever the arithmetic,
+/// so the second integer product costs no bandwidth, and it takes the activations' rounding out
+/// of the result's error (what remains is the weights' own). The scales are stored 8 times
+/// over (`d8[8b..8b + 8] = d_b`), as the vector kernels' lanes of block `b` take them.
+#[derive(Clone, Copy)]
+pub struct XRow {
+    pub q: *const i8,
+    pub r: *const i8,
+    pub d8: *const f32,
+    pub e8: *const f32,
+}
+
+// Read-only views the threads of one gemv share while the buffers they point into live.
+unsafe impl Send for XRow {}
+unsafe impl Sync for XRow {}
+
+/// `x` (whole blocks) quantized into `q`, `r` and the scales `d8`, `e8` as [`XRow`] holds them.
+fn quantize_row(x: &[f32], (q, r): (&mut [i8], &mut [i8]), (d8, e8): (&mut [f32], &mut [f32])) {
+    let mut rest = [0.0f32; QBLOCK];
+    for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
+        let qb = &mut q[b * QBLOCK..(b + 1) * QBLOCK];
+        let d = quantize_block(xb, qb);
+        for ((o, &v), &qv) in rest.iter_mut().zip(xb).zip(qb.iter()) {
+            *o = v - d * qv as f32;
+        }
+        let e = quantize_block(&rest, &mut r[b * QBLOCK..(b + 1) * QBLOCK]);
+        d8[8 * b..8 * b + 8].fill(d);
+        e8[8 * b..8 * b + 8].fill(e);
+    }
+}
+
+/// The dot-product kernels, widest last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+    AvxVnni,
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The kernels this CPU runs, narrowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut v = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                v.push(Kernel::Avx2);
+                if has!("avxvnni") {
+                    v.push(Kernel::AvxVnni);
+                }
+            }
+            if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vnni") {
+                v.push(Kernel::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    /// The widest kernel within the instruction set in force ([`super::simd::isa`]).
+    pub fn pick() -> Kernel {
+        use super::simd::{isa, Isa};
+        let allowed = |k: &Kernel| match k {
+            Kernel::Scalar => true,
+            Kernel::Avx2 | Kernel::AvxVnni => isa() >= Isa::Avx2,
+            Kernel::Avx512Vnni => isa() >= Isa::Avx512,
+        };
+        Kernel::available().into_iter().rfind(allowed).unwrap_or(Kernel::Scalar)
+    }
+
+    /// `Σ_b wd[b]·(d_b·Σ_j w·x.q + e_b·Σ_j w·x.r)` over the `nb` blocks of one weight row.
+    ///
+    /// # Safety
+    /// The kernel must be one of [`Kernel::available`]; `w` and `x`'s rows hold `32·nb` values,
+    /// `wd` and `x`'s scales `nb`.
+    pub unsafe fn dot(self, w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
+        match self {
+            Kernel::Scalar => dot_scalar(w, wd, x, nb),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => x86::dot_avx2(w, wd, x, nb),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => x86::dot_avx_vnni(w, wd, x, nb),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => x86::dot_avx512_vnni(w, wd, x, nb),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("not available on this CPU"),
+        }
+    }
+}
+
+/// Block `b`'s two integer dot products, scaled.
+unsafe fn block_dot(w: *const i8, wd: *const f32, x: XRow, b: usize) -> f32 {
+    let o = b * QBLOCK;
+    let (mut sq, mut sr) = (0i32, 0i32);
+    for j in o..o + QBLOCK {
+        sq += *w.add(j) as i32 * *x.q.add(j) as i32;
+        sr += *w.add(j) as i32 * *x.r.add(j) as i32;
+    }
+    *wd.add(b) * (*x.d8.add(8 * b) * sq as f32 + *x.e8.add(8 * b) * sr as f32)
+}
+
+unsafe fn dot_scalar(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
+    (0..nb).map(|b| block_dot(w, wd, x, b)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{block_dot, XRow, QBLOCK};
+    use crate::ops::matmul::prefetch_ahead;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// A block at a time on 256 bits: each term's sums as 8 × i32 lanes by `$mul(|w|, x with
+    /// w's sign)`; the loop AVX2 and AVX-VNNI share.
+    macro_rules! dot256 {
+        ($w:expr, $wd:expr, $x:expr, $nb:expr, $mul:expr) => {{
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..$nb {
+                let o = b * QBLOCK;
+                prefetch_ahead($w.wrapping_add(o));
+                let wv = _mm256_loadu_si256($w.add(o) as *const __m256i);
+                let aw = _mm256_sign_epi8(wv, wv);
+                let q = _mm256_loadu_si256($x.q.add(o) as *const __m256i);
+                let r = _mm256_loadu_si256($x.r.add(o) as *const __m256i);
+                let pq = _mm256_cvtepi32_ps($mul(aw, _mm256_sign_epi8(q, wv)));
+                let pr = _mm256_cvtepi32_ps($mul(aw, _mm256_sign_epi8(r, wv)));
+                let xs = _mm256_mul_ps(pq, _mm256_loadu_ps($x.d8.add(8 * b)));
+                let xs = _mm256_fmadd_ps(pr, _mm256_loadu_ps($x.e8.add(8 * b)), xs);
+                acc = _mm256_fmadd_ps(xs, _mm256_broadcast_ss(&*$wd.add(b)), acc);
+            }
+            hsum256(acc)
+        }};
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_avx2(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
+        let ones = _mm256_set1_epi16(1);
+        // Pairs of u8·i8 products fit i16: 2·127² < 2¹⁵.
+        dot256!(w, wd, x, nb, |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+    }
+
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_avx_vnni(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
+        dot256!(w, wd, x, nb, |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b))
+    }
+
+    /// Two blocks per 512-bit step (lanes 0–7 block b, 8–15 block b + 1), two steps per turn
+    /// into two accumulators; an odd last block by the scalar sum.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
+    pub unsafe fn dot_avx512_vnni(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
+        let zero = _mm512_setzero_si512();
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let step = |b: usize, acc: __m512| {
+            let o = b * QBLOCK;
+            prefetch_ahead(w.wrapping_add(o));
+            let wv = _mm512_loadu_si512(w.add(o) as *const __m512i);
+            let (neg, aw) = (_mm512_movepi8_mask(wv), _mm512_abs_epi8(wv));
+            let q = _mm512_loadu_si512(x.q.add(o) as *const __m512i);
+            let r = _mm512_loadu_si512(x.r.add(o) as *const __m512i);
+            let pq = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(q, neg, zero, q)));
+            let pr = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(r, neg, zero, r)));
+            let xs = _mm512_mul_ps(pq, _mm512_loadu_ps(x.d8.add(8 * b)));
+            let xs = _mm512_fmadd_ps(pr, _mm512_loadu_ps(x.e8.add(8 * b)), xs);
+            // wd[b], wd[b + 1] spread over the two halves.
+            let pair = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(wd.add(b) as *const f64)));
+            _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(halves, pair), acc)
+        };
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut b = 0;
+        while b + 4 <= nb {
+            a0 = step(b, a0);
+            a1 = step(b + 2, a1);
+            b += 4;
+        }
+        if b + 2 <= nb {
+            a0 = step(b, a0);
+            b += 2;
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        if b < nb {
+            sum += block_dot(w, wd, x, b);
+        }
+        sum
+    }
+}
+
+/// `y[i·y_rs + r] = Σ_k x[i·x_rs + k]·W[r, k]` for the `n` rows of `x` against the 8-bit
+/// `m × k` matrix `w`: each row of `x` quantized once, weight rows split across threads, each
+/// output the same whatever other rows share the call.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv(x: &[f32], n: usize, x_rs: usize, w: &Q8, m: usize, k: usize, y: &mut [f32], y_rs: usize) {
+    assert!(k.is_multiple_of(QBLOCK) && w.len() == m * k, "gemv: the 8-bit matrix is not {m} × {k} in blocks");
+    let nb = k / QBLOCK;
+    // Row i: q and r at [2ik, 2ik + 2k), d8 and e8 at [16i·nb, 16(i + 1)·nb).
+    let mut xq = vec![0i8; 2 * n * k];
+    let mut xd = vec![0.0f32; 16 * n * nb];
+    for (i, (q, d)) in xq.chunks_exact_mut(2 * k).zip(xd.chunks_exact_mut(16 * nb)).enumerate() {
+        quantize_row(&x[i * x_rs..i * x_rs + k], q.split_at_mut(k), d.split_at_mut(8 * nb));
+    }
+    let kernel = Kernel::pick();
+    let block = m.div_ceil(rayon::current_num_threads() * 4).max(16);
+    let yp = SendPtr(y.as_mut_ptr());
+    let rows: Vec<XRow> = (0..n)
+        .map(|i| {
+            let (q, d) = (xq[2 * i * k..].as_ptr(), xd[16 * i * nb..].as_ptr());
+            // Safety: both stay within row i's 2k values and 16nb scales.
+            unsafe { XRow { q, r: q.add(k), d8: d, e8: d.add(8 * nb) } }
+        })
+        .collect();
+    let rows = &rows;
+    super::pool::parallel_for(m.div_ceil(block), &move |t| {
+        for r in t * block..((t + 1) * block).min(m) {
+            let (wr, wdr) = (w.q[r * k..].as_ptr(), w.d[r * nb..].as_ptr());
+            for (i, &x) in rows.iter().enumerate() {
+                // Safety: the kernel is available; rows and scales are in bounds (asserted above).
+                let v = unsafe { kernel.dot(wr, wdr, x, nb) };
+                unsafe { *yp.get().add(i * y_rs + r) = v };
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel this CPU has gives the sum of the dequantized values' products (exact per
+    /// block; only the f32 scaling and the order of the block sums round).
+    #[test]
+    fn kernels_match_the_dequantized_sum() {
+        let (k, nb) = (32 * 37, 37); // an odd number of blocks
+        let w: Vec<f32> = (0..3 * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 911) as f32 - 455.0) / 31.0).collect();
+        let wq = Q8::quantize(&w);
+        let mut wf = vec![0.0; w.len()];
+        wq.read_f32(0, &mut wf);
+        let (mut q, mut d) = (vec![0i8; 2 * k], vec![0.0f32; 16 * nb]);
+        quantize_row(&x, q.split_at_mut(k), d.split_at_mut(8 * nb));
+        // The two terms restore x to within half a step of the residual's scale.
+        let (dx, ex) = (|j: usize| d[8 * (j / 32)], |j: usize| d[8 * nb + 8 * (j / 32)]);
+        let xf: Vec<f32> = (0..k).map(|j| dx(j) * q[j] as f32 + ex(j) * q[k + j] as f32).collect();
+        for (j, (a, b)) in x.iter().zip(&xf).enumerate() {
+            assert!((a - b).abs() <= 0.5001 * ex(j) + 1e-6 * a.abs(), "x[{j}]: {a} vs {b}");
+        }
+        let row = unsafe { XRow { q: q.as_ptr(), r: q.as_ptr().add(k), d8: d.as_ptr(), e8: d.as_ptr().add(8 * nb) } };
+        for r in 0..3 {
+            let exact = |xs: &[f32]| -> f64 { (0..k).map(|j| wf[r * k + j] as f64 * xs[j] as f64).sum() };
+            let (want, scale) = (exact(&xf), (0..k).map(|j| (wf[r * k + j] as f64 * xf[j] as f64).abs()).sum::<f64>());
+            for kernel in Kernel::available() {
+                let got = unsafe { kernel.dot(wq.q[r * k..].as_ptr(), wq.d[r * nb..].as_ptr(), row, nb) };
+                assert!((got as f64 - want).abs() <= 1e-6 * scale, "{kernel:?} row {r}: {got} vs {want}");
+            }
+            // Against the unquantized activations: the weights' rounding alone.
+            assert!((exact(&x) - want).abs() <= 1e-5 * scale, "row {r}: the activations' two terms lose accuracy");
+        }
+    }
+
+    /// Quantization error is at most half a step of each block's scale.
+    #[test]
+    fn quantization_rounds_to_the_nearest_step() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.013).collect();
+        let q = Q8::quantize(&x);
+        let mut back = vec![0.0; x.len()];
+        q.read_f32(0, &mut back);
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            assert!((a - b).abs() <= 0.5 * q.d[i / QBLOCK] * 1.0001, "{i}: {a} vs {b}");
+        }
+        assert!(q.q.iter().all(|&v| v != -128));
+    }
+}
