@@ -12,15 +12,6 @@ use mamba_lm::tensor::DType;
 use mamba_lm::{Model, Snapshot};
 use std::collections::HashMap;
 
-fn prefill_logits(m: &Model, ids: &[Vec<u32>]) -> Vec<f32> {
-    ids.iter()
-        .flat_map(|row| {
-            let mut st = m.new_state();
-            m.forward(row, row.len(), &mut [&mut st], row.len()).unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn sharded_safetensors_load_like_the_single_file() {
     let src = fixture("mamba2-hf");

@@ -3,19 +3,10 @@
 //! without quantizing again.
 
 mod common;
-use common::{expected, fixture, rel_l2};
+use common::{expected, fixture, prefill_logits, rel_l2};
 use mamba_lm::config::Config;
 use mamba_lm::model::Model;
 use mamba_lm::tensor::DType;
-
-fn prefill_logits(m: &Model, ids: &[Vec<u32>]) -> Vec<f32> {
-    ids.iter()
-        .flat_map(|row| {
-            let mut st = m.new_state();
-            m.forward(row, row.len(), &mut [&mut st], row.len()).unwrap()
-        })
-        .collect()
-}
 
 /// Each row token by token (the decode path: activations quantized too).
 fn step_logits(m: &Model, ids: &[Vec<u32>]) -> Vec<f64> {

@@ -127,3 +127,13 @@ pub fn compare(name: &str, loss: f64, ours: impl Fn(&str) -> (Vec<f32>, Vec<usiz
     }
     worst
 }
+
+/// Each row's logits at every position, prefilled alone from a fresh state.
+pub fn prefill_logits(m: &mamba_lm::model::Model, ids: &[Vec<u32>]) -> Vec<f32> {
+    ids.iter()
+        .flat_map(|row| {
+            let mut st = m.new_state();
+            m.forward(row, row.len(), &mut [&mut st], row.len()).unwrap()
+        })
+        .collect()
+}
