@@ -201,9 +201,12 @@ fi
 
 if has parity; then
     log "convergence parity: mamba-lm train against transformers + torch AdamW, ~12M parameters (parity.jsonl)"
+    # PARITY_TEXT: text files of more than the run's 1M tokens (README.md and BENCHMARKS.md, the
+    # default, are memorised long before 1,000 steps).
     rm -rf /tmp/parity
+    # shellcheck disable=SC2086
     timeout 540 python3 scripts/train_parity.py --bin "$BIN" --work /tmp/parity --config scripts/parity-mamba1-12m.json \
-        --ours-device cuda --steps 1000 2>&1 | tail -14 | tee "$OUT/parity.log"
+        ${PARITY_TEXT:+--text $PARITY_TEXT} --ours-device cuda --steps 1000 2>&1 | tail -14 | tee "$OUT/parity.log"
     cp /tmp/parity/parity.jsonl /tmp/parity/ours/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 

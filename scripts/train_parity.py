@@ -4,12 +4,15 @@ by `mamba-lm train` and by a PyTorch reference (transformers' MambaForCausalLM /
 Mamba2ForCausalLM with torch.optim.AdamW); prints both validation losses at every evaluation.
 
     python3 scripts/train_parity.py --bin BIN --work DIR [--preset tiny-mamba2 | --config C.json]
-        [--steps 1000] [--batch 8] [--seq-len 128] [--lr 3e-3] [--warmup 100] [--eval-every 100]
-        [--device cuda] [--ours-device cpu|cuda]
+        [--text FILE...] [--steps 1000] [--batch 8] [--seq-len 128] [--lr 3e-3] [--warmup 100]
+        [--eval-every 100] [--device cuda] [--ours-device cpu|cuda]
 
-Both sides read DIR/data (made by `mamba-lm prepare` from README.md and BENCHMARKS.md unless it
-exists) in the trainer's order: rows of seq_len + 1 consecutive tokens, each row's last token
-the next row's first, back to the start when the stream runs out. The reference mirrors the
+Both sides read DIR/data (made by `mamba-lm prepare` from the --text files, README.md and
+BENCHMARKS.md by default, unless it exists) in the trainer's order. The text should hold more
+tokens than the run reads (steps × batch × seq_len): on a smaller one both sides memorise it,
+the validation loss climbs and tiny rounding differences grow into percent-sized gaps. Order:
+rows of seq_len + 1 consecutive tokens, each row's last token the next row's first, back to the
+start when the stream runs out. The reference mirrors the
 trainer's recipe: decay on weight matrices only (not norms, biases, A_log, D, dt_bias), linear
 warmup from 0 then cosine to lr/10 at the last step, global-norm clipping to 1.0, mean
 cross-entropy over the padded vocabulary. Writes DIR/parity.jsonl; exits 1 if any evaluation
@@ -78,6 +81,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--preset", default="tiny-mamba2")
     ap.add_argument("--config", help="a config file instead of --preset")
+    ap.add_argument("--text", nargs="+", default=["README.md", "BENCHMARKS.md"], help="the data's text files")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -91,7 +95,7 @@ def main():
     w = a.work
     data, init, ours = (os.path.join(w, d) for d in ("data", "init", "ours"))
     if not os.path.exists(data):
-        run(a.bin, "prepare", "--input", "README.md", "BENCHMARKS.md", "--out", data, "--train-tokenizer", "--vocab-size", "1024")
+        run(a.bin, "prepare", "--input", *a.text, "--out", data, "--train-tokenizer", "--vocab-size", "1024")
     meta = json.load(open(os.path.join(data, "meta.json")))
     if not os.path.exists(init):
         # Zero steps: the initial weights (the data's vocabulary), as both sides start from them.
