@@ -104,7 +104,12 @@ pub enum Kernel {
 
 impl Kernel {
     /// The kernels this CPU runs, narrowest first.
-    pub fn available() -> Vec<Kernel> {
+    pub fn available() -> &'static [Kernel] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(Kernel::detect)
+    }
+
+    fn detect() -> Vec<Kernel> {
         let mut v = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -130,7 +135,7 @@ impl Kernel {
             Kernel::Avx2 | Kernel::AvxVnni => isa() >= Isa::Avx2,
             Kernel::Avx512Vnni => isa() >= Isa::Avx512,
         };
-        Kernel::available().into_iter().rfind(allowed).unwrap_or(Kernel::Scalar)
+        Kernel::available().iter().copied().rfind(allowed).unwrap_or(Kernel::Scalar)
     }
 
     /// `Σ_b wd[b]·(d_b·Σ_j w·x.q + e_b·Σ_j w·x.r)` over the `nb` blocks of one weight row.
@@ -181,12 +186,11 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// A block at a time on 256 bits: each term's sums as 8 × i32 lanes by `$mul(|w|, x with
-    /// w's sign)`; the loop AVX2 and AVX-VNNI share.
+    /// A block per 256-bit step, two steps per turn into two accumulators: each term's sums as
+    /// 8 × i32 lanes by `$mul(|w|, x with w's sign)`; the loop AVX2 and AVX-VNNI share.
     macro_rules! dot256 {
         ($w:expr, $wd:expr, $x:expr, $nb:expr, $mul:expr) => {{
-            let mut acc = _mm256_setzero_ps();
-            for b in 0..$nb {
+            let step = |b: usize, acc: __m256| {
                 let o = b * QBLOCK;
                 prefetch_ahead($w.wrapping_add(o));
                 let wv = _mm256_loadu_si256($w.add(o) as *const __m256i);
@@ -197,9 +201,19 @@ mod x86 {
                 let pr = _mm256_cvtepi32_ps($mul(aw, _mm256_sign_epi8(r, wv)));
                 let xs = _mm256_mul_ps(pq, _mm256_loadu_ps($x.d8.add(8 * b)));
                 let xs = _mm256_fmadd_ps(pr, _mm256_loadu_ps($x.e8.add(8 * b)), xs);
-                acc = _mm256_fmadd_ps(xs, _mm256_broadcast_ss(&*$wd.add(b)), acc);
+                _mm256_fmadd_ps(xs, _mm256_broadcast_ss(&*$wd.add(b)), acc)
+            };
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut b = 0;
+            while b + 2 <= $nb {
+                a0 = step(b, a0);
+                a1 = step(b + 1, a1);
+                b += 2;
             }
-            hsum256(acc)
+            if b < $nb {
+                a0 = step(b, a0);
+            }
+            hsum256(_mm256_add_ps(a0, a1))
         }};
     }
 
@@ -317,7 +331,7 @@ mod tests {
         for r in 0..3 {
             let exact = |xs: &[f32]| -> f64 { (0..k).map(|j| wf[r * k + j] as f64 * xs[j] as f64).sum() };
             let (want, scale) = (exact(&xf), (0..k).map(|j| (wf[r * k + j] as f64 * xf[j] as f64).abs()).sum::<f64>());
-            for kernel in Kernel::available() {
+            for &kernel in Kernel::available() {
                 let got = unsafe { kernel.dot(wq.q[r * k..].as_ptr(), wq.d[r * nb..].as_ptr(), row, nb) };
                 assert!((got as f64 - want).abs() <= 1e-6 * scale, "{kernel:?} row {r}: {got} vs {want}");
             }
