@@ -33,22 +33,24 @@ fn dims(cfg: &Config) -> (usize, usize, usize, usize) {
     (cfg.d_conv - 1, cfg.conv_dim(), ssm_rows, cfg.d_state)
 }
 
+/// Floats of a layer's conv and SSM state.
+fn layer_floats(cfg: &Config) -> (usize, usize) {
+    let (hist, conv_dim, _, _) = dims(cfg);
+    (hist * conv_dim, cfg.state_floats() / cfg.n_layer - hist * conv_dim)
+}
+
 impl State {
     pub fn new(cfg: &Config) -> State {
-        let (hist, conv_dim, _, _) = dims(cfg);
-        let ssm = cfg.state_floats() / cfg.n_layer - hist * conv_dim;
-        let layer = LayerState { conv: vec![0.0; hist * conv_dim], ssm: vec![0.0; ssm] };
+        let (conv, ssm) = layer_floats(cfg);
+        let layer = LayerState { conv: vec![0.0; conv], ssm: vec![0.0; ssm] };
         State { layers: vec![layer; cfg.n_layer], pos: 0 }
     }
 
+    /// Whether the state has the model's shape (checked on every forward: no allocation).
     pub fn check(&self, cfg: &Config) -> Result<()> {
-        let fresh = State::new(cfg);
-        let ok = self.layers.len() == fresh.layers.len()
-            && self
-                .layers
-                .iter()
-                .zip(&fresh.layers)
-                .all(|(a, b)| a.conv.len() == b.conv.len() && a.ssm.len() == b.ssm.len());
+        let (conv, ssm) = layer_floats(cfg);
+        let ok =
+            self.layers.len() == cfg.n_layer && self.layers.iter().all(|l| l.conv.len() == conv && l.ssm.len() == ssm);
         if !ok {
             bail!("state does not match the model's shape");
         }
