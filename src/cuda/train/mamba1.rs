@@ -200,8 +200,17 @@ fn conv_and_dt(
 
 /// Backward of [`forward`] (its activations in slot `slot`, its input in `acts.h`): from the
 /// output's gradient `acts.g_resid` adds every parameter's gradient at `gp` and writes the
-/// normed input's gradient to `acts.g_h`.
-pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, acts: &Acts, slot: u64) -> Result<()> {
+/// normed input's gradient to `acts.g_h`. `slow_scan`: the scan's backward through its plain
+/// reference kernel.
+pub fn backward(
+    mm: &Gemms,
+    cfg: &Config,
+    lp: &Mamba1Params,
+    (p, gp): (u64, u64),
+    acts: &Acts,
+    slot: u64,
+    slow_scan: bool,
+) -> Result<()> {
     let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
     let (dm, e, n, r, w) = (cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank, cfg.d_conv);
     let xd = xdbl_width(cfg);
@@ -241,7 +250,7 @@ pub fn backward(mm: &Gemms, cfg: &Config, lp: &Mamba1Params, p: u64, gp: u64, ac
     };
     let grads = (at(gp, &lp.a_log), at(gp, &lp.d), at(gp, &lp.dt_bias));
     let gbc = (gs.xdbl + 4 * r as u64, xd);
-    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, gbc, grads, acts.slow_scan))?;
+    mm.timed("scan backward", || ops::scan_backward(g, &sb, seqs, gbc, grads, slow_scan))?;
     // out_proj's weight gradient needs the gated output, which the scan's backward remade.
     let y = mm.operand(Mat::new(s.y, e), (rows, e), 1)?;
     mm.linear_grad_weight(rows, (dm, e), g_out, y, at(gp, &lp.out_proj))?;

@@ -50,8 +50,6 @@ pub struct Acts {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     stream: cudarc::driver::sys::CUstream,
-    /// Run the scan's backward through its plain reference kernel.
-    pub slow_scan: bool,
 }
 
 impl Acts {
@@ -109,7 +107,6 @@ impl Acts {
             inputs: vec![],
             targets: vec![],
             stream: g.stream.cu_stream(),
-            slow_scan: false,
         })
     }
 
@@ -220,9 +217,6 @@ impl GpuTrainer {
     /// Runs the scan's backward through its plain reference kernel (tests compare the two).
     pub fn set_slow_scan(&mut self, on: bool) {
         self.slow_scan = on;
-        if let Some(a) = &mut self.acts {
-            a.slow_scan = on;
-        }
     }
 
     /// Keeps a [`ops::Profile`] of the work from now on (`on`), or stops.
@@ -280,9 +274,7 @@ impl GpuTrainer {
         let same = self.acts.as_ref().is_some_and(|a| (a.seqs, a.len, a.recompute) == (seqs, len, recompute));
         if !same {
             self.acts = None; // freed before the new one is taken
-            let mut a = Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?;
-            a.slow_scan = self.slow_scan;
-            self.acts = Some(a);
+            self.acts = Some(Acts::new(&self.gpu, layout, seqs, len, recompute, self.copy.is_some())?);
         }
         Ok(self.acts.as_ref().expect("set above"))
     }
@@ -366,7 +358,7 @@ impl GpuTrainer {
                 } else {
                     mm.timed("norms", || ops::rms_norm(g, x, w, acts.h(), rows, dm, cfg.norm_eps))?;
                 }
-                mamba1::backward(&mm, cfg, m, p, gp, acts, acts.slot(i))?;
+                mamba1::backward(&mm, cfg, m, (p, gp), acts, acts.slot(i), self.slow_scan)?;
                 norm_backward(x, w, at(gp, &m.norm))?;
             }
             mm.timed("embedding", || self.embedding_backward(layout))?;
