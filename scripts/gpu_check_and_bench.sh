@@ -202,11 +202,14 @@ fi
 if has parity; then
     log "convergence parity: mamba-lm train against transformers + torch AdamW, ~12M parameters (parity.jsonl)"
     # PARITY_TEXT: text files of more than the run's 1M tokens (README.md and BENCHMARKS.md, the
-    # default, are memorised long before 1,000 steps).
-    rm -rf /tmp/parity
+    # default, are memorised long before 1,000 steps). PARITY_LR: the peak learning rate (3e-3).
+    # The whole stage takes ~5 minutes on an H100; PARITY_CONTINUE=1 continues a run that
+    # PARITY_TIMEOUT (540 s) cut, from the reference's last evaluation.
+    [ -n "${PARITY_CONTINUE:-}" ] || rm -rf /tmp/parity
     # shellcheck disable=SC2086
-    timeout 540 python3 scripts/train_parity.py --bin "$BIN" --work /tmp/parity --config scripts/parity-mamba1-12m.json \
-        ${PARITY_TEXT:+--text $PARITY_TEXT} --ours-device cuda --steps 1000 2>&1 | tail -14 | tee "$OUT/parity.log"
+    timeout "${PARITY_TIMEOUT:-540}" python3 scripts/train_parity.py --bin "$BIN" --work /tmp/parity --config scripts/parity-mamba1-12m.json \
+        ${PARITY_TEXT:+--text $PARITY_TEXT} ${PARITY_LR:+--lr $PARITY_LR} --ours-device cuda --steps 1000 2>&1 |
+        tail -14 | tee "$OUT/parity.log"
     cp /tmp/parity/parity.jsonl /tmp/parity/ours/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
@@ -214,7 +217,7 @@ if has tasks; then
     log "the synthetic tasks on the GPU (tasks-*.jsonl)"
     for task in induction-heads selective-copying; do
         rm -rf /tmp/$task
-        timeout 240 $BIN train --task $task --preset tiny --seq-len 256 --batch-size 32 --steps 3000 --lr 2e-3 \
+        timeout "${TASK_TIMEOUT:-240}" $BIN train --task $task --preset tiny --seq-len 256 --batch-size 32 --steps 3000 --lr 2e-3 \
             --warmup 100 --eval-every 500 --eval-lens 4096,65536 --save-every 0 --device cuda --dtype bf16 \
             --out /tmp/$task >/dev/null 2>&1
         grep -E 'accuracy' /tmp/$task/metrics.jsonl | tee "$OUT/tasks-$task.jsonl"

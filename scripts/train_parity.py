@@ -15,8 +15,11 @@ rows of seq_len + 1 consecutive tokens, each row's last token the next row's fir
 start when the stream runs out. The reference mirrors the
 trainer's recipe: decay on weight matrices only (not norms, biases, A_log, D, dt_bias), linear
 warmup from 0 then cosine to lr/10 at the last step, global-norm clipping to 1.0, mean
-cross-entropy over the padded vocabulary. Writes DIR/parity.jsonl; exits 1 if any evaluation
-differs by more than 1 %."""
+cross-entropy over the padded vocabulary. The reference runs in true f32 (TF32 off) and saves
+its state at every evaluation (DIR/ref.pt): run again with the same DIR and it continues from
+there (the reference's per-step scan is slow; a run cut by a time limit loses at most one
+evaluation interval). Writes DIR/parity.jsonl; exits 1 if any evaluation differs by more than
+1 %."""
 import argparse
 import json
 import math
@@ -57,6 +60,55 @@ class Stream:
         rows = [self.ids[self.pos + s * length: self.pos + s * length + length + 1] for s in range(seqs)]
         self.pos += seqs * length
         return torch.tensor(np.stack(rows))
+
+
+def train_step(model, opt, b):
+    opt.zero_grad(set_to_none=True)  # in a graph: backward writes fresh gradients at every replay
+    logits = model(b[:, :-1], use_cache=False).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def make_step(model, opt, a, dev):
+    """The reference's step as one CUDA graph (its scan is a Python loop over time: eager, a step
+    is launch-bound at ~0.5 s). Same kernels, same math. The warm-up and capture steps change the
+    weights and moments: those are saved before and copied back after, into the same tensors the
+    graph reads (moments that did not exist yet start at zero, as AdamW's do). Falls back to
+    eager steps when capture fails."""
+    x = torch.zeros(a.batch, a.seq_len + 1, dtype=torch.long, device=dev)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    moments = {id(t): t.clone() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)}
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                train_step(model, opt, x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            train_step(model, opt, x)
+    except RuntimeError as e:
+        print(f"CUDA graph capture failed ({e}); eager steps", flush=True)
+        graph = None
+    with torch.no_grad():
+        for p, v in zip(params, before):
+            p.copy_(v)
+        for s in opt.state.values():
+            for t in s.values():
+                if torch.is_tensor(t):
+                    t.copy_(moments[id(t)]) if id(t) in moments else t.zero_()
+    if graph is None:
+        return lambda b: train_step(model, opt, b)
+
+    def replay(b):
+        x.copy_(b)
+        graph.replay()
+
+    return replay
 
 
 def no_decay(name, p):
@@ -109,6 +161,8 @@ def main():
     mine = {r["step"]: r["val_loss"] for r in map(json.loads, open(os.path.join(ours, "metrics.jsonl"))) if "val_loss" in r}
 
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     dev = a.device
     model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(init, "final"), dtype=torch.float32).to(dev)
     named = list(model.named_parameters())
@@ -116,20 +170,29 @@ def main():
         {"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": 0.1},
         {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    # Capturable AdamW with the learning rate as a tensor: the whole step can be one CUDA graph.
+    graphs = dev.startswith("cuda")
+    lr = torch.tensor(a.lr, device=dev) if graphs else a.lr
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, capturable=graphs)
     train = Stream(os.path.join(data, "train.bin"), meta["dtype"])
-    out = open(os.path.join(w, "parity.jsonl"), "w")
-    worst = 0.0
-    for it in range(a.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, a)
+    saved, start, worst = os.path.join(w, "ref.pt"), 0, 0.0
+    if os.path.exists(saved):
+        st = torch.load(saved, map_location=dev)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        train.pos, start, worst = st["pos"], st["step"], st["worst"]
+        print(f"reference continues from step {start}", flush=True)
+    step_fn = make_step(model, opt, a, dev) if graphs else None
+    out = open(os.path.join(w, "parity.jsonl"), "a" if start else "w")
+    for it in range(start, a.steps):
         b = train.next(a.batch, a.seq_len).to(dev)
-        logits = model(b[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if step_fn:
+            lr.fill_(lr_at(it, a))
+            step_fn(b)
+        else:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, a)
+            train_step(model, opt, b)
         step = it + 1
         if (a.eval_every and step % a.eval_every == 0) or step == a.steps:
             ref = evaluate(model, data, meta, a, dev)
@@ -141,6 +204,9 @@ def main():
             print(json.dumps(r), flush=True)
             out.write(json.dumps(r) + "\n")
             out.flush()  # a run cut short by a time limit keeps its evaluations
+            st = {"model": model.state_dict(), "opt": opt.state_dict(), "pos": train.pos, "step": step, "worst": worst}
+            torch.save(st, saved + ".tmp")
+            os.replace(saved + ".tmp", saved)
     print(json.dumps({"worst_rel_diff": worst, "steps": a.steps, "ok": worst <= 0.01}))
     sys.exit(0 if worst <= 0.01 else 1)
 

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically. Fails if `path` exists and `overwrite` is false.
 pub fn write_file(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
@@ -25,7 +25,7 @@ pub fn write_file(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     res.with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn tempfile_in(dir: &Path, target: &Path) -> Result<(std::path::PathBuf, std::fs::File)> {
+fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, std::fs::File)> {
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     for i in 0..1000u32 {
         let p = dir.join(format!(".{name}.{}.{i}.tmp", std::process::id()));
@@ -36,4 +36,24 @@ fn tempfile_in(dir: &Path, target: &Path) -> Result<(std::path::PathBuf, std::fs
         }
     }
     bail!("cannot create a temporary file in {}", dir.display())
+}
+
+/// `$MAMBA_LM_CACHE`, else `$XDG_CACHE_HOME/mamba-lm`, else `~/.cache/mamba-lm`: compiled kernels
+/// and the bundled model's files live under it.
+pub fn cache_base() -> Option<PathBuf> {
+    std::env::var_os("MAMBA_LM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("mamba-lm")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/mamba-lm")))
+}
+
+/// FNV-1a: a stable content hash for cache keys.
+pub fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf29ce484222325u64;
+    for p in parts {
+        for &b in p.iter().chain(&[0xffu8]) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
 }

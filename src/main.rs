@@ -50,9 +50,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model: a local directory (config.json + weights) or a Hugging Face repo id such as
-    /// state-spaces/mamba-130m (resolved through the HF cache; set HF_HUB_OFFLINE=1 to never download).
-    #[arg(long, short = 'm')]
+    /// Model: `default` (bundled: ~9M parameters trained on Shakespeare), a local directory
+    /// (config.json + weights) or a Hugging Face repo id such as state-spaces/mamba-130m (resolved
+    /// through the HF cache; set HF_HUB_OFFLINE=1 to never download).
+    #[arg(long, short = 'm', default_value = "default")]
     model: String,
     /// Storage type of the large weight matrices (on the GPU also of the activations); the
     /// residual stream and the recurrent state are always f32.
@@ -99,19 +100,19 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// Softmax temperature; 0 means greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Keep only the k most likely tokens; 1 is greedy (the mamba_ssm default), 0 disables.
     #[arg(long, default_value_t = 1)]
     top_k: usize,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     top_p: f32,
     /// With --top-k 0: drop tokens less likely than min_p × the most likely one (0 = off).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
     /// Penalise tokens already seen (CTRL rule); 1 = off.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
@@ -191,8 +192,8 @@ struct InitArgs {
 
 #[derive(Args)]
 struct InfoArgs {
-    /// Model directory or Hugging Face repo id.
-    #[arg(long, short = 'm')]
+    /// `default` (bundled), a model directory or a Hugging Face repo id.
+    #[arg(long, short = 'm', default_value = "default")]
     model: String,
     #[arg(long)]
     json: bool,
@@ -342,19 +343,16 @@ enum Placed {
 
 impl Placed {
     fn new(model: Model, device: Device) -> Result<Placed> {
+        check_device(&model.cfg, device)?;
         match device {
             Device::Cpu => Ok(Placed::Cpu(model)),
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
-                mamba_lm::cuda::model::check_supported(&model.cfg)?;
                 let gpu = mamba_lm::cuda::Gpu::open(n)?;
                 Ok(Placed::Gpu(mamba_lm::cuda::model::GpuModel::new(gpu, &model)?))
             }
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => {
-                let _ = model;
-                bail!("this mamba-lm was built without CUDA support: rebuild with `cargo build --release --features cuda`")
-            }
+            Device::Cuda(_) => unreachable!("check_device refuses cuda in a build without it"),
         }
     }
 
@@ -396,12 +394,28 @@ pub(crate) fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// What `device` needs of a model, from its config alone: checked before the weights load (and
+/// before a GPU is opened), so a model that cannot run there says why at once, on any machine.
+fn check_device(cfg: &Config, device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => mamba_lm::cuda::model::check_supported(cfg),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            let _ = cfg;
+            bail!("this mamba-lm was built without CUDA support: rebuild with `cargo build --release --features cuda`")
+        }
+    }
+}
+
 fn load_model(m: &ModelArgs) -> Result<(Placed, PathBuf)> {
     set_threads(m.threads)?;
     if m.dtype == DType::I8 && m.device != Device::Cpu {
         bail!("--dtype int8 runs on the CPU; on the GPU use bf16 or f16");
     }
     let dir = loader::hub::resolve(&m.model)?;
+    check_device(&Config::from_file(&dir.join("config.json"))?, m.device)?;
     // Loading a multi-GB checkpoint takes seconds: show that something is happening (on a
     // terminal only; indicatif draws nothing when stderr is not one).
     let spin = indicatif::ProgressBar::new_spinner().with_message(format!("loading {}", dir.display()));

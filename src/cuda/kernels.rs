@@ -46,7 +46,7 @@ pub fn scan_lanes(kind: char, nmax: u32) -> Option<u32> {
 }
 
 fn unit(name: &str, src: &str) -> Unit {
-    Unit { name: name.into(), src: src.into() }
+    Unit { name: name.into(), src: format!("{}{src}", super::consts::defines()) }
 }
 
 /// The unit that defines `kernel`.
@@ -168,24 +168,9 @@ pub fn compile(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
     out
 }
 
-/// FNV-1a: a stable content hash for cache keys.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h = 0xcbf29ce484222325u64;
-    for p in parts {
-        for &b in p.iter().chain(&[0xffu8]) {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
-    }
-    h
-}
-
-/// `$MAMBA_LM_CACHE`, else `$XDG_CACHE_HOME/mamba-lm`, else `~/.cache/mamba-lm`; kernels under it.
+/// `crate::io::cache_base()/kernels`.
 pub fn cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("MAMBA_LM_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("mamba-lm")))
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/mamba-lm")))?;
-    Some(base.join("kernels"))
+    crate::io::cache_base().map(|b| b.join("kernels"))
 }
 
 /// CUBINs of `units` for `arch`, from the disk cache where present, compiled otherwise (in
@@ -195,7 +180,7 @@ pub fn load(units: &[Unit], arch: &str) -> Result<Vec<Vec<u8>>> {
     let dir = cache_dir();
     let key = |u: &Unit| {
         let v = format!("{}.{}", ver.0, ver.1);
-        let h = fnv1a(&[
+        let h = crate::io::fnv1a(&[
             COMMON.as_bytes(),
             u.src.as_bytes(),
             arch.as_bytes(),

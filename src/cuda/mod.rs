@@ -4,6 +4,7 @@
 //! device in hand and cached on disk (see [`kernels`]).
 
 pub mod bench;
+pub mod consts;
 pub mod gemm;
 pub mod kernels;
 pub mod model;

@@ -4,6 +4,7 @@
 //! `l == 1`) without synchronising; [`Decoder`] runs the step, argmax included, as one launch:
 //! decode.cu's persistent kernel for one sequence, a captured CUDA graph for several.
 
+use super::consts::*;
 use super::pick::{needs_pick, Picker, PICK_HOST};
 use super::{err, Gpu};
 use crate::backend::Backend;
@@ -84,25 +85,11 @@ struct ScanStepParams {
     r: i32,
 }
 
-/// rms_norm.cu's add_norm: values of a row per thread (of at most 1024 threads).
-const NORM_VALUES: usize = 8;
-
-/// selective_scan.cu's scan_step: the most states per channel, sequences and channels per block.
-const SCAN_STEP_N: usize = 16;
-const SCAN_STEP_SEQS: usize = 2;
-const SCAN_STEP_CHANNELS: usize = 128;
-
 /// Dynamic shared memory of scan_step (its layout is in selective_scan.cu): the x_proj rows of
 /// its sequences in f32 and as stored, and its channels' dt_proj rows, each padded by 16 bytes.
 fn scan_step_smem(es: usize, r: usize, xdw: usize) -> usize {
     SCAN_STEP_SEQS * xdw * (4 + es) + SCAN_STEP_CHANNELS * (r * es + 16)
 }
-
-/// selective_scan.cu's ssd_step (Mamba-2's batched decode step): channels per block, the ways
-/// each channel's states are split (threads = their product), the most states.
-const SSD_STEP_CHANNELS: usize = 64;
-const SSD_STEP_SPLIT: usize = 8;
-const SSD_STEP_NMAX: usize = 256;
 
 /// Mirrors `ScanParams` in selective_scan.cu (see the index formulas there).
 #[repr(C)]
@@ -227,17 +214,9 @@ struct StepParams {
     dt_max: f32,
 }
 
-/// decode.cu's block size, the 16-byte pieces per lane of a chunk, the bytes of shared memory
-/// of its rings, and its limits.
-const STEP_THREADS: u32 = 512;
-const STEP_PF: usize = 4;
-const STEP_NST: usize = 3;
-const STEP_RING_BYTES: usize = (16 * STEP_NST * STEP_PF * 32 + 16 * STEP_NST * 32) * 16;
-const STEP_M1_N: usize = 16;
-const STEP_NORM_PT: usize = 8;
-const STEP_M2_MAX_N: usize = 256;
+/// decode.cu's bytes of shared memory of its rings (RING_PIECES, AUX_WORDS), and its limits.
+const STEP_RING_BYTES: usize = (STEP_THREADS / 32 * STEP_NST * (STEP_PF + 1) * 32) * 16;
 const STEP_MAX_WIDTH: usize = 12288;
-const STEP_EPOCHS: usize = 4096;
 const STEP_SMEM_MAX: usize = 227 * 1024;
 
 unsafe impl DeviceRepr for StepLayer {}
@@ -354,10 +333,6 @@ fn scan_carry(gpu: &Gpu, p: &ScanParams, seqs: usize, k: usize) -> Result<()> {
     gpu.launch("scan_carry", grid, 128, p, Some(&(k as i32)))
 }
 
-/// Chunk length and tile limits of the tensor-core SSD (ssd.cu's SSD_Q, SSD_NMAX, SSD_PMAX).
-const SSD_Q: usize = 64;
-const SSD_NMAX: usize = 128;
-const SSD_PMAX: usize = 64;
 /// Dynamic shared memory of ssd_state and ssd_out (SSD_STATE_SMEM, SSD_OUT_SMEM).
 const SSD_SMEM: (u32, u32) = {
     let (q, ns, ps, qs) = (SSD_Q, SSD_NMAX + 8, SSD_PMAX + 8, SSD_Q + 8);
@@ -543,8 +518,8 @@ pub fn check_supported(cfg: &Config) -> Result<()> {
     if cfg.bias {
         bail!("projection biases (bias = true) are not supported on the GPU yet");
     }
-    if cfg.d_conv > 8 {
-        bail!("d_conv {} is not supported on the GPU (at most 8)", cfg.d_conv);
+    if cfg.d_conv > CONV_MAX_W {
+        bail!("d_conv {} is not supported on the GPU (at most {CONV_MAX_W})", cfg.d_conv);
     }
     if cfg.d_model > NORM_VALUES * 1024 {
         bail!("d_model {} is not supported on the GPU (at most {})", cfg.d_model, NORM_VALUES * 1024);
@@ -968,7 +943,7 @@ impl GpuModel {
         mixer_ok
             && 3 * c.n_layer < STEP_EPOCHS
             && self.step_smem().total <= STEP_SMEM_MAX
-            && c.d_model <= STEP_NORM_PT * STEP_THREADS as usize
+            && c.d_model <= STEP_NORM_PT * STEP_THREADS
             && c.d_model.is_multiple_of(v)
             && e.is_multiple_of(v)
             && c.d_model.max(e) <= STEP_MAX_WIDTH
@@ -992,7 +967,7 @@ impl GpuModel {
             Arch::Mamba2 => (0, 0),
         };
         let x_proj_slices = groups * (c.dt_rank + 2 * c.d_state) * 16 * self.dtype.size();
-        let dt = STEP_RING_BYTES + 4 * c.d_model.max(e).max(4 * STEP_THREADS as usize);
+        let dt = STEP_RING_BYTES + 4 * c.d_model.max(e).max(4 * STEP_THREADS);
         let (wx, xc) = (dt + dt_rows, dt + dt_rows + x_proj_slices);
         let res = xc + 64 * groups;
         StepSmem { groups, dt, wx, xc, res, total: res + 4 * c.d_model }
@@ -1257,7 +1232,15 @@ struct StepKernel {
 
 impl StepKernel {
     fn launch(&self, g: &Gpu) -> Result<()> {
-        g.launch_with(&self.name, &self.func, (self.grid, 1, 1), STEP_THREADS, self.smem, &self.p, Gpu::cooperative())
+        g.launch_with(
+            &self.name,
+            &self.func,
+            (self.grid, 1, 1),
+            STEP_THREADS as u32,
+            self.smem,
+            &self.p,
+            Gpu::cooperative(),
+        )
     }
 }
 

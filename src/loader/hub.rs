@@ -1,5 +1,6 @@
-//! Model location: a local directory, or a Hugging Face repo id resolved through the standard
-//! cache (`HF_HOME`, default `~/.cache/huggingface`) and downloaded when allowed.
+//! Model location: the bundled model (`default`), a local directory, or a Hugging Face repo id
+//! resolved through the standard cache (`HF_HOME`, default `~/.cache/huggingface`) and downloaded
+//! when allowed.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,9 @@ fn offline() -> bool {
 
 /// Turns `--model` into a directory holding `config.json` and the weights.
 pub fn resolve(spec: &str) -> Result<PathBuf> {
+    if spec == super::default_model::NAME {
+        return super::default_model::dir(); // a directory of that name is ./default
+    }
     let p = Path::new(spec);
     if p.is_dir() {
         if !p.join("config.json").is_file() {

@@ -2,6 +2,7 @@
 //! tensors of its weight files (safetensors, sharded safetensors, PyTorch zip), and convert
 //! them, validated against the expected shapes, into the storage type the model runs in.
 
+pub mod default_model;
 pub mod hub;
 pub mod pickle;
 

@@ -13,8 +13,6 @@
 // thread per (channel, sequence), launched early (its taps load before the input is in). Bytes:
 // 4(W−1) state read and written, x and y.
 
-#define CONV_RUN 16
-#define CONV_MAX_W 8
 
 struct ConvParams {
     const void* x;        // input channel c of row (s·L + t) at x[row·x_rs + c], T

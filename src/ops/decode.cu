@@ -5,7 +5,7 @@
 // Strategy. One block of 512 threads per multiprocessor, all resident at once (launched
 // cooperatively), walking the layers in phases; a phase is either a weight-streaming
 // matrix-vector product spread over every warp of the grid, or per-channel work.
-// Each warp streams its rows through a ring of NST chunks in shared memory (cp.async, 2 KB per
+// Each warp streams its rows through a ring of STEP_NST chunks in shared memory (cp.async, 2 KB per
 // chunk, 6 KB in flight per warp, ~13 MB over the GPU). Weights never change, so while waiting
 // for the previous phase every warp fills its ring with the coming product's first chunks,
 // together with whatever else the phase reads that is already final (conv taps, x_proj's slices,
@@ -44,16 +44,10 @@
 
 typedef unsigned long long u64;
 
-#define STEP_THREADS 512
+// STEP_THREADS, STEP_PF (16-byte pieces per lane of a chunk), STEP_NST (chunks in flight per
+// warp), STEP_M1_N, STEP_M2_MAX_N, STEP_NORM_PT, STEP_EPOCHS: src/cuda/consts.rs.
 #define STEP_WARPS (STEP_THREADS / 32)
-// A chunk: PF 16-byte pieces per lane; NST chunks in flight per warp.
-#define PF 4
-#define CH (32 * PF)
-#define NST 3
-#define M1_N 16
-#define M2_MAX_N 256
-// Epochs a launch may use (hand-overs per token and the final barrier, at most).
-#define EPOCHS 4096
+#define CH (32 * STEP_PF)
 
 struct StepLayer {
     const float* norm_w;
@@ -195,7 +189,7 @@ __device__ __forceinline__ void advance(const Rows& r, Walk& w) {
     }
 }
 
-// The warp's ring: chunk slot s holds piece k of lane l at buf[(s·PF + k)·32 + l], and a 16-byte
+// The warp's ring: chunk slot s holds piece k of lane l at buf[(s·STEP_PF + k)·32 + l], and a 16-byte
 // aux word per lane (the task's epilogue inputs, copied with its first chunk).
 struct Ring {
     uint4* buf;
@@ -212,21 +206,21 @@ template <typename Aux> __device__ __forceinline__ void issue(const Rows& r, Rin
         const uint4* src = r.row(g.next.t) + g.next.c * CH;
         const int n = r.nv - g.next.c * CH;
 #pragma unroll
-        for (int k = 0; k < PF; k++)
-            if (lane + 32 * k < n) cp16(g.buf + (slot * PF + k) * 32 + lane, src + lane + 32 * k);
+        for (int k = 0; k < STEP_PF; k++)
+            if (lane + 32 * k < n) cp16(g.buf + (slot * STEP_PF + k) * 32 + lane, src + lane + 32 * k);
         if (g.next.c == 0) aux(g.next.t, g.aux + slot * 32 + lane);
         advance(r, g.next);
     }
     cp_commit();
 }
 
-// Fills the warp's ring with the first NST chunks of `r` (between arriving at the barrier and
+// Fills the warp's ring with the first STEP_NST chunks of `r` (between arriving at the barrier and
 // waiting).
 template <typename Aux> __device__ __forceinline__ Ring prefetch(const Rows& r, uint4* ring, Aux aux) {
     const int warp = threadIdx.x / 32;
-    Ring g = {ring + warp * NST * PF * 32, ring + STEP_WARPS * NST * PF * 32 + warp * NST * 32, {r.gw, 0}, 0};
+    Ring g = {ring + warp * STEP_NST * STEP_PF * 32, ring + STEP_WARPS * STEP_NST * STEP_PF * 32 + warp * STEP_NST * 32, {r.gw, 0}, 0};
 #pragma unroll
-    for (int s = 0; s < NST; s++) issue(r, g, s, aux);
+    for (int s = 0; s < STEP_NST; s++) issue(r, g, s, aux);
     return g;
 }
 
@@ -239,16 +233,16 @@ __device__ __forceinline__ void run_rows(const Rows& r, Ring& g, const float* x,
     float acc = 0.0f;
     uint4 a = make_uint4(0, 0, 0, 0);
     for (Walk w = {r.gw, 0}; w.t < r.tasks;) {
-        cp_wait<NST - 1>();
+        cp_wait<STEP_NST - 1>();
         const int n = r.nv - w.c * CH;
         const float* xt = x + w.c * CH * V;
-        const uint4* b = g.buf + g.slot * PF * 32 + lane;
+        const uint4* b = g.buf + g.slot * STEP_PF * 32 + lane;
 #pragma unroll
-        for (int k = 0; k < PF; k++)
+        for (int k = 0; k < STEP_PF; k++)
             if (lane + 32 * k < n) acc += dot_piece<T>(b[k * 32], xt + (lane + 32 * k) * V);
         if (w.c == 0) a = g.aux[g.slot * 32 + lane];
         issue(r, g, g.slot, aux);
-        g.slot = (g.slot + 1) % NST;
+        g.slot = (g.slot + 1) % STEP_NST;
         const int t = w.t;
         advance(r, w);
         if (w.c == 0) {
@@ -263,14 +257,13 @@ __device__ __forceinline__ void run_rows(const Rows& r, Ring& g, const float* x,
 // x ← norm(src)·w (+ b), rounded to T, in shared memory, and the block's copy of the residual
 // stream res ← src: src is the stream's words of `epoch` or, for the first layer, the embedding
 // row in T. The weights are loaded with the row, so the whole prologue waits on one round trip.
-#define NORM_PT 8
 template <typename T>
 __device__ void norm_into(float* x, float* res, const StepParams& p, const float* w, const float* b, float eps,
                           const T* emb, unsigned epoch) {
-    float v[NORM_PT], wv[NORM_PT], bv[NORM_PT];
+    float v[STEP_NORM_PT], wv[STEP_NORM_PT], bv[STEP_NORM_PT];
     float s = 0.0f, s2 = 0.0f;
 #pragma unroll
-    for (int j = 0; j < NORM_PT; j++) {
+    for (int j = 0; j < STEP_NORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.d_model) {
             if (emb) v[j] = to_f32(emb[i]);
@@ -284,7 +277,7 @@ __device__ void norm_into(float* x, float* res, const StepParams& p, const float
             return i < p.d_model ? p.resid + i : nullptr;
         });
 #pragma unroll
-    for (int j = 0; j < NORM_PT; j++) {
+    for (int j = 0; j < STEP_NORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.d_model) {
             res[i] = v[j];
@@ -295,7 +288,7 @@ __device__ void norm_into(float* x, float* res, const StepParams& p, const float
     float mean;
     const float inv = norm_scale(s, s2, p.d_model, b != nullptr, eps, mean);
 #pragma unroll
-    for (int j = 0; j < NORM_PT; j++) {
+    for (int j = 0; j < STEP_NORM_PT; j++) {
         const int i = threadIdx.x + j * STEP_THREADS;
         if (i < p.d_model) x[i] = round_to<T>((v[j] - mean) * inv * wv[j] + bv[j]);
     }
@@ -371,7 +364,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     const bool vec = R % DV == 0;
     const int rp = R / DV, nwc = (E + 32 * gridDim.x - 1) / (32 * gridDim.x);
     uint4* dw = dtr + warp * 32 * rp + lane;
-    float* hs = (float*)(dtr + nwc * 32 * ((R + DV - 1) / DV)) + warp * 2 * M1_N * 32 + lane;
+    float* hs = (float*)(dtr + nwc * 32 * ((R + DV - 1) / DV)) + warp * 2 * STEP_M1_N * 32 + lane;
     float dtb = 0.0f, dd = 0.0f;
     grid_arrive(p, epoch);
     if (mine) {
@@ -434,7 +427,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
     const float du = dt * u;
     float acc = 0.0f;
 #pragma unroll
-    for (int j = 0; j < M1_N; j++)
+    for (int j = 0; j < STEP_M1_N; j++)
         if (j < N) {
             const float v = exp2f(dt * hs[(N + j) * 32]) * hs[j * 32] + du * sbc[R + j];
             L.ssm_state[j * E + c] = v;
@@ -449,7 +442,7 @@ __device__ void m1_scan(const StepParams& p, const StepLayer& L, float* sbc, flo
 // y with epoch + 1.
 template <typename T>
 __device__ void m2_ssd(const StepParams& p, const StepLayer& L, float* sbc, float* red, unsigned epoch) {
-    constexpr int NS = M2_MAX_N / STEP_WARPS;
+    constexpr int NS = STEP_M2_MAX_N / STEP_WARPS;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int N = p.n, P = p.p, E = p.e, GN = p.g * p.n, units = (E + 31) / 32;
     float hs[NS], dtb = 0.0f, a2 = 0.0f, dskip = 0.0f;
@@ -565,8 +558,8 @@ __device__ __forceinline__ unsigned order_key(float v) {
 // the block's copy of the residual stream (d_model) at smem_res, and for Mamba-1 at the given
 // offsets: the dt_proj rows of the warps with scan channels, the x_proj slices and the x
 // channels' conv outputs (x_proj_slices).
-#define RING_PIECES (STEP_WARPS * NST * PF * 32)
-#define AUX_WORDS (STEP_WARPS * NST * 32)
+#define RING_PIECES (STEP_WARPS * STEP_NST * STEP_PF * 32)
+#define AUX_WORDS (STEP_WARPS * STEP_NST * 32)
 
 template <typename T> __device__ void decode_step(const StepParams& p) {
     constexpr int V = 16 / sizeof(T);
@@ -577,7 +570,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
     uint4* wx = (uint4*)((char*)dyn + p.smem_wx);
     float* xc = (float*)((char*)dyn + p.smem_xc);
     float* res = (float*)((char*)dyn + p.smem_res);
-    __shared__ __align__(16) float sbc[2 * M2_MAX_N];
+    __shared__ __align__(16) float sbc[2 * STEP_M2_MAX_N];
     __shared__ float red[STEP_THREADS];
     __shared__ unsigned long long sbest;
     const int lane = threadIdx.x % 32;
@@ -664,7 +657,7 @@ template <typename T> __device__ void decode_step(const StepParams& p) {
         *p.ids = id;
         *p.next_token = id;
         *p.best = 0;
-        *base += EPOCHS;  // every block read it at its start, before the barrier
+        *base += STEP_EPOCHS;  // every block read it at its start, before the barrier
     }
 }
 

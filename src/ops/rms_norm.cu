@@ -28,7 +28,6 @@ struct AddNormParams {
     float eps;
 };
 
-#define NORM_VALUES 8
 
 template <typename T> __device__ void add_norm(const AddNormParams p) {
     const int r = blockIdx.x, d = p.d;

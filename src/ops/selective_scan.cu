@@ -456,9 +456,7 @@ template <typename T> __device__ void scan_states(const ScanParams& p) {  // 128
 // independent sums. Bytes per (channel, sequence): the state read and written
 // (8N), u, z, y (6 in 16-bit types); dt_proj and A once per block (2R + 4N per channel).
 // 2R + ~6N FLOPs per (channel, sequence).
-#define SCAN_STEP_N 16
-#define SCAN_STEP_SEQS 2  // 4 left one warp a scheduler at batch 16, 5 % slower there
-#define SCAN_STEP_CHANNELS 128
+// SCAN_STEP_SEQS 2: 4 left one warp a scheduler at batch 16, 5 % slower there.
 
 struct ScanStepParams {
     const void* u;          // conv output, (S, E) T
@@ -553,9 +551,6 @@ template <typename T> __device__ void scan_step(const ScanStepParams p) {
 // scan_chunk's for one step. Channels per group (so E) are a multiple of 64, as the caller
 // checks. Bytes per (channel, sequence): the state read and written (8N), u, z and y; B, C per
 // block. 4N FLOPs.
-#define SSD_STEP_CHANNELS 64
-#define SSD_STEP_SPLIT 8
-#define SSD_STEP_NMAX 256
 
 template <typename T> __device__ void ssd_step(const ScanParams p) {
     __shared__ float bc[2][SSD_STEP_NMAX];

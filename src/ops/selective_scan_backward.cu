@@ -20,9 +20,7 @@
 // scan_a2: the training forward's A·log2(e) in the (N, E) layout of ScanParams.a2, from A_log
 // ((E, N), the parameter) after each update.
 
-#define SCAN_BWD_SUB 16
-#define SCAN_BWD_THREADS 256
-#define SCAN_BWD_MAX_N 32
+// SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_BWD_MAX_N: src/cuda/consts.rs.
 
 struct ScanBwdParams {
     const float* u;         // u[r·u_rs + c], r = s·L + t

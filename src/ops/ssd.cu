@@ -23,9 +23,7 @@
 // feeds both C·S_in and C·Bᵀ, and the masked weights it writes are only read back by itself.
 // Alignment: x, B, C rows start on 16 bytes because N and P are multiples of 16.
 
-#define SSD_Q 64
-#define SSD_NMAX 128
-#define SSD_PMAX 64
+// SSD_Q, SSD_NMAX, SSD_PMAX: src/cuda/consts.rs.
 #define SSD_NS (SSD_NMAX + 8)  // row stride of N-long rows (elements)
 #define SSD_PS (SSD_PMAX + 8)  // of P-long rows
 #define SSD_QS (SSD_Q + 8)     // of Q-long rows

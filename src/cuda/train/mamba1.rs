@@ -59,7 +59,7 @@ pub fn work_len(cfg: &Config, seqs: usize, len: usize) -> usize {
         + seqs * (w - 1) * e
         + seqs * e * n
         + scan_workspace(seqs, e, n, len)
-        + seqs * len.div_ceil(ops::SCAN_SUB) * e * n
+        + seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n
         + parts
         + seqs * e * n
         + seqs * 2 * e
@@ -92,7 +92,7 @@ fn work(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
         conv_state: take(seqs * (w - 1) * e),
         scan_state: take(seqs * e * n),
         scan_work: take(scan_workspace(seqs, e, n, len)),
-        ckpt: take(seqs * len.div_ceil(ops::SCAN_SUB) * e * n),
+        ckpt: take(seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n),
         parts: take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e)),
         parts_a: take(seqs * e * n),
         parts_dd: take(seqs * 2 * e),

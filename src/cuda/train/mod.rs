@@ -191,8 +191,8 @@ impl GpuTrainer {
             bail!("training on the GPU supports Mamba-1 models for now; train Mamba-2 with --device cpu");
         }
         let n = layout.cfg.d_state;
-        if !n.is_power_of_two() || n > ops::SCAN_MAX_N {
-            bail!("training on the GPU needs d_state a power of two up to {} (this model: {n})", ops::SCAN_MAX_N);
+        if !n.is_power_of_two() || n > ops::SCAN_BWD_MAX_N {
+            bail!("training on the GPU needs d_state a power of two up to {} (this model: {n})", ops::SCAN_BWD_MAX_N);
         }
         if layout.cfg.d_conv > 8 {
             bail!("training on the GPU supports conv widths up to 8 (this model: {})", layout.cfg.d_conv);

@@ -10,12 +10,7 @@ use cudarc::driver::DeviceRepr;
 
 /// Row slices of the norm weights' gradient partial sums (rms_norm_weight_grad's blockIdx.y).
 pub const NORM_SLICES: usize = 64;
-/// conv1d's run of steps per thread (CONV_RUN).
-pub const CONV_RUN: usize = 16;
-/// selective_scan_backward.cu's SCAN_BWD_SUB, SCAN_BWD_THREADS and SCAN_BWD_MAX_N.
-pub const SCAN_SUB: usize = 16;
-const SCAN_THREADS: usize = 256;
-pub const SCAN_MAX_N: usize = 32;
+pub use crate::cuda::consts::{CONV_RUN, SCAN_BWD_MAX_N, SCAN_BWD_SUB, SCAN_BWD_THREADS};
 /// Blocks of sum_squares (its partial sums, added on the host in order).
 pub const SQUARE_BLOCKS: usize = 528;
 
@@ -413,17 +408,17 @@ pub fn conv_backward(g: &Gpu, p: &ConvBwdParams, seqs: usize, gw: u64, gb: Optio
 
 /// Channels a block of scan_backward covers.
 pub fn scan_block_channels(n: usize) -> usize {
-    SCAN_THREADS / n
+    SCAN_BWD_THREADS / n
 }
 
 /// Bytes of scan_backward's shared memory for `n` states (its layout is in the .cu file).
 fn scan_backward_smem(n: usize) -> u32 {
-    let (ch, warps) = (SCAN_THREADS / n, SCAN_THREADS / 32);
-    let floats = 7 * SCAN_SUB * ch
-        + SCAN_SUB * 2 * n
-        + 3 * SCAN_SUB * ch * (n + 1)
-        + 2 * SCAN_SUB * warps * n
-        + 2 * SCAN_THREADS;
+    let (ch, warps) = (SCAN_BWD_THREADS / n, SCAN_BWD_THREADS / 32);
+    let floats = 7 * SCAN_BWD_SUB * ch
+        + SCAN_BWD_SUB * 2 * n
+        + 3 * SCAN_BWD_SUB * ch * (n + 1)
+        + 2 * SCAN_BWD_SUB * warps * n
+        + 2 * SCAN_BWD_THREADS;
     4 * floats as u32
 }
 
@@ -442,9 +437,9 @@ pub fn scan_backward(
     let nblk = e.div_ceil(scan_block_channels(n));
     let grid = (nblk as u32, seqs as u32, 1);
     if slow || ![8, 16, 32].contains(&n) {
-        g.launch("scan_backward_slow", grid, SCAN_THREADS as u32, p, None)?;
+        g.launch("scan_backward_slow", grid, SCAN_BWD_THREADS as u32, p, None)?;
     } else {
-        g.launch_smem("scan_backward", grid, SCAN_THREADS as u32, scan_backward_smem(n), p, None)?;
+        g.launch_smem("scan_backward", grid, SCAN_BWD_THREADS as u32, scan_backward_smem(n), p, None)?;
     }
     let bc = 2 * n;
     sum_parts_strided(
