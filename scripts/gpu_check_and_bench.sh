@@ -217,10 +217,11 @@ if has tasks; then
     log "the synthetic tasks on the GPU (tasks-*.jsonl)"
     for task in induction-heads selective-copying; do
         rm -rf /tmp/$task
-        timeout "${TASK_TIMEOUT:-240}" $BIN train --task $task --preset tiny --seq-len 256 --batch-size 32 --steps 3000 --lr 2e-3 \
-            --warmup 100 --eval-every 500 --eval-lens 4096,65536 --save-every 0 --device cuda --dtype bf16 \
-            --out /tmp/$task >/dev/null 2>&1
+        timeout "${TASK_TIMEOUT:-240}" $BIN train --task $task --preset tiny --seq-len 256 --batch-size "${TASK_BATCH:-32}" \
+            --steps "${TASK_STEPS:-3000}" --lr 2e-3 --warmup 100 --eval-every 500 --eval-lens 4096,65536 --save-every 0 \
+            --device cuda --dtype bf16 ${TASK_ARGS:-} --out /tmp/$task >/dev/null 2>&1
         grep -E 'accuracy' /tmp/$task/metrics.jsonl | tee "$OUT/tasks-$task.jsonl"
+        tail -1 /tmp/$task/metrics.jsonl >> "$OUT/tasks-$task.jsonl"
     done
 fi
 

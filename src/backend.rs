@@ -12,6 +12,9 @@ pub trait Backend {
     fn cfg(&self) -> &Config;
     /// Starts over with one slot per state.
     fn begin(&mut self, states: Vec<State>) -> Result<()>;
+    /// Puts `state` in slot `i` (which [`Backend::begin`] made), for a new sequence: the
+    /// slot is live again if it was retired.
+    fn set_state(&mut self, i: usize, state: State) -> Result<()>;
     /// Feeds `l` tokens to each slot in `slots` (ascending; `tokens` row-major, one row per
     /// slot) and returns the logits of each slot's last `n_logits` positions. Slots of one call
     /// with `l > 1` are consecutive.
@@ -78,6 +81,12 @@ impl Backend for Cpu<'_> {
         Ok(())
     }
 
+    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+        state.check(&self.model.cfg)?;
+        self.states[i] = state;
+        Ok(())
+    }
+
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
         let mut want = vec![false; self.states.len()];
         slots.iter().for_each(|&i| want[i] = true);
@@ -123,6 +132,13 @@ impl<B: Backend> Backend for PerSequence<'_, B> {
             run.begin(vec![s])?;
             self.runs.push(run);
         }
+        Ok(())
+    }
+
+    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+        let mut run = (self.make)();
+        run.begin(vec![state])?;
+        self.runs[i] = run;
         Ok(())
     }
 

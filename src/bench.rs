@@ -92,5 +92,5 @@ pub fn generation_loop(be: &mut dyn Backend, prompt: &[u32], gen: usize) -> Resu
         vocab_limit: be.cfg().vocab_size,
     };
     let start = Start { prompt: prompt.to_vec(), resume: None };
-    Ok(generate_text(be, vec![start], &opts, &tok, &[], |_, _| {})?.remove(0).0)
+    Ok(generate_text(be, vec![start], &opts, &tok, &[], |_, _| {})?.remove(0))
 }

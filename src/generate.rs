@@ -1,27 +1,21 @@
-//! Autoregressive generation: prefill the prompts in parallel over their tokens (equal-length
-//! prompts together), then decode all live sequences together one step at a time (weights read
+//! Generation of a fixed set of sequences (what `mamba-lm generate` and the benches run):
+//! every start is queued on a [`Scheduler`] with one slot each, so prompts of equal length
+//! prefill together and all sequences then decode together one step at a time (weights read
 //! once per step for the batch).
 
 use crate::backend::{Backend, Cpu};
 use crate::model::Model;
-use crate::sampling::{sample, Sampling};
-use crate::state::{Snapshot, State};
-use crate::text_stream::TextStream;
+pub use crate::scheduler::{Control, Output};
+use crate::scheduler::{Event, Job, Params, Scheduler};
+use crate::state::Snapshot;
 use crate::tokenizer::Tokenizer;
-use anyhow::{bail, Result};
-use rand::{rngs::StdRng, Rng, SeedableRng};
-use std::collections::BTreeMap;
-use std::time::Instant;
-
-/// Prompt tokens per prefill pass: long enough to run at full GEMM speed, short enough that
-/// activations stay small (about 50 MB for a 130M model).
-pub const PREFILL_CHUNK: usize = 2048;
+use anyhow::Result;
 
 /// Options for [`generate`].
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
-    pub sampling: Sampling,
+    pub sampling: crate::sampling::Sampling,
     /// Sequence `i` of the batch draws from its own generator seeded with `seed + i`, so its
     /// tokens do not depend on which other sequences share the batch.
     pub seed: u64,
@@ -35,28 +29,6 @@ pub struct GenerateOptions {
 pub struct Start {
     pub prompt: Vec<u32>,
     pub resume: Option<Snapshot>,
-}
-
-/// What one sequence produced.
-#[derive(Clone, Debug)]
-pub struct Output {
-    pub prompt_ids: Vec<u32>,
-    pub new_ids: Vec<u32>,
-    pub prefill_ms: f64,
-    /// Wall time per new token as the caller sees it: from the end of the prefill to this
-    /// sequence's last token, host work (sampling, the `on_token` callback) included.
-    pub decode_ms_per_token: f64,
-    /// The part of it spent in the model's forward steps (waiting for the device included).
-    pub device_ms_per_token: f64,
-    /// The session after the last new token was fed back (every token consumed).
-    pub snapshot: Snapshot,
-}
-
-/// Why `on_token` wants to stop a sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Control {
-    Continue,
-    Stop,
 }
 
 /// Generates for each start on the CPU. `on_token(seq, token)` is called for every new token and
@@ -77,147 +49,16 @@ pub fn generate_on(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(usize, u32) -> Control,
 ) -> Result<Vec<Output>> {
-    opts.sampling.validate().map_err(anyhow::Error::msg)?;
-    let v = be.cfg().vocab_padded;
-    let limit = opts.vocab_limit.min(v);
-    if limit == 0 {
-        bail!("no usable vocabulary");
-    }
-    let n = starts.len();
-    let mut rngs: Vec<StdRng> = (0..n as u64).map(|i| StdRng::seed_from_u64(opts.seed.wrapping_add(i))).collect();
-    let mut states: Vec<State> = Vec::with_capacity(n);
-    let mut logits: Vec<Vec<f32>> = Vec::with_capacity(n);
-    let mut history: Vec<Vec<u32>> = Vec::with_capacity(n);
-    let mut prompts = Vec::with_capacity(n);
-    for s in starts {
-        let (state, last, mut hist) = match s.resume {
-            Some(snap) => (snap.state, snap.next_logits, snap.tokens),
-            None if s.prompt.is_empty() => bail!("empty prompt: give at least one token"),
-            None => (State::new(be.cfg()), vec![], vec![]),
-        };
-        hist.extend_from_slice(&s.prompt);
-        prompts.push(s.prompt);
-        states.push(state);
-        logits.push(last);
-        history.push(hist);
-    }
-    // Slots are ordered by prompt length, so prompts of equal length sit in consecutive slots.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| prompts[i].len());
-    let mut slot = vec![0; n];
-    order.iter().enumerate().for_each(|(s, &i)| slot[i] = s);
-    be.begin(order.iter().map(|&i| std::mem::replace(&mut states[i], State { layers: vec![], pos: 0 })).collect())?;
-    // Prefill: prompts of equal length go through together (one GEMM per projection for the
-    // group); long prompts in chunks carrying the state, so prefill memory stays bounded.
-    let mut prefill_ms = vec![0.0f64; n];
-    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    order
-        .iter()
-        .filter(|&&i| !prompts[i].is_empty())
-        .for_each(|&i| by_len.entry(prompts[i].len()).or_default().push(i));
-    for (len, group) in by_len {
-        let t0 = Instant::now();
-        let slots: Vec<usize> = group.iter().map(|&i| slot[i]).collect();
-        for c0 in (0..len).step_by(PREFILL_CHUNK) {
-            let c1 = (c0 + PREFILL_CHUNK).min(len);
-            let toks: Vec<u32> = group.iter().flat_map(|&i| prompts[i][c0..c1].iter().copied()).collect();
-            let out = be.forward(&toks, c1 - c0, &slots, 1)?;
-            for (j, &i) in group.iter().enumerate() {
-                logits[i].clear();
-                logits[i].extend_from_slice(&out[j * v..(j + 1) * v]);
-            }
-        }
-
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        group.iter().for_each(|&i| prefill_ms[i] = ms);
-    }
-    let mut new_ids: Vec<Vec<u32>> = vec![vec![]; n];
-    let mut live: Vec<usize> = if opts.max_new_tokens == 0 { vec![] } else { order.clone() };
-    let mut decode_time = vec![0.0f64; n];
-    let mut last_at = vec![0.0f64; n];
-    let decode_start = Instant::now();
-    let greedy = opts.sampling.is_greedy();
-    // A sequence's state once it has consumed everything (taken when it finishes).
-    let mut finals: Vec<Option<State>> = vec![None; n];
-    // The backend may pick the tokens itself (the GPU: no logits copied out per step), drawing
-    // on the same random numbers, in the same order, as the host would; `next` holds what it
-    // picked.
-    let on_device = be.picks(&opts.sampling);
-    let mut next: Vec<Option<u32>> = vec![None; n];
-    while !live.is_empty() {
-        let mut feed = Vec::with_capacity(live.len());
-        let mut toks = Vec::with_capacity(live.len());
-        let mut done = Vec::new();
-        for &i in &live {
-            let tok = match next[i].take() {
-                Some(t) => t,
-                None => {
-                    let u = if greedy { 0.0 } else { rngs[i].random::<f64>() };
-                    sample(&mut logits[i][..limit], &history[i], &opts.sampling, u)
-                }
-            };
-            new_ids[i].push(tok);
-            history[i].push(tok);
-            if Some(tok) == opts.eos || new_ids[i].len() >= opts.max_new_tokens || on_token(i, tok) == Control::Stop {
-                done.push(i);
-            }
-            last_at[i] = decode_start.elapsed().as_secs_f64() * 1e3;
-            // Feed even the last token so the saved state has consumed everything.
-            feed.push(slot[i]);
-            toks.push(tok);
-        }
-        let t0 = Instant::now();
-        if on_device {
-            let us: Vec<f64> =
-                live.iter().map(|&i| if greedy || done.contains(&i) { 0.0 } else { rngs[i].random::<f64>() }).collect();
-            let hist: Vec<&[u32]> = live.iter().map(|&i| history[i].as_slice()).collect();
-            let ids = be.forward_pick(&toks, &feed, limit, &opts.sampling, &us, &hist)?;
-            live.iter().zip(ids).for_each(|(&i, t)| next[i] = Some(t));
-        } else {
-            let out = be.forward(&toks, 1, &feed, 1)?;
-            for (j, &i) in live.iter().enumerate() {
-                logits[i].clear();
-                logits[i].extend_from_slice(&out[j * v..(j + 1) * v]);
-            }
-        }
-        let dt = t0.elapsed().as_secs_f64() * 1e3;
-        live.iter().for_each(|&i| decode_time[i] += dt);
-        for &i in &done {
-            finals[i] = Some(be.state(slot[i])?);
-            be.retire(slot[i]);
-            if on_device {
-                logits[i] = be.picked_logits(slot[i])?;
-            }
-        }
-        live.retain(|i| !done.contains(i));
-    }
-    let mut outs = Vec::with_capacity(n);
-    for i in 0..n {
-        let state = match finals[i].take() {
-            Some(s) => s,
-            None => be.state(slot[i])?,
-        };
-        let k = new_ids[i].len().max(1);
-        outs.push(Output {
-            prompt_ids: std::mem::take(&mut prompts[i]),
-            new_ids: std::mem::take(&mut new_ids[i]),
-            prefill_ms: prefill_ms[i],
-            decode_ms_per_token: last_at[i] / k as f64,
-            device_ms_per_token: decode_time[i] / k as f64,
-            snapshot: Snapshot {
-                state,
-                next_logits: std::mem::take(&mut logits[i]),
-                tokens: std::mem::take(&mut history[i]),
-            },
-        });
-    }
-    Ok(outs)
+    run(be, starts, opts, None, &[], |i, ev| match ev {
+        Event::Token { id, .. } => on_token(i, id),
+        _ => Control::Continue,
+    })
 }
 
 /// [`generate_on`] with each sequence's text streamed (the loop `mamba-lm generate` runs):
 /// `on_text(seq, piece)` gets text as it becomes final, never part of a stop string or of an
 /// incomplete character; a stop string ends its sequence, and the end-of-sequence token is
-/// not part of the text. Returns each output with its whole text.
+/// not part of the text ([`Output::text`] holds it all).
 pub fn generate_text(
     be: &mut dyn Backend,
     starts: Vec<Start>,
@@ -225,39 +66,64 @@ pub fn generate_text(
     tok: &Tokenizer,
     stops: &[String],
     mut on_text: impl FnMut(usize, &str),
-) -> Result<Vec<(Output, String)>> {
-    let mut streams: Vec<TextStream> = starts.iter().map(|_| TextStream::new(tok, stops)).collect();
-    let mut err = None;
-    let outs = generate_on(be, starts, opts, |i, id| {
-        let step = if Some(id) == opts.eos { streams[i].finish().map(|t| (t, true)) } else { streams[i].push(id) };
-        match step {
-            Ok((text, stop)) => {
-                if !text.is_empty() {
-                    on_text(i, &text);
-                }
-                if stop {
-                    Control::Stop
-                } else {
-                    Control::Continue
-                }
-            }
-            Err(e) => {
-                err = Some(e);
-                Control::Stop
+) -> Result<Vec<Output>> {
+    run(be, starts, opts, Some(tok), stops, |i, ev| {
+        if let Event::Token { text, .. } | Event::Text(text) = ev {
+            if !text.is_empty() {
+                on_text(i, text);
             }
         }
-    })?;
-    if let Some(e) = err {
-        return Err(e);
+        Control::Continue
+    })
+}
+
+/// Runs every start to its end on a scheduler with a slot each; `on(seq, event)` sees every
+/// event but the last.
+fn run(
+    be: &mut dyn Backend,
+    starts: Vec<Start>,
+    opts: &GenerateOptions,
+    tok: Option<&Tokenizer>,
+    stops: &[String],
+    mut on: impl FnMut(usize, Event) -> Control,
+) -> Result<Vec<Output>> {
+    let n = starts.len();
+    if n == 0 {
+        return Ok(vec![]);
     }
-    // Sequences that reached their length limit release what they held back.
-    for (i, s) in streams.iter_mut().enumerate() {
-        let text = s.finish()?;
-        if !text.is_empty() {
-            on_text(i, &text);
+    let mut sched = Scheduler::new(be, n, tok)?;
+    // Slots in order of prompt length, so prompts of equal length sit in consecutive slots.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| starts[i].prompt.len());
+    let mut starts: Vec<Option<Start>> = starts.into_iter().map(Some).collect();
+    let mut seq_of = vec![0; n];
+    for &i in &order {
+        let s = starts[i].take().unwrap();
+        let params = Params {
+            max_new_tokens: opts.max_new_tokens,
+            sampling: opts.sampling.clone(),
+            seed: opts.seed.wrapping_add(i as u64),
+            eos: opts.eos,
+            vocab_limit: opts.vocab_limit,
+            stops: stops.to_vec(),
+            logprobs: None,
+        };
+        let id = sched.submit(Job { prompt: s.prompt, resume: s.resume, params, marks: vec![] })?;
+        seq_of[id as usize] = i;
+    }
+    let mut outs: Vec<Option<Output>> = vec![None; n];
+    let mut each = |id: u64, ev: Event| {
+        let i = seq_of[id as usize];
+        match ev {
+            Event::Done(o) => {
+                outs[i] = Some(*o);
+                Control::Continue
+            }
+            ev => on(i, ev),
         }
-    }
-    Ok(outs.into_iter().zip(streams).map(|(o, s)| (o, s.text().to_string())).collect())
+    };
+    while sched.step(&mut each)? {}
+    Ok(outs.into_iter().map(|o| o.expect("every sequence ends")).collect())
 }
 
 #[cfg(test)]
@@ -265,6 +131,8 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::init::random_model;
+    use crate::sampling::Sampling;
+    use crate::state::State;
     use crate::tensor::DType;
 
     /// The CPU backend, checking that generation keeps `Backend::retire`'s promise: a retired
@@ -281,6 +149,10 @@ mod tests {
         fn begin(&mut self, states: Vec<State>) -> Result<()> {
             self.retired = vec![false; states.len()];
             self.cpu.begin(states)
+        }
+        fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+            self.retired[i] = false;
+            self.cpu.set_state(i, state)
         }
         fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
             assert!(slots.iter().all(|&i| !self.retired[i]), "a retired slot was fed");

@@ -31,6 +31,7 @@ pub mod ops;
 pub mod plot;
 pub mod quantize;
 pub mod sampling;
+pub mod scheduler;
 pub mod score;
 pub mod state;
 pub mod tensor;

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 #[cfg(feature = "cuda")]
 mod gpu_bench;
+mod serve;
 mod train_cli;
 
 #[derive(Parser)]
@@ -31,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching, prefix cache).
+    Serve(serve::ServeArgs),
     /// Mean next-token NLL and perplexity of text or token ids.
     Score(ScoreArgs),
     /// Write a randomly initialised checkpoint (official initialisation, transformers format).
@@ -498,7 +501,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             let _ = write!(out, "{text}").and_then(|_| out.flush());
         }
     })?;
-    for (o, text) in &outs {
+    for o in &outs {
+        let text = &o.text;
         if a.json {
             let v = json!({
                 "prompt_ids": o.prompt_ids, "new_ids": o.new_ids, "text": text,
@@ -513,7 +517,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     if let Some(p) = &a.save_state {
-        let snap = &outs[0].0.snapshot;
+        let snap = &outs[0].snapshot;
         snap.save(model.cfg(), p, a.force)?;
         eprintln!("saved session ({} tokens) to {}", snap.tokens.len(), p.display());
     }
@@ -793,6 +797,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Serve(a) => serve::cmd_serve(a),
         Cmd::Score(a) => cmd_score(a),
         Cmd::Init(a) => cmd_init(a),
         Cmd::Info(a) => cmd_info(a),

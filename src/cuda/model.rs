@@ -1315,7 +1315,8 @@ impl Decoder<'_> {
 }
 
 /// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps by a [`Decoder`]
-/// over all slots, so only while every slot not fed is retired (it gets a placeholder token).
+/// over all slots (a retired slot gets a placeholder token; a live one not fed keeps its state
+/// through the step by a copy to the host and back).
 pub struct GpuRun<'m> {
     model: &'m GpuModel,
     states: Option<GpuStates>,
@@ -1353,21 +1354,30 @@ impl Backend for GpuRun<'_> {
         Ok(())
     }
 
+    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+        let st = self.states.as_mut().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        self.model.set_state(st, i, &state)?;
+        self.pos[i] = state.pos;
+        self.retired[i] = false;
+        Ok(())
+    }
+
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         slots.iter().for_each(|&i| self.pos[i] += l as u64);
         let v = self.model.cfg.vocab_padded;
-        // One token for some of the slots while others still wait for their prompts (a group of
-        // one-token prompts, or prompts whose last chunk is one token) goes the prefill way,
-        // which touches only its own slots.
-        if l == 1 && n_logits == 1 && self.step_spares_the_rest(slots) {
+        // One token a slot goes through a decode step (which keeps the state of the live slots it
+        // does not feed), except for consecutive slots while others are live: the prefill way
+        // touches only its own slots, without copying the others' states.
+        let consecutive = slots.windows(2).all(|w| w[1] == w[0] + 1);
+        if l == 1 && n_logits == 1 && (self.step_spares_the_rest(slots) || !consecutive) {
             let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
             self.step(tokens, slots, limit)?;
             let dec = self.decoder.as_ref().unwrap();
             let logits = dec.logits(0..dec.seqs)?;
             return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
         }
-        if slots.windows(2).any(|w| w[1] != w[0] + 1) {
+        if !consecutive {
             bail!("GPU prefill needs consecutive slots");
         }
         self.model.run(tokens, l, st, slots[0], n_logits)
@@ -1401,9 +1411,6 @@ impl Backend for GpuRun<'_> {
         us: &[f64],
         history: &[&[u32]],
     ) -> Result<Vec<u32>> {
-        if !self.step_spares_the_rest(slots) {
-            bail!("a GPU decode step of some slots needs the others retired");
-        }
         slots.iter().for_each(|&i| self.pos[i] += 1);
         self.step(tokens, slots, limit)?;
         let dec = self.decoder.as_mut().unwrap();
@@ -1445,9 +1452,19 @@ impl GpuRun<'_> {
             // The graph holds `st`'s device addresses: `begin` drops it before the states.
             self.decoder = Some(self.model.decoder(st, limit)?);
         }
+        // Live slots not fed (prompts part-way through their prefill) keep their state.
+        let keep: Vec<(usize, State)> = (0..self.pos.len())
+            .filter(|i| !self.retired[*i] && !slots.contains(i))
+            .map(|i| Ok((i, self.model.get_state(st, i, self.pos[i])?)))
+            .collect::<Result<_>>()?;
         let dec = self.decoder.as_mut().unwrap();
         let mut all = vec![0u32; dec.seqs];
         slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
-        dec.step(&all)
+        dec.step(&all)?;
+        let st = self.states.as_mut().unwrap();
+        for (i, s) in keep {
+            self.model.set_state(st, i, &s)?;
+        }
+        Ok(())
     }
 }
