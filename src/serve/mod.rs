@@ -145,7 +145,10 @@ pub fn cmd_serve(a: ServeArgs) -> Result<()> {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(|State(app): State<Arc<App>>| async move { app.metrics.render() }))
         .route("/v1/models", get(models))
-        .route("/openapi.json", get(|| async { ([("content-type", "application/json")], include_str!("openapi.json")) }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([("content-type", "application/json")], include_str!("openapi.json")) }),
+        )
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|| async { ApiError::status(StatusCode::NOT_FOUND, "no such endpoint") })
