@@ -77,9 +77,9 @@ pub fn penalize(logits: &mut [f32], history: &[u32], penalty: f32) {
     }
 }
 
-/// Candidate order for top-k and top-p, shared with the GPU (sampling.cu): larger logit first,
-/// the lower id first among equals.
-fn before(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+/// Candidate order for top-k, top-p and reported logprobs, shared with the GPU (sampling.cu):
+/// larger logit first, the lower id first among equals.
+pub(crate) fn before(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 

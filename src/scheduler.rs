@@ -7,7 +7,7 @@
 //! server both run on it.
 
 use crate::backend::Backend;
-use crate::sampling::{sample, Sampling};
+use crate::sampling::{before, sample, Sampling};
 use crate::state::{Snapshot, State};
 use crate::text_stream::TextStream;
 use crate::tokenizer::Tokenizer;
@@ -223,9 +223,9 @@ impl<'b, 't> Scheduler<'b, 't> {
         Ok(id)
     }
 
-    /// Jobs queued or running.
+    /// Jobs queued, running, or cancelled and not yet reported.
     pub fn len(&self) -> usize {
-        self.queue.len() + self.running()
+        self.queue.len() + self.cancelled.len() + self.running()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -499,11 +499,10 @@ pub fn logprob(logits: &[f32], tok: u32, n: usize) -> Logprob {
     let lse = max as f64 + logits.iter().map(|&x| ((x - max) as f64).exp()).sum::<f64>().ln();
     let lp = |x: f32| (x as f64 - lse) as f32;
     let mut top: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, x)).collect();
-    let by = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if n > 0 && n < top.len() {
-        top.select_nth_unstable_by(n - 1, by);
+        top.select_nth_unstable_by(n - 1, before);
     }
     top.truncate(n);
-    top.sort_by(by);
+    top.sort_by(before);
     Logprob { logprob: lp(logits[tok as usize]), top: top.into_iter().map(|(i, x)| (i, lp(x))).collect() }
 }

@@ -23,10 +23,14 @@ impl ApiError {
     pub fn status(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, message: message.into(), param: None }
     }
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The model's thread refused a sequence or failed, with this HTTP status.
+    pub fn engine(status: u16, message: String) -> ApiError {
+        ApiError::status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), message)
+    }
+
+    /// The error object, as a response body or a stream's last event.
+    pub fn body(&self) -> Value {
         let kind = match self.status.as_u16() {
             401 => "authentication_error",
             404 => "not_found_error",
@@ -34,8 +38,13 @@ impl IntoResponse for ApiError {
             s if s >= 500 => "server_error",
             _ => "invalid_request_error",
         };
-        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": null}});
-        let mut r = (self.status, axum::Json(body)).into_response();
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": null}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
         }

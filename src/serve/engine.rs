@@ -22,7 +22,8 @@ pub struct Request {
     pub index: usize,
     pub prompt: Vec<u32>,
     pub params: Params,
-    /// Continue from this session's state (when it exists) and keep the final state under it.
+    /// Continue from the state kept under this name (when there is one) and keep the final
+    /// state under it.
     pub session: Option<String>,
     pub arrived: Instant,
     pub out: UnboundedSender<(usize, Msg)>,

@@ -445,8 +445,20 @@ impl App {
     }
 }
 
+impl Choice {
+    /// The choice has ended. The choices of one prompt share it: only the first counts its
+    /// tokens (and those the cache served) in the usage.
+    fn end(&mut self, first_of_prompt: bool, finish: Finish, prompt_tokens: usize, new_tokens: usize) {
+        self.finish = Some(finish);
+        self.new_tokens = new_tokens;
+        self.prompt_tokens = if first_of_prompt { prompt_tokens } else { 0 };
+        if !first_of_prompt {
+            self.cached = 0;
+        }
+    }
+}
+
 fn usage(choices: &[Choice]) -> Value {
-    // Sequences of one prompt share its tokens: count each prompt once.
     let prompt: usize = choices.iter().map(|c| c.prompt_tokens).sum();
     let cached: usize = choices.iter().map(|c| c.cached).sum();
     let completion: usize = choices.iter().map(|c| c.new_tokens).sum();
@@ -490,15 +502,10 @@ async fn whole(app: &App, a: Ask, mut rx: UnboundedReceiver<(usize, Msg)>) -> Re
             }
             Msg::Text(t) => c.text.push_str(&t),
             Msg::Done { finish, prompt_tokens, new_tokens } => {
-                (c.finish, c.prompt_tokens, c.new_tokens) = (Some(finish), prompt_tokens, new_tokens);
+                c.end(i % a.c.n == 0, finish, prompt_tokens, new_tokens);
                 left -= 1;
             }
-            Msg::Failed { status, message } => {
-                return Err(ApiError::status(
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                    message,
-                ))
-            }
+            Msg::Failed { status, message } => return Err(ApiError::engine(status, message)),
         }
     }
     let (id, object) = ids(a.chat);
@@ -516,13 +523,7 @@ async fn whole(app: &App, a: Ask, mut rx: UnboundedReceiver<(usize, Msg)>) -> Re
             }
         })
         .collect();
-    // Choices of one prompt share it: usage counts each prompt once.
-    let firsts: Vec<Choice> = ch
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| if i % a.c.n == 0 { c } else { Choice { prompt_tokens: 0, cached: 0, ..c } })
-        .collect();
-    let mut body = json!({"id": id, "object": object, "created": now_s(), "model": app.name, "choices": choices, "usage": usage(&firsts)});
+    let mut body = json!({"id": id, "object": object, "created": now_s(), "model": app.name, "choices": choices, "usage": usage(&ch)});
     if let Some(s) = &a.c.session {
         body["session"] = json!(s);
     }
@@ -563,7 +564,11 @@ fn stream(app: Arc<App>, a: Ask, mut rx: UnboundedReceiver<(usize, Msg)>) -> Res
                         let c = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
                         Some(SseEvent::default().data(json!({"id": id, "object": object, "created": created, "model": app.name, "choices": [c]}).to_string()))
                     } else {
-                        a.echo.get(i / a.c.n).map(|e| chunk(i, e, &[], 0, None))
+                        // The echoed prompt leads the text: logprobs' offsets count it.
+                        a.echo.get(i / a.c.n).map(|e| {
+                            ch[i].text.push_str(e);
+                            chunk(i, e, &[], 0, None)
+                        })
                     }
                 }
                 Msg::Token { id: t, text, logprob } => {
@@ -579,13 +584,11 @@ fn stream(app: Arc<App>, a: Ask, mut rx: UnboundedReceiver<(usize, Msg)>) -> Res
                 }
                 Msg::Done { finish, prompt_tokens, new_tokens } => {
                     left -= 1;
-                    ch[i].prompt_tokens = if i % a.c.n == 0 { prompt_tokens } else { 0 };
-                    ch[i].new_tokens = new_tokens;
+                    ch[i].end(i % a.c.n == 0, finish, prompt_tokens, new_tokens);
                     Some(chunk(i, "", &[], ch[i].text.len(), Some(finish_reason(finish))))
                 }
                 Msg::Failed { status, message } => {
-                    let e = json!({"error": {"message": message, "type": if status >= 500 { "server_error" } else { "invalid_request_error" }, "code": status}});
-                    let _ = tx.send(Ok(SseEvent::default().data(e.to_string())));
+                    let _ = tx.send(Ok(SseEvent::default().data(ApiError::engine(status, message).body().to_string())));
                     break;
                 }
             };
