@@ -46,18 +46,31 @@ pub fn read_bandwidth() -> f64 {
     best
 }
 
+/// What `bench cpu` measures of one preset and storage type.
+pub struct CpuBench {
+    pub prompt: usize,
+    pub gen: usize,
+    pub reps: usize,
+    /// Batch sizes of the generation-throughput figure (none: not measured).
+    pub batches: Vec<usize>,
+    /// Prompt length of that figure.
+    pub generate_prompt: usize,
+    pub read_gb_s: f64,
+}
+
 /// Times a `prompt`-token prefill and `gen`-token greedy decode at batch 1, `reps` times each;
 /// reports medians, the weight bandwidth decode achieves, and (given the machine's `read_gb_s`)
-/// that bandwidth as a fraction of it.
-pub fn cpu(preset: &str, dtype: DType, prompt: usize, gen: usize, reps: usize, read_gb_s: f64) -> Result<Vec<Figure>> {
+/// that bandwidth as a fraction of it. Then, for each batch size, generation throughput as
+/// `bench generate` counts it on the GPU.
+pub fn cpu(preset: &str, dtype: DType, b: &CpuBench) -> Result<Vec<Figure>> {
     let cfg = Config::preset(preset)?;
     let model = random_model(&cfg, 0, dtype)?;
-    let tokens: Vec<u32> = (0..prompt).map(|i| (i * 7919 % 50000) as u32 + 1).collect();
-    let fig = |figure: &str, length: usize, value: f64, unit: &str| Figure {
+    let tokens: Vec<u32> = (0..b.prompt).map(|i| (i * 7919 % 50000) as u32 + 1).collect();
+    let fig = |figure: &str, batch: usize, length: usize, value: f64, unit: &str| Figure {
         bench: "cpu".into(),
         model: preset.into(),
         dtype: dtype.to_string(),
-        batch: 1,
+        batch,
         length,
         figure: figure.into(),
         value,
@@ -65,24 +78,43 @@ pub fn cpu(preset: &str, dtype: DType, prompt: usize, gen: usize, reps: usize, r
     };
     let mut pre = Vec::new();
     let mut dec = Vec::new();
-    for _ in 0..reps.max(1) {
+    for _ in 0..b.reps.max(1) {
         let be = &mut Cpu::new(&model);
-        pre.push(prompt as f64 / (generation_loop(be, &tokens, 0)?.prefill_ms / 1e3));
-        dec.push(1e3 / generation_loop(be, &tokens[..1], gen)?.decode_ms_per_token);
+        pre.push(b.prompt as f64 / (generation_loop(be, &tokens, 0)?.prefill_ms / 1e3));
+        dec.push(1e3 / generation_loop(be, &tokens[..1], b.gen)?.decode_ms_per_token);
     }
     let (p, d) = (median(pre), median(dec));
-    Ok(vec![
-        fig("prefill_tok_s", prompt, p, "tok/s"),
-        fig("decode_tok_s", gen, d, "tok/s"),
-        fig("decode_weight_gb_s", gen, d * model.weight_bytes() as f64 / 1e9, "GB/s"),
-        fig("decode_bandwidth_fraction", gen, d * model.weight_bytes() as f64 / 1e9 / read_gb_s, "of read bandwidth"),
-    ])
+    let bytes = model.weight_bytes() as f64;
+    let mut figs = vec![
+        fig("prefill_tok_s", 1, b.prompt, p, "tok/s"),
+        fig("decode_tok_s", 1, b.gen, d, "tok/s"),
+        fig("decode_weight_gb_s", 1, b.gen, d * bytes / 1e9, "GB/s"),
+        fig("decode_bandwidth_fraction", 1, b.gen, d * bytes / 1e9 / b.read_gb_s, "of read bandwidth"),
+    ];
+    for &batch in &b.batches {
+        let prompts: Vec<Vec<u32>> = (0..batch)
+            .map(|s| (0..b.generate_prompt).map(|i| ((i * 7919 + s * 104729) % 50000) as u32 + 1).collect())
+            .collect();
+        let mut rates = Vec::new();
+        for _ in 0..b.reps.max(1) {
+            let t = std::time::Instant::now();
+            generation(&mut Cpu::new(&model), &prompts, b.gen)?;
+            rates.push((batch * b.gen) as f64 / t.elapsed().as_secs_f64());
+        }
+        figs.push(fig("generate_tok_s", batch, b.generate_prompt + b.gen, median(rates), "tok/s"));
+    }
+    Ok(figs)
 }
 
 /// `mamba-lm generate`'s loop at batch 1, greedy, past any end-of-sequence token, text
 /// detokenized as it streams: `prompt`, then `gen` new tokens. Its output carries the prefill
 /// time and the wall time per new token.
 pub fn generation_loop(be: &mut dyn Backend, prompt: &[u32], gen: usize) -> Result<Output> {
+    Ok(generation(be, std::slice::from_ref(&prompt.to_vec()), gen)?.remove(0))
+}
+
+/// The same loop over several prompts at once (one slot each).
+fn generation(be: &mut dyn Backend, prompts: &[Vec<u32>], gen: usize) -> Result<Vec<Output>> {
     let tok = crate::tokenizer::neox();
     let opts = GenerateOptions {
         max_new_tokens: gen,
@@ -91,6 +123,6 @@ pub fn generation_loop(be: &mut dyn Backend, prompt: &[u32], gen: usize) -> Resu
         eos: None,
         vocab_limit: be.cfg().vocab_size,
     };
-    let start = Start { prompt: prompt.to_vec(), resume: None };
-    Ok(generate_text(be, vec![start], &opts, &tok, &[], |_, _| {})?.remove(0))
+    let starts = prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect();
+    generate_text(be, starts, &opts, &tok, &[], |_, _| {})
 }

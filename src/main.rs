@@ -302,9 +302,16 @@ struct BenchCpuArgs {
     /// Prompt length for the prefill figure.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
-    /// Tokens decoded for the decode figure.
+    /// Tokens decoded for the decode figure (and per sequence for the generate figure).
     #[arg(long, default_value_t = 128)]
     gen: usize,
+    /// Batch sizes for a generation-throughput figure as `bench generate` counts it on the GPU
+    /// (batch × gen new tokens over the whole time, prefill included), e.g. 1,4,16.
+    #[arg(long, value_delimiter = ',')]
+    batch: Vec<usize>,
+    /// Prompt length of each sequence in the generate figure.
+    #[arg(long, default_value_t = 2048)]
+    generate_prompt_len: usize,
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
@@ -734,7 +741,11 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
     let isa = mamba_lm::ops::simd::isa();
     if !a.json {
         writeln!(out, "# CPU: {}, kernels: {}, threads: {}", cpu_model(), isa.name(), rayon::current_num_threads())?;
-        writeln!(out, "{:<14} {:<6} {:<20} {:>8} {:>12}", "model", "dtype", "figure", "length", "value")?;
+        writeln!(
+            out,
+            "{:<14} {:<6} {:<26} {:>5} {:>8} {:>12}",
+            "model", "dtype", "figure", "batch", "length", "value"
+        )?;
     }
     let read_gb_s = mamba_lm::bench::read_bandwidth();
     if a.json {
@@ -744,16 +755,27 @@ fn cmd_bench(b: BenchCmd) -> Result<()> {
     } else {
         writeln!(out, "# read bandwidth: {read_gb_s:.1} GB/s")?;
     }
+    if a.batch.contains(&0) {
+        bail!("--batch: batch sizes start at 1");
+    }
+    let b = mamba_lm::bench::CpuBench {
+        prompt: a.prompt_len,
+        gen: a.gen,
+        reps: a.reps,
+        batches: a.batch.clone(),
+        generate_prompt: a.generate_prompt_len,
+        read_gb_s,
+    };
     for p in &a.preset {
         for &d in &a.dtype {
-            for f in mamba_lm::bench::cpu(p, d, a.prompt_len, a.gen, a.reps, read_gb_s)? {
+            for f in mamba_lm::bench::cpu(p, d, &b)? {
                 if a.json {
                     writeln!(out, "{}", serde_json::to_string(&f)?)?;
                 } else {
                     writeln!(
                         out,
-                        "{:<14} {:<6} {:<20} {:>8} {:>8.2} {}",
-                        f.model, f.dtype, f.figure, f.length, f.value, f.unit
+                        "{:<14} {:<6} {:<26} {:>5} {:>8} {:>8.2} {}",
+                        f.model, f.dtype, f.figure, f.batch, f.length, f.value, f.unit
                     )?;
                 }
                 out.flush()?;

@@ -1,7 +1,7 @@
 //! Continuous batching: independent sequences share the slots of one [`Backend`]. Each call of
 //! [`Scheduler::step`] admits queued jobs into free slots, feeds one bounded chunk of prompt
-//! (several prompts at once when they sit in consecutive slots at the same point, so a batch
-//! of equal prompts prefills as one pass), then advances every decoding sequence by one token
+//! (several prompts at once when they sit in consecutive slots with chunks of one length, so a
+//! batch of equal prompts prefills as one pass), then advances every decoding sequence by one token
 //! together (weights read once for the batch). Sequences join and leave at any step; a
 //! finished or cancelled one frees its slot for the next job. `mamba-lm generate` and the
 //! server both run on it.
@@ -311,8 +311,8 @@ impl<'b, 't> Scheduler<'b, 't> {
         Ok(())
     }
 
-    /// Feeds prompt chunks: a group of consecutive slots at the same point of prompts of the
-    /// same length goes through as one pass.
+    /// Feeds prompt chunks: consecutive slots whose next chunks have the same length go
+    /// through as one pass, wherever each is in its prompt (each has its own state).
     fn prefill(&mut self, on: &mut dyn FnMut(u64, Event) -> Control) -> Result<()> {
         let v = self.be.cfg().vocab_padded;
         let mut fed = 0;
@@ -328,27 +328,31 @@ impl<'b, 't> Scheduler<'b, 't> {
             else {
                 return Ok(());
             };
-            let lead = self.slots[first].as_ref().unwrap();
             let budget = if decoding { self.chunk.min(self.prefill_budget - fed) } else { self.chunk };
-            let (at, len, end) = (lead.fed, lead.prompt.len(), lead.chunk_end(budget));
-            let same = |s: &Option<Seq>| {
-                s.as_ref().is_some_and(|s| {
-                    s.finish.is_none() && s.fed == at && s.prompt.len() == len && s.chunk_end(budget) == end
-                })
+            let next = |s: &Option<Seq>| {
+                s.as_ref().filter(|s| s.prefilling() && s.finish.is_none()).map(|s| s.chunk_end(budget) - s.fed)
             };
-            let group: Vec<usize> = (first..self.slots.len()).take_while(|&i| same(&self.slots[i])).collect();
-            let toks: Vec<u32> =
-                group.iter().flat_map(|&i| self.slots[i].as_ref().unwrap().prompt[at..end].iter().copied()).collect();
+            let len = next(&self.slots[first]).unwrap();
+            let lo = (0..first).rev().take_while(|&i| next(&self.slots[i]) == Some(len)).last().unwrap_or(first);
+            let group: Vec<usize> = (lo..self.slots.len()).take_while(|&i| next(&self.slots[i]) == Some(len)).collect();
+            let toks: Vec<u32> = group
+                .iter()
+                .flat_map(|&i| {
+                    let s = self.slots[i].as_ref().unwrap();
+                    s.prompt[s.fed..s.fed + len].iter().copied()
+                })
+                .collect();
             let t0 = Instant::now();
-            let out = self.be.forward(&toks, end - at, &group, 1)?;
+            let out = self.be.forward(&toks, len, &group, 1)?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            fed += group.len() * (end - at);
+            fed += group.len() * len;
             for (j, &i) in group.iter().enumerate() {
                 let s = self.slots[i].as_mut().unwrap();
-                s.fed = end;
+                s.fed += len;
                 s.prefill_ms += ms;
                 s.logits.clear();
                 s.logits.extend_from_slice(&out[j * v..(j + 1) * v]);
+                let end = s.fed;
                 if s.marks.contains(&end) {
                     let keep = s.history.len() - (s.prompt.len() - end);
                     let snap = Snapshot {

@@ -100,6 +100,18 @@ fn fixtures_greedy_tokens_identical() {
     }
 }
 
+/// Jobs joining and leaving the GPU's slots (decode steps of 1, 2 and 4 slots, prefilling
+/// slots kept through steps) get the tokens each gets alone on the CPU.
+#[test]
+#[ignore = "needs a GPU"]
+fn fixtures_staggered_jobs_match_each_alone() {
+    for name in FIXTURES {
+        let m = load(name, DType::F32);
+        let g = gpu_model(&m);
+        staggered_jobs_equal_each_alone(&mut GpuRun::new(&g), &m);
+    }
+}
+
 /// Every sampler on the GPU draws the same tokens as the CPU from the same seed: both walk the
 /// kept tokens in the same order with the same uniform numbers.
 fn sampling_rules() -> Vec<Sampling> {

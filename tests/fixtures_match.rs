@@ -79,3 +79,11 @@ fn greedy_tokens_match_reference() {
         assert_eq!(out[0].new_ids, e.greedy_new, "{name}: greedy tokens");
     }
 }
+
+#[test]
+fn staggered_jobs_match_each_alone_on_the_cpu() {
+    for name in FIXTURES {
+        let m = load(name);
+        staggered_jobs_equal_each_alone(&mut mamba_lm::backend::Cpu::new(&m), &m);
+    }
+}

@@ -186,7 +186,7 @@ pub fn decode(m: &GpuModel, name: &str, prompt_len: usize, gen: usize, reps: usi
     for _ in 0..reps.max(1) {
         through_loop.push(generation_loop(&mut GpuRun::new(m), &ids, gen)?.decode_ms_per_token);
     }
-    let mut dec = m.decoder(&st, v)?;
+    let mut dec = m.decoder(&st, st.seqs, v)?;
     dec.step(&[1])?;
     let mut device_fed = Vec::new();
     let mut host_read = Vec::new();
@@ -232,7 +232,7 @@ pub fn generate(
     let mut figs = Vec::new();
     for &b in batches {
         let mut st = m.new_states(b)?;
-        let mut dec = m.decoder(&st, v)?;
+        let mut dec = m.decoder(&st, st.seqs, v)?;
         let ids: Vec<u32> = (0..b).flat_map(|s| prompt(prompt_len, s, v)).collect();
         let (mut times, mut prefills) = (Vec::new(), Vec::new());
         for _ in 0..reps.max(1) + 1 {
@@ -302,7 +302,7 @@ pub fn memory(m: &GpuModel, name: &str, batches: &[usize], gens: &[usize]) -> Re
     ];
     for &b in batches {
         let st = m.new_states(b)?;
-        let mut dec = m.decoder(&st, m.cfg.vocab_size)?;
+        let mut dec = m.decoder(&st, st.seqs, m.cfg.vocab_size)?;
         dec.step(&vec![1; b])?;
         let mut done = 1;
         for &g in gens {

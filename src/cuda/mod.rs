@@ -261,6 +261,90 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Copies `rows` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst`
+    /// (`dst_pitch` apart), device to device, in one strided copy on the stream.
+    pub fn copy_rows(
+        &self,
+        dst: u64,
+        dst_pitch: usize,
+        src: u64,
+        src_pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<()> {
+        self.copy_2d(Side::Device(dst), dst_pitch, Side::Device(src), src_pitch, width, rows)
+    }
+
+    /// `rows` rows of `width` f32 values from `src`, rows `pitch` bytes apart, back to back.
+    pub fn download_rows(&self, src: u64, pitch: usize, width: usize, rows: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; width * rows];
+        let host = Side::Host(out.as_mut_ptr().cast());
+        self.copy_2d(host, 4 * width, Side::Device(src), pitch, 4 * width, rows)?;
+        self.sync()?;
+        Ok(out)
+    }
+
+    /// Rows of `width` f32 values from `data` (back to back) to `dst`, rows `pitch` bytes apart.
+    pub fn upload_rows(&self, dst: u64, pitch: usize, data: &[f32], width: usize) -> Result<()> {
+        let rows = data.len().checked_div(width).unwrap_or(0);
+        let host = Side::Host(data.as_ptr() as *mut std::ffi::c_void);
+        self.copy_2d(Side::Device(dst), pitch, host, 4 * width, 4 * width, rows)?;
+        // The copy reads `data` until the stream passes it.
+        self.sync()
+    }
+
+    fn copy_2d(
+        &self,
+        dst: Side,
+        dst_pitch: usize,
+        src: Side,
+        src_pitch: usize,
+        width: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if width == 0 || rows == 0 {
+            return Ok(());
+        }
+        use sys::CUmemorytype::{CU_MEMORYTYPE_DEVICE, CU_MEMORYTYPE_HOST};
+        let null = std::ptr::null_mut();
+        let (src_type, src_host, src_dev) = match src {
+            Side::Device(p) => (CU_MEMORYTYPE_DEVICE, null as *const _, p),
+            Side::Host(p) => (CU_MEMORYTYPE_HOST, p as *const _, 0),
+        };
+        let (dst_type, dst_host, dst_dev) = match dst {
+            Side::Device(p) => (CU_MEMORYTYPE_DEVICE, null, p),
+            Side::Host(p) => (CU_MEMORYTYPE_HOST, p, 0),
+        };
+        let c = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: src_type,
+            srcHost: src_host,
+            srcDevice: src_dev,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: src_pitch,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: dst_type,
+            dstHost: dst_host,
+            dstDevice: dst_dev,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: dst_pitch,
+            WidthInBytes: width,
+            Height: rows,
+        };
+        self.ctx.bind_to_thread().map_err(err)?;
+        // The callers own both sides for the copy's lifetime (host sides: until the sync that
+        // follows).
+        if unsafe { sys::cuMemcpy2DAsync_v2(&c, self.stream.cu_stream()) }.result().is_ok() {
+            return Ok(());
+        }
+        // The driver may refuse pitches it did not allocate; the unaligned copy takes any, but
+        // runs outside the stream.
+        self.sync()?;
+        unsafe { sys::cuMemcpy2DUnaligned_v2(&c) }.result().map_err(err)
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| anyhow!("a GPU kernel failed: {e:?}"))
     }
@@ -279,6 +363,12 @@ impl Gpu {
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(err)
     }
+}
+
+/// One side of a strided copy.
+enum Side {
+    Device(u64),
+    Host(*mut std::ffi::c_void),
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {

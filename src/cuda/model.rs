@@ -479,6 +479,16 @@ pub struct GpuStates {
     ssm_len: usize,
 }
 
+impl GpuStates {
+    /// Where slot `i`'s conv and ssm rows start, and the bytes between layers: one row per
+    /// layer.
+    fn slot_rows(&self, g: &Gpu, i: usize) -> ((u64, usize), (u64, usize)) {
+        let (c, s) = (g.ptr(&self.conv), g.ptr(&self.ssm));
+        let (cl, sl) = (4 * self.conv_len, 4 * self.ssm_len);
+        ((c + (i * cl) as u64, self.seqs * cl), (s + (i * sl) as u64, self.seqs * sl))
+    }
+}
+
 /// Activation buffers for up to `rows` rows (`seqs` sequences) of one forward pass.
 struct Buffers {
     rows: usize,
@@ -608,34 +618,40 @@ impl GpuModel {
         4 * self.cfg.state_floats()
     }
 
-    /// Copies `state` into slot `i` of `states`.
+    /// Copies `state` into slot `i` of `states` (one strided copy per kind of state).
     pub fn set_state(&self, states: &mut GpuStates, i: usize, state: &State) -> Result<()> {
         state.check(&self.cfg)?;
-        for (li, ls) in state.layers.iter().enumerate() {
-            let at = li * states.seqs + i;
-            let s = &self.gpu.stream;
-            s.memcpy_htod(&ls.conv, &mut states.conv.slice_mut(at * states.conv_len..(at + 1) * states.conv_len))
-                .map_err(err)?;
-            s.memcpy_htod(&ls.ssm, &mut states.ssm.slice_mut(at * states.ssm_len..(at + 1) * states.ssm_len))
-                .map_err(err)?;
-        }
-        self.gpu.sync()
+        let (conv, ssm) = states.slot_rows(&self.gpu, i);
+        let (cl, sl) = (states.conv_len, states.ssm_len);
+        let gather = |f: fn(&crate::state::LayerState) -> &Vec<f32>| -> Vec<f32> {
+            state.layers.iter().flat_map(|l| f(l).iter().copied()).collect()
+        };
+        self.gpu.upload_rows(conv.0, conv.1, &gather(|l| &l.conv), cl)?;
+        self.gpu.upload_rows(ssm.0, ssm.1, &gather(|l| &l.ssm), sl)
     }
 
     /// The state in slot `i`, after `pos` tokens.
     pub fn get_state(&self, states: &GpuStates, i: usize, pos: u64) -> Result<State> {
         let mut st = State::new(&self.cfg);
         st.pos = pos;
-        let s = &self.gpu.stream;
+        let (conv, ssm) = states.slot_rows(&self.gpu, i);
+        let (cl, sl, n) = (states.conv_len, states.ssm_len, self.cfg.n_layer);
+        let c = self.gpu.download_rows(conv.0, conv.1, cl, n)?;
+        let s = self.gpu.download_rows(ssm.0, ssm.1, sl, n)?;
         for (li, ls) in st.layers.iter_mut().enumerate() {
-            let at = li * states.seqs + i;
-            s.memcpy_dtoh(&states.conv.slice(at * states.conv_len..(at + 1) * states.conv_len), &mut ls.conv)
-                .map_err(err)?;
-            s.memcpy_dtoh(&states.ssm.slice(at * states.ssm_len..(at + 1) * states.ssm_len), &mut ls.ssm)
-                .map_err(err)?;
+            ls.conv.copy_from_slice(&c[li * cl..(li + 1) * cl]);
+            ls.ssm.copy_from_slice(&s[li * sl..(li + 1) * sl]);
         }
-        self.gpu.sync()?;
         Ok(st)
+    }
+
+    /// Copies slot `i` of `from` to slot `i` of `to` (states of as many slots), on the device.
+    pub fn copy_slot(&self, to: &GpuStates, from: &GpuStates, i: usize) -> Result<()> {
+        let ((dc, dcp), (ds, dsp)) = to.slot_rows(&self.gpu, i);
+        let ((sc, scp), (ss, ssp)) = from.slot_rows(&self.gpu, i);
+        let n = self.cfg.n_layer;
+        self.gpu.copy_rows(dc, dcp, sc, scp, 4 * from.conv_len, n)?;
+        self.gpu.copy_rows(ds, dsp, ss, ssp, 4 * from.ssm_len, n)
     }
 
     /// Bytes of weights read per decoded token.
@@ -1164,11 +1180,14 @@ impl GpuModel {
         then(b)
     }
 
-    /// The decode step of slots `0..seqs` of `st`: the persistent kernel of decode.cu for one
-    /// sequence, otherwise the general path captured in a CUDA graph. Either ends with the
-    /// greedy token (below `vocab_limit`) written as the next step's input.
-    pub fn decoder(&self, st: &GpuStates, vocab_limit: usize) -> Result<Decoder<'_>> {
-        let seqs = st.seqs;
+    /// The decode step of slots `0..seqs` of `st` (the others are left alone): the persistent
+    /// kernel of decode.cu for one sequence, otherwise the general path captured in a CUDA
+    /// graph. Either ends with the greedy token (below `vocab_limit`) written as the next
+    /// step's input.
+    pub fn decoder(&self, st: &GpuStates, seqs: usize, vocab_limit: usize) -> Result<Decoder<'_>> {
+        if seqs == 0 || seqs > st.seqs {
+            bail!("a decoder of {seqs} sequences over states of {}", st.seqs);
+        }
         let mut bufs = self.alloc_buffers(seqs, 1, 1)?;
         let g = &self.gpu;
         g.stream.memset_zeros(&mut bufs.tokens).map_err(err)?;
@@ -1315,24 +1334,37 @@ impl Decoder<'_> {
 }
 
 /// The GPU as a [`Backend`]: states on the device; prefill eager, decode steps by a [`Decoder`]
-/// over all slots (a retired slot gets a placeholder token; a live one not fed keeps its state
-/// through the step by a copy to the host and back).
+/// over slots `0..k`, `k` the power of two (at most the slot count) that covers the slots fed,
+/// so a step costs what the live batch needs. In that range a retired slot gets a placeholder
+/// token; a live one not fed keeps its state through the step by a copy to a spare slot and
+/// back, on the device.
 pub struct GpuRun<'m> {
     model: &'m GpuModel,
     states: Option<GpuStates>,
     pos: Vec<u64>,
     retired: Vec<bool>,
-    decoder: Option<Decoder<'m>>,
+    /// Decoders of the batch sizes used so far, made when first needed.
+    decoders: Vec<Decoder<'m>>,
+    /// The decoder (index in `decoders`) that last stepped each slot: it holds the slot's logits.
+    stepped_by: Vec<usize>,
+    /// Where live slots not fed by a step wait it out, made when first needed.
+    spare: Option<GpuStates>,
 }
 
 impl<'m> GpuRun<'m> {
     pub fn new(model: &'m GpuModel) -> GpuRun<'m> {
-        GpuRun { model, states: None, pos: vec![], retired: vec![], decoder: None }
+        GpuRun { model, states: None, pos: vec![], retired: vec![], decoders: vec![], stepped_by: vec![], spare: None }
     }
 
-    /// Whether a decode step over all slots leaves every slot outside `slots` as it may.
+    /// The batch of the decode step that feeds `slots`.
+    fn step_width(&self, slots: &[usize]) -> usize {
+        let top = slots.iter().max().map_or(1, |&i| i + 1);
+        top.next_power_of_two().min(self.pos.len())
+    }
+
+    /// Whether the decode step that feeds `slots` leaves every other slot as it may.
     fn step_spares_the_rest(&self, slots: &[usize]) -> bool {
-        (0..self.pos.len()).all(|i| self.retired[i] || slots.contains(&i))
+        (0..self.step_width(slots)).all(|i| self.retired[i] || slots.contains(&i))
     }
 }
 
@@ -1342,14 +1374,17 @@ impl Backend for GpuRun<'_> {
     }
 
     fn begin(&mut self, states: Vec<State>) -> Result<()> {
-        self.decoder = None;
+        // The decoders' graphs hold the states' device addresses: they go first.
+        self.decoders.clear();
         self.states = None;
+        self.spare = None;
         let mut st = self.model.new_states(states.len())?;
         for (i, s) in states.iter().enumerate() {
             self.model.set_state(&mut st, i, s)?;
         }
         self.pos = states.iter().map(|s| s.pos).collect();
         self.retired = vec![false; states.len()];
+        self.stepped_by = vec![usize::MAX; states.len()];
         self.states = Some(st);
         Ok(())
     }
@@ -1371,10 +1406,13 @@ impl Backend for GpuRun<'_> {
         // touches only its own slots, without copying the others' states.
         let consecutive = slots.windows(2).all(|w| w[1] == w[0] + 1);
         if l == 1 && n_logits == 1 && (self.step_spares_the_rest(slots) || !consecutive) {
-            let limit = self.decoder.as_ref().map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
-            self.step(tokens, slots, limit)?;
-            let dec = self.decoder.as_ref().unwrap();
-            let logits = dec.logits(0..dec.seqs)?;
+            // Any pick limit does: these logits go back whole.
+            let width = self.step_width(slots);
+            let same = self.decoders.iter().find(|d| d.seqs == width);
+            let limit = same.map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
+            let k = self.step(tokens, slots, limit)?;
+            let dec = &self.decoders[k];
+            let logits = dec.logits(0..width)?;
             return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
         }
         if !consecutive {
@@ -1412,8 +1450,8 @@ impl Backend for GpuRun<'_> {
         history: &[&[u32]],
     ) -> Result<Vec<u32>> {
         slots.iter().for_each(|&i| self.pos[i] += 1);
-        self.step(tokens, slots, limit)?;
-        let dec = self.decoder.as_mut().unwrap();
+        let k = self.step(tokens, slots, limit)?;
+        let dec = &mut self.decoders[k];
         if !needs_pick(sampling) {
             let ids = dec.argmax()?;
             return Ok(slots.iter().map(|&i| ids[i]).collect());
@@ -1437,34 +1475,53 @@ impl Backend for GpuRun<'_> {
     }
 
     fn picked_logits(&mut self, i: usize) -> Result<Vec<f32>> {
-        let dec = self.decoder.as_ref().ok_or_else(|| anyhow::anyhow!("no GPU decode step was run"))?;
+        let dec =
+            self.decoders.get(self.stepped_by[i]).ok_or_else(|| anyhow::anyhow!("no GPU decode step fed slot {i}"))?;
         dec.logits(i..i + 1)
     }
 }
 
 impl GpuRun<'_> {
-    /// One decode step of every slot (those not in `slots` get a placeholder token), through a
-    /// decoder whose greedy pick stays below `limit` (rebuilt if it was made for another).
-    fn step(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<()> {
+    /// One decode step of slots `0..step_width(slots)` (those not in `slots` get a placeholder
+    /// token), through a decoder whose greedy pick stays below `limit` (rebuilt if it was made
+    /// for another). Returns the decoder's index.
+    fn step(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<usize> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
-        if self.decoder.as_ref().is_none_or(|d| d.vocab_limit != limit) {
-            self.decoder = None;
-            // The graph holds `st`'s device addresses: `begin` drops it before the states.
-            self.decoder = Some(self.model.decoder(st, limit)?);
+        let width = self.step_width(slots);
+        let k = match self.decoders.iter().position(|d| d.seqs == width) {
+            Some(k) if self.decoders[k].vocab_limit == limit => k,
+            found => {
+                let dec = self.model.decoder(st, width, limit)?;
+                match found {
+                    Some(k) => {
+                        self.decoders[k] = dec;
+                        // Its logits are gone with the old one.
+                        self.stepped_by.iter_mut().filter(|b| **b == k).for_each(|b| *b = usize::MAX);
+                        k
+                    }
+                    None => {
+                        self.decoders.push(dec);
+                        self.decoders.len() - 1
+                    }
+                }
+            }
+        };
+        // Live slots in the step's range not fed (prompts part-way through their prefill) keep
+        // their state.
+        let keep: Vec<usize> = (0..width).filter(|i| !self.retired[*i] && !slots.contains(i)).collect();
+        if !keep.is_empty() && self.spare.is_none() {
+            self.spare = Some(self.model.new_states(st.seqs)?);
         }
-        // Live slots not fed (prompts part-way through their prefill) keep their state.
-        let keep: Vec<(usize, State)> = (0..self.pos.len())
-            .filter(|i| !self.retired[*i] && !slots.contains(i))
-            .map(|i| Ok((i, self.model.get_state(st, i, self.pos[i])?)))
-            .collect::<Result<_>>()?;
-        let dec = self.decoder.as_mut().unwrap();
-        let mut all = vec![0u32; dec.seqs];
+        for &i in &keep {
+            self.model.copy_slot(self.spare.as_ref().unwrap(), st, i)?;
+        }
+        let mut all = vec![0u32; width];
         slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
-        dec.step(&all)?;
-        let st = self.states.as_mut().unwrap();
-        for (i, s) in keep {
-            self.model.set_state(st, i, &s)?;
+        self.decoders[k].step(&all)?;
+        for &i in &keep {
+            self.model.copy_slot(st, self.spare.as_ref().unwrap(), i)?;
         }
-        Ok(())
+        slots.iter().for_each(|&i| self.stepped_by[i] = k);
+        Ok(k)
     }
 }

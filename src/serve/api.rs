@@ -92,6 +92,8 @@ pub struct Common {
     pub stream: bool,
     pub include_usage: bool,
     pub session: Option<String>,
+    /// Generate past the end-of-sequence token (for benchmarks: always `max_tokens`).
+    pub ignore_eos: bool,
 }
 
 /// Limits from the server's flags.
@@ -152,12 +154,13 @@ pub fn common(b: &mut Body, lim: &Limits, max_tokens_key: &str) -> Result<Common
     };
     let seed = b.take::<u64>("seed")?;
     let session = b.take::<String>("session")?;
+    let ignore_eos = b.take::<bool>("ignore_eos")?.unwrap_or(false);
     if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 256) {
         return Err(ApiError::bad("session", "`session` must be a name of 1 to 256 bytes"));
     }
     // OpenAI's default is plain sampling at temperature 1 (mamba_ssm's is greedy).
     let sampling = Sampling { temperature, top_k, top_p, min_p, repetition_penalty };
-    Ok(Common { max_tokens, sampling, seed, n, stop, stream, include_usage, session })
+    Ok(Common { max_tokens, sampling, seed, n, stop, stream, include_usage, session, ignore_eos })
 }
 
 pub fn finish_reason(f: mamba_lm::scheduler::Finish) -> &'static str {

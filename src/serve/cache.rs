@@ -39,6 +39,11 @@ impl PrefixCache {
         self.bytes
     }
 
+    /// Whether anything may be cached (`--cache-mb 0` turns the cache off).
+    pub fn enabled(&self) -> bool {
+        self.limit > 0
+    }
+
     /// The longest cached prefix of `prompt` (at most all of it), as a snapshot to resume.
     pub fn lookup(&mut self, prompt: &[u32]) -> Option<Snapshot> {
         self.clock += 1;

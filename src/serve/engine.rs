@@ -193,11 +193,12 @@ fn admit(
             // Keep the state where this prompt leaves the cached one it shares most with, and
             // at its end.
             let fork = cache.shared(&r.prompt);
+            // (Each mark costs a copy of the state to the host.)
             let mut marks = Vec::new();
-            if fork > h && fork >= MIN_PREFIX && fork < total {
+            if cache.enabled() && fork > h && fork >= MIN_PREFIX && fork < total {
                 marks.push(fork - h);
             }
-            if total >= MIN_PREFIX && total > h {
+            if cache.enabled() && total >= MIN_PREFIX && total > h {
                 marks.push(total - h);
             }
             (hit, r.prompt[h..].to_vec(), marks, Some(h))

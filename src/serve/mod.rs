@@ -48,7 +48,7 @@ pub struct ServeArgs {
     /// Prompt tokens fed per step while other streams decode (bounds their per-token latency).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
-    /// Memory for cached prefix states, in MB.
+    /// Memory for cached prefix states, in MB (0: no cache, and no state copied out to fill it).
     #[arg(long, default_value_t = 1024)]
     cache_mb: usize,
     /// Sessions kept (least recently finished dropped first).
@@ -267,7 +267,7 @@ impl App {
                     max_new_tokens: c.max_tokens,
                     sampling: c.sampling.clone(),
                     seed: seed.wrapping_add(j as u64),
-                    eos: self.eos,
+                    eos: if c.ignore_eos { None } else { self.eos },
                     vocab_limit: self.vocab_limit,
                     stops: stops.clone(),
                     logprobs,
