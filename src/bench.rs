@@ -25,9 +25,15 @@ pub struct Figure {
     pub unit: String,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle value (the mean of the two middle ones for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// Streaming read bandwidth of this machine on all worker threads, GB/s: the best of a few
@@ -125,4 +131,14 @@ fn generation(be: &mut dyn Backend, prompts: &[Vec<u32>], gen: usize) -> Result<
     };
     let starts = prompts.iter().map(|p| Start { prompt: p.clone(), resume: None }).collect();
     generate_text(be, starts, &opts, &tok, &[], |_, _| {})
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(vec![4.0, 1.0]), 2.5);
+        assert_eq!(super::median(vec![7.0]), 7.0);
+    }
 }

@@ -5,7 +5,7 @@
 
 use super::model::{scan_workspace, selective_scan, GpuModel, GpuRun, ScanParams};
 use super::{err, Gpu};
-use crate::bench::{generation_loop, Figure};
+use crate::bench::{generation_loop, median, Figure};
 use crate::config::Config;
 use crate::init::random_model;
 use crate::tensor::DType;
@@ -14,11 +14,6 @@ use cudarc::driver::{sys::CUevent_flags, CudaGraph, CudaSlice};
 use half::bf16;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 #[allow(clippy::too_many_arguments)]
 fn fig(
