@@ -31,7 +31,7 @@ load() {  # PORT IMPL: the throughput runs against one server
 }
 
 $BIN bench cpu --json --preset mamba-130m --dtype "$T" --batch "$(echo $STREAMS | tr ' ' ,)" \
-    --generate-prompt-len "$PROMPT" --gen "$GEN" --reps 2 | grep generate_tok_s
+    --generate-prompt-len "$PROMPT" --gen "$GEN" --reps 3 | grep generate_tok_s
 $BIN serve -m "$MODEL" --dtype "$T" --max-batch "$max" --port 18601 ${SERVE_ARGS:-} 2>/dev/null &
 up 18601 && load 18601 mamba-lm
 kill %1 && wait %1 2>/dev/null || true

@@ -321,18 +321,18 @@ impl<'b, 't> Scheduler<'b, 't> {
             if decoding && fed >= self.prefill_budget {
                 return Ok(());
             }
-            // The earliest job still prefilling leads the group.
-            let Some(first) = (0..self.slots.len())
-                .filter(|&i| self.slots[i].as_ref().is_some_and(|s| s.prefilling() && s.finish.is_none()))
-                .min_by_key(|&i| self.slots[i].as_ref().unwrap().id)
-            else {
-                return Ok(());
-            };
             let budget = if decoding { self.chunk.min(self.prefill_budget - fed) } else { self.chunk };
+            // The length of a slot's next prompt chunk, if it is still prefilling.
             let next = |s: &Option<Seq>| {
                 s.as_ref().filter(|s| s.prefilling() && s.finish.is_none()).map(|s| s.chunk_end(budget) - s.fed)
             };
-            let len = next(&self.slots[first]).unwrap();
+            // The earliest job still prefilling leads the group.
+            let Some((first, len)) = (0..self.slots.len())
+                .filter_map(|i| next(&self.slots[i]).map(|len| (i, len)))
+                .min_by_key(|&(i, _)| self.slots[i].as_ref().unwrap().id)
+            else {
+                return Ok(());
+            };
             let lo = (0..first).rev().take_while(|&i| next(&self.slots[i]) == Some(len)).last().unwrap_or(first);
             let group: Vec<usize> = (lo..self.slots.len()).take_while(|&i| next(&self.slots[i]) == Some(len)).collect();
             let toks: Vec<u32> = group

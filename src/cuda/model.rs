@@ -1407,12 +1407,9 @@ impl Backend for GpuRun<'_> {
         let consecutive = slots.windows(2).all(|w| w[1] == w[0] + 1);
         if l == 1 && n_logits == 1 && (self.step_spares_the_rest(slots) || !consecutive) {
             // Any pick limit does: these logits go back whole.
-            let width = self.step_width(slots);
-            let same = self.decoders.iter().find(|d| d.seqs == width);
-            let limit = same.map_or(self.model.cfg.vocab_size, |d| d.vocab_limit);
-            let k = self.step(tokens, slots, limit)?;
+            let k = self.step(tokens, slots, None)?;
             let dec = &self.decoders[k];
-            let logits = dec.logits(0..width)?;
+            let logits = dec.logits(0..dec.seqs)?;
             return Ok(slots.iter().flat_map(|&i| logits[i * v..(i + 1) * v].iter().copied()).collect());
         }
         if !consecutive {
@@ -1450,7 +1447,7 @@ impl Backend for GpuRun<'_> {
         history: &[&[u32]],
     ) -> Result<Vec<u32>> {
         slots.iter().for_each(|&i| self.pos[i] += 1);
-        let k = self.step(tokens, slots, limit)?;
+        let k = self.step(tokens, slots, Some(limit))?;
         let dec = &mut self.decoders[k];
         if !needs_pick(sampling) {
             let ids = dec.argmax()?;
@@ -1484,14 +1481,14 @@ impl Backend for GpuRun<'_> {
 impl GpuRun<'_> {
     /// One decode step of slots `0..step_width(slots)` (those not in `slots` get a placeholder
     /// token), through a decoder whose greedy pick stays below `limit` (rebuilt if it was made
-    /// for another). Returns the decoder's index.
-    fn step(&mut self, tokens: &[u32], slots: &[usize], limit: usize) -> Result<usize> {
+    /// for another; `None`: any will do). Returns the decoder's index.
+    fn step(&mut self, tokens: &[u32], slots: &[usize], limit: Option<usize>) -> Result<usize> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         let width = self.step_width(slots);
         let k = match self.decoders.iter().position(|d| d.seqs == width) {
-            Some(k) if self.decoders[k].vocab_limit == limit => k,
+            Some(k) if limit.is_none_or(|l| self.decoders[k].vocab_limit == l) => k,
             found => {
-                let dec = self.model.decoder(st, width, limit)?;
+                let dec = self.model.decoder(st, width, limit.unwrap_or(self.model.cfg.vocab_size))?;
                 match found {
                     Some(k) => {
                         self.decoders[k] = dec;

@@ -193,13 +193,15 @@ fn admit(
             // Keep the state where this prompt leaves the cached one it shares most with, and
             // at its end.
             let fork = cache.shared(&r.prompt);
-            // (Each mark costs a copy of the state to the host.)
+            // (Each mark costs a copy of the state to the host: none without a cache.)
             let mut marks = Vec::new();
-            if cache.enabled() && fork > h && fork >= MIN_PREFIX && fork < total {
-                marks.push(fork - h);
-            }
-            if cache.enabled() && total >= MIN_PREFIX && total > h {
-                marks.push(total - h);
+            if cache.enabled() {
+                if fork > h && fork >= MIN_PREFIX && fork < total {
+                    marks.push(fork - h);
+                }
+                if total >= MIN_PREFIX && total > h {
+                    marks.push(total - h);
+                }
             }
             (hit, r.prompt[h..].to_vec(), marks, Some(h))
         }
