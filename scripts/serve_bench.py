@@ -5,11 +5,13 @@
                                               cached, against the same prompt uncached
   serve_bench.py URL streams N [--alone K]    N concurrent greedy streams: all must complete and
                                               the first K must equal the same request run alone
-  serve_bench.py URL throughput N [--prompt-len 2048] [--max-tokens 128]
+  serve_bench.py URL throughput N [--prompt-len 2048] [--max-tokens 128] [--seed S]
                                               N concurrent streams of that prompt length, each
                                               generating max-tokens (past any end token):
                                               aggregate new tokens/s over the wall time, prefill
-                                              included (as `bench generate` counts)
+                                              included (as `bench generate` counts); each
+                                              seed makes prompts of its own, which a server's
+                                              prefix cache has not seen
 URL is the server's base, e.g. http://127.0.0.1:8080. Prompts are token ids below 4000."""
 import argparse, http.client, json, random, threading, time, urllib.parse
 
@@ -21,6 +23,7 @@ ap.add_argument("--prefix", type=int, default=2000)
 ap.add_argument("--alone", type=int, default=50)
 ap.add_argument("--max-tokens", type=int, default=32)
 ap.add_argument("--prompt-len", type=int, default=2048)
+ap.add_argument("--seed", type=int, default=0)
 a = ap.parse_args()
 u = urllib.parse.urlparse(a.url)
 
@@ -66,11 +69,11 @@ if a.mode == "ttft":
 elif a.mode == "throughput":
     # Warms the server as steady traffic would (kernels, and decode steps of every batch size up
     # to N), with prompts of their own: the measured ones must not be in its prefix cache.
-    rng.seed(f"throughput {a.n} warm")
+    rng.seed(f"throughput {a.n} {a.seed} warm")
     warm = [threading.Thread(target=stream, args=(ids(16), 4), kwargs={"ignore_eos": True}) for _ in range(a.n)]
     [t.start() for t in warm]
     [t.join() for t in warm]
-    rng.seed(f"throughput {a.n}")
+    rng.seed(f"throughput {a.n} {a.seed}")
     prompts = [ids(a.prompt_len) for _ in range(a.n)]
     out = [None] * a.n
     def run(i):
@@ -83,7 +86,7 @@ elif a.mode == "throughput":
     done = [o for o in out if o is not None]
     tokens = sum(o[3] for o in done)
     print(json.dumps({"bench": "serve_throughput", "streams": a.n, "completed": len(done),
-                      "prompt_tokens": a.prompt_len, "max_tokens": a.max_tokens, "wall_s": wall,
+                      "prompt_tokens": a.prompt_len, "max_tokens": a.max_tokens, "seed": a.seed, "wall_s": wall,
                       "tokens": tokens, "tokens_per_s": tokens / wall,
                       "ttft_p50_s": sorted(o[1] for o in done)[len(done) // 2]}))
 else:

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/llama-peer}; T=${2:-f32}
-STREAMS=${STREAMS:-1 4 16}; PROMPT=${PROMPT:-2048}; GEN=${GEN:-128}
+STREAMS=${STREAMS:-1 4 16}; PROMPT=${PROMPT:-2048}; GEN=${GEN:-128}; REPS=${REPS:-3}
 BIN=target/release/mamba-lm
 LLAMA=$W/llama.cpp/build/bin/llama-server
 [ -x "$LLAMA" ] || { echo "no $LLAMA: run SERVER=1 ../shared/peers/llama_side_by_side.sh $W first" >&2; exit 1; }
@@ -23,15 +23,17 @@ up() {  # waits for a server's /health
     for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.2; done
     echo "the server on port $1 did not start" >&2; return 1
 }
-load() {  # PORT IMPL: the throughput runs against one server
-    for n in $STREAMS; do
-        python3 scripts/serve_bench.py "http://127.0.0.1:$1" throughput "$n" --prompt-len "$PROMPT" \
-            --max-tokens "$GEN" | sed "s/^{/{\"impl\": \"$2\", \"dtype\": \"$T\", /"
+load() {  # PORT IMPL: the throughput runs against one server, fresh prompts each run
+    for rep in $(seq "$REPS"); do
+        for n in $STREAMS; do
+            python3 scripts/serve_bench.py "http://127.0.0.1:$1" throughput "$n" --prompt-len "$PROMPT" \
+                --max-tokens "$GEN" --seed "$rep" | sed "s/^{/{\"impl\": \"$2\", \"dtype\": \"$T\", /"
+        done
     done
 }
 
 $BIN bench cpu --json --preset mamba-130m --dtype "$T" --batch "$(echo $STREAMS | tr ' ' ,)" \
-    --generate-prompt-len "$PROMPT" --gen "$GEN" --reps 3 | grep generate_tok_s
+    --generate-prompt-len "$PROMPT" --gen "$GEN" --reps "$REPS" | grep generate_tok_s
 $BIN serve -m "$MODEL" --dtype "$T" --max-batch "$max" --port 18601 ${SERVE_ARGS:-} 2>/dev/null &
 up 18601 && load 18601 mamba-lm
 kill %1 && wait %1 2>/dev/null || true

@@ -17,6 +17,10 @@ use mamba1::Mamba1;
 use mamba2::Mamba2;
 use std::collections::BTreeSet;
 
+/// Rows per pass when several sequences prefill together: enough for the GEMM's full rate,
+/// few enough that a pass's activations stay small (~50 MB for a 130M model).
+const PASS_ROWS: usize = 2048;
+
 /// A linear layer `y = x·Wᵀ (+ b)`.
 pub struct Linear {
     pub w: Matrix,
@@ -207,12 +211,14 @@ impl Model {
             bail!("forward: {n_logits} logits asked from {l} positions");
         }
         let v = self.cfg.vocab_padded;
-        if l > 1 && b > 1 {
-            // Prefill one sequence at a time: each then goes through the same products as when
-            // it runs alone, so its results do not depend on the batch.
+        if l > 1 && b * l > PASS_ROWS && b > 1 {
+            // Stacked sequences go through in passes of about PASS_ROWS rows (each sequence's
+            // numbers are the same in any pass: see `Rows::Positions`).
+            let per = (PASS_ROWS / l).max(1);
             let mut logits = Vec::with_capacity(b * n_logits * v);
-            for (s, st) in states.iter_mut().enumerate() {
-                logits.extend(self.forward(&tokens[s * l..(s + 1) * l], l, &mut [&mut **st], n_logits)?);
+            for (k, part) in states.chunks_mut(per).enumerate() {
+                let at = k * per * l;
+                logits.extend(self.forward(&tokens[at..at + part.len() * l], l, part, n_logits)?);
             }
             return Ok(logits);
         }
@@ -230,7 +236,7 @@ impl Model {
         self.norm_f.forward(&last, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embedding);
         let mut logits = vec![0.0f32; b * n_logits * v];
-        let rows = if l == 1 { Rows::Sequences(b) } else { Rows::Positions(b * n_logits) };
+        let rows = if l == 1 { Rows::Sequences(b) } else { Rows::Positions { seqs: b, len: n_logits } };
         matmul_t(&normed, rows, d, head, &mut logits, v);
         Ok(logits)
     }
