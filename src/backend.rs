@@ -15,6 +15,12 @@ pub trait Backend {
     /// Puts `state` in slot `i` (which [`Backend::begin`] made), for a new sequence: the
     /// slot is live again if it was retired.
     fn set_state(&mut self, i: usize, state: State) -> Result<()>;
+    /// Puts the empty state in slot `i`, for a new sequence (on the GPU, without a copy from
+    /// the host).
+    fn reset(&mut self, i: usize) -> Result<()> {
+        let empty = State::new(self.cfg());
+        self.set_state(i, empty)
+    }
     /// Feeds `l` tokens to each slot in `slots` (ascending; `tokens` row-major, one row per
     /// slot) and returns the logits of each slot's last `n_logits` positions. Slots of one call
     /// with `l > 1` are consecutive.

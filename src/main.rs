@@ -524,7 +524,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
     }
     if let Some(p) = &a.save_state {
-        let snap = &outs[0].snapshot;
+        let snap = outs[0].snapshot.as_ref().ok_or_else(|| anyhow!("generation kept no final state"))?;
         snap.save(model.cfg(), p, a.force)?;
         eprintln!("saved session ({} tokens) to {}", snap.tokens.len(), p.display());
     }

@@ -41,6 +41,8 @@ pub struct Job {
     /// Prompt positions (1..=prompt.len()) after which the state is handed out as an
     /// [`Event::Mark`] (for a prefix cache): the prefill pauses there.
     pub marks: Vec<usize>,
+    /// Whether its [`Output`] carries the final state (on the GPU, a copy off the device).
+    pub keep_state: bool,
 }
 
 /// Why a sequence ended.
@@ -78,8 +80,9 @@ pub struct Output {
     pub decode_ms_per_token: f64,
     /// The part of it spent in the model's forward steps (waiting for the device included).
     pub device_ms_per_token: f64,
-    /// The session after the last new token was fed back (every token consumed).
-    pub snapshot: Snapshot,
+    /// The session after the last new token was fed back (every token consumed), if the
+    /// job asked to keep it.
+    pub snapshot: Option<Snapshot>,
 }
 
 /// What [`Scheduler::step`] reports about a sequence.
@@ -126,6 +129,7 @@ struct Seq<'t> {
     /// Prompt tokens fed so far.
     fed: usize,
     marks: Vec<usize>,
+    keep_state: bool,
     /// Every token the state has seen or will see next (prompt, resumed history, new ids).
     history: Vec<u32>,
     new_ids: Vec<u32>,
@@ -257,8 +261,9 @@ impl<'b, 't> Scheduler<'b, 't> {
     /// Returns whether jobs remain.
     pub fn step(&mut self, on: &mut dyn FnMut(u64, Event) -> Control) -> Result<bool> {
         for (id, job) in std::mem::take(&mut self.cancelled) {
+            let keep = job.keep_state;
             let state = job.resume.map_or_else(|| State::new(self.be.cfg()), |s| s.state);
-            let snapshot = Snapshot { state, next_logits: vec![], tokens: vec![] };
+            let snapshot = keep.then(|| Snapshot { state, next_logits: vec![], tokens: vec![] });
             let out = Output {
                 prompt_ids: job.prompt,
                 new_ids: vec![],
@@ -280,12 +285,17 @@ impl<'b, 't> Scheduler<'b, 't> {
     fn admit(&mut self) -> Result<()> {
         while let Some(free) = self.slots.iter().position(|s| s.is_none()) {
             let Some((id, job)) = self.queue.pop_front() else { break };
-            let (state, logits, mut history) = match job.resume {
-                Some(snap) => (snap.state, snap.next_logits, snap.tokens),
-                None => (State::new(self.be.cfg()), vec![], vec![]),
+            let (logits, mut history) = match job.resume {
+                Some(snap) => {
+                    self.be.set_state(free, snap.state)?;
+                    (snap.next_logits, snap.tokens)
+                }
+                None => {
+                    self.be.reset(free)?;
+                    (vec![], vec![])
+                }
             };
             history.extend_from_slice(&job.prompt);
-            self.be.set_state(free, state)?;
             let stream = self.tok.map(|t| TextStream::new(t, &job.params.stops));
             let mut marks = job.marks;
             marks.retain(|&m| m >= 1 && m <= job.prompt.len());
@@ -296,6 +306,7 @@ impl<'b, 't> Scheduler<'b, 't> {
                 prompt: job.prompt,
                 fed: 0,
                 marks,
+                keep_state: job.keep_state,
                 history,
                 new_ids: vec![],
                 logits,
@@ -475,9 +486,12 @@ impl<'b, 't> Scheduler<'b, 't> {
             }
             text = st.text().to_string();
         }
-        let state = self.be.state(i)?;
-        if s.logits.is_empty() && s.next.is_some() {
-            s.logits = self.be.picked_logits(i)?;
+        let mut snapshot = None;
+        if s.keep_state {
+            if s.logits.is_empty() && s.next.is_some() {
+                s.logits = self.be.picked_logits(i)?;
+            }
+            snapshot = Some(Snapshot { state: self.be.state(i)?, next_logits: s.logits, tokens: s.history });
         }
         self.be.retire(i);
         let k = s.new_ids.len().max(1) as f64;
@@ -489,7 +503,7 @@ impl<'b, 't> Scheduler<'b, 't> {
             prefill_ms: s.prefill_ms,
             decode_ms_per_token: s.last_ms / k,
             device_ms_per_token: s.device_ms / k,
-            snapshot: Snapshot { state, next_logits: s.logits, tokens: s.history },
+            snapshot,
         };
         on(s.id, Event::Done(Box::new(out)));
         Ok(())

@@ -86,14 +86,14 @@ fn fixtures_greedy_tokens_identical() {
             let cpu = generate_on(&mut Cpu::new(&m), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
             for (o, c) in out.iter().zip(&cpu) {
                 assert_eq!(o.new_ids, c.new_ids, "{name}: greedy tokens of a batch");
-                let (a, b) = (&o.snapshot.state, &c.snapshot.state);
+                let (a, b) = (&o.snapshot.as_ref().unwrap().state, &c.snapshot.as_ref().unwrap().state);
                 assert_eq!(a.pos, b.pos);
                 for (la, lb) in a.layers.iter().zip(&b.layers) {
                     let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                     assert!(d <= 1e-4, "{name}: final state differs by {d}");
                 }
-                let want: Vec<f64> = c.snapshot.next_logits.iter().map(|&x| x as f64).collect();
-                let err = rel_l2(&o.snapshot.next_logits, &want);
+                let want: Vec<f64> = c.snapshot.as_ref().unwrap().next_logits.iter().map(|&x| x as f64).collect();
+                let err = rel_l2(&o.snapshot.as_ref().unwrap().next_logits, &want);
                 assert!(err <= 1e-4, "{name}: the session's next logits differ by {err:e}");
             }
         }
@@ -206,9 +206,9 @@ fn step_kernel_matches_cpu_on_random_models() {
             vocab_limit: cfg.vocab_padded,
         };
         let out = generate_on(&mut GpuRun::new(&g), starts(&[prompt]), &opts, |_, _| Control::Continue).unwrap();
-        let tokens = &out[0].snapshot.tokens;
+        let tokens = &out[0].snapshot.as_ref().unwrap().tokens;
         let (all, _) = scored_logits(&mut Cpu::new(&cpu), std::slice::from_ref(tokens), 1024);
-        let got = &out[0].snapshot.next_logits;
+        let got = &out[0].snapshot.as_ref().unwrap().next_logits;
         let want: Vec<f64> = all[all.len() - got.len()..].iter().map(|&x| x as f64).collect();
         let err = rel_l2(got, &want);
         println!("{preset} ({} layers) bf16 step kernel, 12 steps: GPU vs CPU rel L2 {err:.2e}", cfg.n_layer);
@@ -446,7 +446,10 @@ fn deterministic_batches_equal_each_sequence_alone() {
                 .unwrap()
                 .remove(0);
                 assert_eq!(b.new_ids, one.new_ids, "{preset} {:?}: prompt {i}", opts.sampling);
-                assert!(b.snapshot.next_logits == one.snapshot.next_logits, "{preset}: prompt {i}: logits differ");
+                assert!(
+                    b.snapshot.as_ref().unwrap().next_logits == one.snapshot.as_ref().unwrap().next_logits,
+                    "{preset}: prompt {i}: logits differ"
+                );
             }
         }
     }

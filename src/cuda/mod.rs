@@ -275,6 +275,15 @@ impl Gpu {
         self.copy_2d(Side::Device(dst), dst_pitch, Side::Device(src), src_pitch, width, rows)
     }
 
+    /// Zeroes `rows` rows of `width` f32 values at `dst`, rows `pitch` bytes apart (enqueued).
+    pub fn zero_rows(&self, dst: u64, pitch: usize, width: usize, rows: usize) -> Result<()> {
+        if width == 0 || rows == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(err)?;
+        unsafe { sys::cuMemsetD2D32Async(dst, pitch, 0, width, rows, self.stream.cu_stream()) }.result().map_err(err)
+    }
+
     /// `rows` rows of `width` f32 values from `src`, rows `pitch` bytes apart, back to back.
     pub fn download_rows(&self, src: u64, pitch: usize, width: usize, rows: usize) -> Result<Vec<f32>> {
         let mut out = vec![0f32; width * rows];

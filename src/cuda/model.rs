@@ -645,6 +645,14 @@ impl GpuModel {
         Ok(st)
     }
 
+    /// Resets slot `i` of `states` to the empty state, on the device.
+    pub fn zero_slot(&self, states: &GpuStates, i: usize) -> Result<()> {
+        let (conv, ssm) = states.slot_rows(&self.gpu, i);
+        let n = self.cfg.n_layer;
+        self.gpu.zero_rows(conv.0, conv.1, states.conv_len, n)?;
+        self.gpu.zero_rows(ssm.0, ssm.1, states.ssm_len, n)
+    }
+
     /// Copies slot `i` of `from` to slot `i` of `to` (states of as many slots), on the device.
     pub fn copy_slot(&self, to: &GpuStates, from: &GpuStates, i: usize) -> Result<()> {
         let ((dc, dcp), (ds, dsp)) = to.slot_rows(&self.gpu, i);
@@ -669,19 +677,23 @@ impl GpuModel {
     }
 
     fn alloc_buffers(&self, seqs: usize, l: usize, n_logits: usize) -> Result<Buffers> {
+        self.alloc_buffers_for(seqs, seqs * l, seqs * n_logits, self.scan_work(seqs, l))
+    }
+
+    /// Buffers for up to `seqs` sequences, `rows` positions, `logit_rows` rows of logits and
+    /// `scan` floats of scan workspace.
+    fn alloc_buffers_for(&self, seqs: usize, rows: usize, logit_rows: usize, scan: usize) -> Result<Buffers> {
         let c = &self.cfg;
-        let rows = seqs * l;
         let es = self.dtype.size();
         let g = &self.gpu;
         let (xz_w, xc_w, xdbl_w, dt_w, y_w) = match c.arch {
             Arch::Mamba1 => (2 * c.d_inner, c.d_inner, c.dt_rank + 2 * c.d_state, c.d_inner, c.d_inner),
             Arch::Mamba2 => (c.d_in_proj(), c.conv_dim(), 0, 0, c.d_ssm),
         };
-        let scan = self.scan_work(seqs, l);
         Ok(Buffers {
             rows,
             seqs,
-            logit_rows: seqs * n_logits,
+            logit_rows,
             tokens: g.alloc(rows)?,
             resid: g.alloc(rows * c.d_model)?,
             h: g.alloc(rows * c.d_model * es)?,
@@ -691,7 +703,7 @@ impl GpuModel {
             dt: g.alloc(rows * dt_w * es)?,
             y: g.alloc(rows * y_w * es)?,
             out: g.alloc(rows * c.d_model * es)?,
-            logits: g.alloc(seqs * n_logits * c.vocab_padded)?,
+            logits: g.alloc(logit_rows * c.vocab_padded)?,
             ids: g.alloc(seqs)?,
             scan: g.alloc(scan)?,
         })
@@ -1170,8 +1182,16 @@ impl GpuModel {
             b.seqs >= seqs && b.rows >= seqs * l && b.logit_rows >= seqs * n_logits && b.fits_scan(self, seqs, l)
         });
         if !fits {
-            *guard = None; // free the old buffers before allocating larger ones
-            *guard = Some(self.alloc_buffers(seqs, l, n_logits)?);
+            // Free the old buffers before allocating larger ones, large enough for the old
+            // shape too: a server alternating long single prompts and many short chunks would
+            // otherwise reallocate on every pass.
+            let old = guard.take().map_or((0, 0, 0, 0), |b| (b.seqs, b.rows, b.logit_rows, b.scan.len()));
+            *guard = Some(self.alloc_buffers_for(
+                seqs.max(old.0),
+                (seqs * l).max(old.1),
+                (seqs * n_logits).max(old.2),
+                self.scan_work(seqs, l).max(old.3),
+            )?);
         }
         let b = guard.as_mut().unwrap();
         let mut dst = b.tokens.slice_mut(..tokens.len());
@@ -1393,6 +1413,14 @@ impl Backend for GpuRun<'_> {
         let st = self.states.as_mut().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         self.model.set_state(st, i, &state)?;
         self.pos[i] = state.pos;
+        self.retired[i] = false;
+        Ok(())
+    }
+
+    fn reset(&mut self, i: usize) -> Result<()> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        self.model.zero_slot(st, i)?;
+        self.pos[i] = 0;
         self.retired[i] = false;
         Ok(())
     }

@@ -131,8 +131,9 @@ pub fn run(
                 Event::Text(text) => Msg::Text(text.to_string()),
                 Event::Done(out) => {
                     finished.push(id);
-                    if let (Some(name), true) = (&l.session, out.finish != Finish::Cancelled) {
-                        keep_session(&mut sessions, name.clone(), out.snapshot, o.max_sessions);
+                    if let (Some(name), Some(snap), true) = (&l.session, out.snapshot, out.finish != Finish::Cancelled)
+                    {
+                        keep_session(&mut sessions, name.clone(), snap, o.max_sessions);
                     }
                     let new_tokens = out.new_ids.len();
                     Msg::Done { finish: out.finish, prompt_tokens: l.prompt_tokens, new_tokens }
@@ -213,7 +214,9 @@ fn admit(
     let cached = cached.unwrap_or(0);
     m.prompt_tokens.fetch_add(total as u64, Relaxed);
     m.cached_prompt_tokens.fetch_add(cached as u64, Relaxed);
-    match sched.submit(Job { prompt, resume, params: r.params, marks }) {
+    // The final state is kept for a session only.
+    let keep_state = r.session.is_some();
+    match sched.submit(Job { prompt, resume, params: r.params, marks, keep_state }) {
         Ok(id) => {
             if r.out.send((r.index, Msg::Started { cached })).is_err() {
                 sched.cancel(id);

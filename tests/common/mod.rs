@@ -157,7 +157,7 @@ pub fn staggered_jobs_equal_each_alone(be: &mut dyn mamba_lm::backend::Backend, 
         stops: vec![],
         logprobs: None,
     };
-    let job = |s: usize| Job { prompt: prompt(s), resume: None, params: params(s), marks: vec![] };
+    let job = |s: usize| Job { prompt: prompt(s), resume: None, params: params(s), marks: vec![], keep_state: true };
     let run = |be: &mut dyn mamba_lm::backend::Backend, jobs: &[usize], slots: usize, budget: usize| {
         let mut sched = Scheduler::new(be, slots, None).unwrap();
         sched.prefill_budget = budget;
