@@ -6,7 +6,8 @@
 # Usage: scripts/serve_cpu_side_by_side.sh [LLAMA_WORKDIR] [DTYPE]
 #   LLAMA_WORKDIR: where ../shared/peers/llama_side_by_side.sh built llama.cpp with SERVER=1
 #   (default /tmp/llama-peer); DTYPE: f32 or bf16 (default f32). STREAMS="1 4 16" picks the
-#   concurrencies, PROMPT / GEN the work per stream, SERVE_ARGS extra flags for `mamba-lm serve`.
+#   concurrencies, PROMPT / GEN the work per stream, REPS the rounds (default 3; each round runs
+#   all three once, so ratios pair runs minutes apart), SERVE_ARGS extra flags for `mamba-lm serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/llama-peer}; T=${2:-f32}
@@ -23,21 +24,23 @@ up() {  # waits for a server's /health
     for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.2; done
     echo "the server on port $1 did not start" >&2; return 1
 }
-load() {  # PORT IMPL: the throughput runs against one server, fresh prompts each run
-    for rep in $(seq "$REPS"); do
-        for n in $STREAMS; do
-            python3 scripts/serve_bench.py "http://127.0.0.1:$1" throughput "$n" --prompt-len "$PROMPT" \
-                --max-tokens "$GEN" --seed "$rep" | sed "s/^{/{\"impl\": \"$2\", \"dtype\": \"$T\", /"
-        done
+load() {  # PORT IMPL REP: one throughput run per concurrency, fresh prompts per rep
+    for n in $STREAMS; do
+        python3 scripts/serve_bench.py "http://127.0.0.1:$1" throughput "$n" --prompt-len "$PROMPT" \
+            --max-tokens "$GEN" --seed "$3" | sed "s/^{/{\"impl\": \"$2\", \"dtype\": \"$T\", \"rep\": $3, /"
     done
 }
 
-$BIN bench cpu --json --preset mamba-130m --dtype "$T" --batch "$(echo $STREAMS | tr ' ' ,)" \
-    --generate-prompt-len "$PROMPT" --gen "$GEN" --reps "$REPS" | grep generate_tok_s
+# Both servers stay up (idle while the other runs); each rep measures the bench, ours and
+# llama-server back to back, so every ratio pairs runs minutes apart on this machine.
 $BIN serve -m "$MODEL" --dtype "$T" --max-batch "$max" --port 18601 ${SERVE_ARGS:-} 2>/dev/null &
-up 18601 && load 18601 mamba-lm
-kill %1 && wait %1 2>/dev/null || true
 # Each of llama-server's slots holds one stream's context: prompt + new tokens, with room to spare.
 "$LLAMA" -m "$W/models/mamba1-130m-$T.gguf" -t 2 -np "$max" -c $(( max * (PROMPT + GEN + 64) )) \
     --port 18602 >/dev/null 2>&1 &
-up 18602 && load 18602 llama-server
+up 18601 && up 18602
+for rep in $(seq "$REPS"); do
+    $BIN bench cpu --json --preset mamba-130m --dtype "$T" --batch "$(echo $STREAMS | tr ' ' ,)" \
+        --generate-prompt-len "$PROMPT" --gen "$GEN" --reps 1 | grep generate_tok_s | sed "s/^{/{\"rep\": $rep, /"
+    load 18601 mamba-lm "$rep"
+    load 18602 llama-server "$rep"
+done

@@ -281,7 +281,15 @@ impl Gpu {
             return Ok(());
         }
         self.ctx.bind_to_thread().map_err(err)?;
-        unsafe { sys::cuMemsetD2D32Async(dst, pitch, 0, width, rows, self.stream.cu_stream()) }.result().map_err(err)
+        let stream = self.stream.cu_stream();
+        if unsafe { sys::cuMemsetD2D32Async(dst, pitch, 0, width, rows, stream) }.result().is_ok() {
+            return Ok(());
+        }
+        // As with the 2-D copies, a pitch the driver refuses: one row at a time.
+        for r in 0..rows {
+            unsafe { sys::cuMemsetD32Async(dst + (r * pitch) as u64, 0, width, stream) }.result().map_err(err)?;
+        }
+        Ok(())
     }
 
     /// `rows` rows of `width` f32 values from `src`, rows `pitch` bytes apart, back to back.
