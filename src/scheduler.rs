@@ -261,9 +261,12 @@ impl<'b, 't> Scheduler<'b, 't> {
     /// Returns whether jobs remain.
     pub fn step(&mut self, on: &mut dyn FnMut(u64, Event) -> Control) -> Result<bool> {
         for (id, job) in std::mem::take(&mut self.cancelled) {
-            let keep = job.keep_state;
-            let state = job.resume.map_or_else(|| State::new(self.be.cfg()), |s| s.state);
-            let snapshot = keep.then(|| Snapshot { state, next_logits: vec![], tokens: vec![] });
+            let cfg = self.be.cfg();
+            let snapshot = job.keep_state.then(|| Snapshot {
+                state: job.resume.map_or_else(|| State::new(cfg), |s| s.state),
+                next_logits: vec![],
+                tokens: vec![],
+            });
             let out = Output {
                 prompt_ids: job.prompt,
                 new_ids: vec![],

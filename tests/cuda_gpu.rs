@@ -86,14 +86,15 @@ fn fixtures_greedy_tokens_identical() {
             let cpu = generate_on(&mut Cpu::new(&m), starts(&prompts), &opts, |_, _| Control::Continue).unwrap();
             for (o, c) in out.iter().zip(&cpu) {
                 assert_eq!(o.new_ids, c.new_ids, "{name}: greedy tokens of a batch");
-                let (a, b) = (&o.snapshot.as_ref().unwrap().state, &c.snapshot.as_ref().unwrap().state);
+                let (os, cs) = (o.snapshot.as_ref().unwrap(), c.snapshot.as_ref().unwrap());
+                let (a, b) = (&os.state, &cs.state);
                 assert_eq!(a.pos, b.pos);
                 for (la, lb) in a.layers.iter().zip(&b.layers) {
                     let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                     assert!(d <= 1e-4, "{name}: final state differs by {d}");
                 }
-                let want: Vec<f64> = c.snapshot.as_ref().unwrap().next_logits.iter().map(|&x| x as f64).collect();
-                let err = rel_l2(&o.snapshot.as_ref().unwrap().next_logits, &want);
+                let want: Vec<f64> = cs.next_logits.iter().map(|&x| x as f64).collect();
+                let err = rel_l2(&os.next_logits, &want);
                 assert!(err <= 1e-4, "{name}: the session's next logits differ by {err:e}");
             }
         }

@@ -135,9 +135,10 @@ fn saved_session_continues_exactly() {
         let run = |start: Start, n| generate(&m, vec![start], &opts(n), |_, _| Control::Continue).unwrap().remove(0);
         let whole = run(Start { prompt: prompt.clone(), resume: None }, 10);
         let first = run(Start { prompt: prompt.clone(), resume: None }, 4);
-        let bytes = first.snapshot.as_ref().unwrap().to_bytes(&m.cfg).unwrap();
+        let kept = first.snapshot.as_ref().unwrap();
+        let bytes = kept.to_bytes(&m.cfg).unwrap();
         let snap = Snapshot::from_bytes(&m.cfg, &bytes).unwrap();
-        assert_eq!(snap.state, first.snapshot.as_ref().unwrap().state, "{name}: state round trip");
+        assert_eq!(snap.state, kept.state, "{name}: state round trip");
         assert_eq!(snap.tokens.len(), 9);
         let rest = run(Start { prompt: vec![], resume: Some(snap) }, 6);
         let joined: Vec<u32> = first.new_ids.iter().chain(&rest.new_ids).copied().collect();

@@ -1178,19 +1178,20 @@ impl GpuModel {
             bail!("token id {t} is out of range: the model's vocabulary has {v} entries");
         }
         let mut guard = self.bufs.lock().unwrap();
-        let fits = guard.as_ref().is_some_and(|b| {
-            b.seqs >= seqs && b.rows >= seqs * l && b.logit_rows >= seqs * n_logits && b.fits_scan(self, seqs, l)
-        });
-        if !fits {
+        // (sequences, rows, rows of logits, scan workspace) this pass needs, and what the
+        // buffers hold.
+        let need = (seqs, seqs * l, seqs * n_logits, self.scan_work(seqs, l));
+        let have = guard.as_ref().map_or((0, 0, 0, 0), |b| (b.seqs, b.rows, b.logit_rows, b.scan.len()));
+        if have.0 < need.0 || have.1 < need.1 || have.2 < need.2 || have.3 < need.3 {
             // Free the old buffers before allocating larger ones, large enough for the old
             // shape too: a server alternating long single prompts and many short chunks would
             // otherwise reallocate on every pass.
-            let old = guard.take().map_or((0, 0, 0, 0), |b| (b.seqs, b.rows, b.logit_rows, b.scan.len()));
+            *guard = None;
             *guard = Some(self.alloc_buffers_for(
-                seqs.max(old.0),
-                (seqs * l).max(old.1),
-                (seqs * n_logits).max(old.2),
-                self.scan_work(seqs, l).max(old.3),
+                need.0.max(have.0),
+                need.1.max(have.1),
+                need.2.max(have.2),
+                need.3.max(have.3),
             )?);
         }
         let b = guard.as_mut().unwrap();
@@ -1287,12 +1288,6 @@ impl StepKernel {
 enum Replay {
     Kernel(Box<StepKernel>),
     Graph(CudaGraph),
-}
-
-impl Buffers {
-    fn fits_scan(&self, m: &GpuModel, seqs: usize, l: usize) -> bool {
-        self.scan.len() >= m.scan_work(seqs, l)
-    }
 }
 
 /// The decode step of a fixed batch.
