@@ -415,13 +415,13 @@ macro_rules! dispatch {
             Isa::Avx512 => {
                 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
                 unsafe fn run<R>(f: impl FnOnce() -> R) -> R { f() }
-                unsafe { run(|| $kernel::<$crate::ops::simd::Avx512 $($(, $g)*)?>($($arg),*)) }
+                unsafe { run(#[inline(always)] || $kernel::<$crate::ops::simd::Avx512 $($(, $g)*)?>($($arg),*)) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 #[target_feature(enable = "avx2,fma,f16c")]
                 unsafe fn run<R>(f: impl FnOnce() -> R) -> R { f() }
-                unsafe { run(|| $kernel::<$crate::ops::simd::Avx2 $($(, $g)*)?>($($arg),*)) }
+                unsafe { run(#[inline(always)] || $kernel::<$crate::ops::simd::Avx2 $($(, $g)*)?>($($arg),*)) }
             }
             _ => unsafe { $kernel::<Scalar $($(, $g)*)?>($($arg),*) },
         }

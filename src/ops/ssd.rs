@@ -271,9 +271,8 @@ unsafe fn ssd_head<S: Simd>(
     let mut bt = vec![0.0f32; n * q_max]; // B of the block, transposed to (N, Q)
     let mut cum = vec![0.0f32; q_max];
     let mut dtc = vec![0.0f32; q_max];
-    let mut wrow = vec![0.0f32; q_max];
-    let mut yrow = vec![0.0f32; p];
-    let mut coef = vec![0.0f32; q_max];
+    let mut w = vec![0.0f32; q_max * q_max]; // the block's W, (Q, Q)
+    let mut coef = vec![0.0f32; n * q_max]; // B_j[k]·exp(Λ_end − Λ_j)·dt_j, (N, Q)
     let d_of = |pp: usize| inp.skip(heads, p, h, pp);
     let xp = |t: usize| inp.x.as_ptr().add(t * inp.x_rs + h * p);
     let mut t0 = 0;
@@ -290,38 +289,42 @@ unsafe fn ssd_head<S: Simd>(
             }
         }
         let x0 = xp(t0);
+        let c0 = inp.c.as_ptr().add(t0 * inp.bc_rs + g * n);
+        let y0 = y.add(t0 * y_rs + h * p);
+        // The block's outputs as three small products: the off-diagonal terms Sᵀ C_i (the state
+        // read once a block, not once a row), the weights W[i][j] = (C_i·B_j)·exp(Λ_i − Λ_j)·dt_j
+        // (zero for j > i: adding their exact zeros changes no bit), then W·X.
         for i in 0..q {
-            let ci = inp.c.as_ptr().add((t0 + i) * inp.bc_rs + g * n);
-            // wrow[j] = (C_i·B_j)·exp(Λ_i − Λ_j)·dt_j for j ≤ i
-            let w = wrow.as_mut_ptr();
-            w.write_bytes(0, i + 1);
-            acc_rows::<S>(w, i + 1, ci, bt.as_ptr(), q, n);
-            decay_weights::<S>(w, cum.as_ptr(), dtc.as_ptr(), cum[i], i + 1);
-            // off-diagonal exp(Λ_i)·Sᵀ C_i, then the intra-block terms
-            let yr = yrow.as_mut_ptr();
-            yr.write_bytes(0, p);
-            acc_rows::<S>(yr, p, ci, st, p, n);
-            scale::<S>(yr, cum[i].exp(), p);
-            acc_rows::<S>(yr, p, w, x0, inp.x_rs, i + 1);
-            let xi = xp(t0 + i);
-            let out = y.add((t0 + i) * y_rs + h * p);
+            y0.add(i * y_rs).write_bytes(0, p);
+        }
+        acc_tile::<S>(y0, y_rs, q, p, c0, inp.bc_rs, st, p, n);
+        let wm = w.as_mut_ptr();
+        wm.write_bytes(0, q * q);
+        acc_tile::<S>(wm, q, q, q, c0, inp.bc_rs, bt.as_ptr(), q, n);
+        for i in 0..q {
+            let wi = wm.add(i * q);
+            decay_weights::<S>(wi, cum.as_ptr(), dtc.as_ptr(), cum[i], i + 1);
+            wi.add(i + 1).write_bytes(0, q - i - 1);
+            scale::<S>(y0.add(i * y_rs), cum[i].exp(), p);
+        }
+        acc_tile::<S>(y0, y_rs, q, p, wm, q, x0, inp.x_rs, q);
+        for i in 0..q {
+            let (out, xi) = (y0.add(i * y_rs), xp(t0 + i));
             for pp in 0..p {
-                *out.add(pp) = *yr.add(pp) + d_of(pp) * *xi.add(pp);
+                *out.add(pp) += d_of(pp) * *xi.add(pp);
             }
         }
-        // S_out = exp(Λ_end)·S_in + Σ_j B_j ⊗ exp(Λ_end − Λ_j)·dt_j·x_j
+        // S_out = exp(Λ_end)·S_in + Σ_j B_j ⊗ exp(Λ_end − Λ_j)·dt_j·x_j, as one product.
         let end = cum[q - 1];
-        wrow[..q].fill(1.0);
-        decay_weights::<S>(wrow.as_mut_ptr(), cum.as_ptr(), dtc.as_ptr(), end, q);
-        let dend = end.exp();
+        w[..q].fill(1.0);
+        decay_weights::<S>(w.as_mut_ptr(), cum.as_ptr(), dtc.as_ptr(), end, q);
         for k in 0..n {
             for j in 0..q {
-                coef[j] = bt[k * q + j] * wrow[j];
+                coef[k * q + j] = bt[k * q + j] * w[j];
             }
-            let sk = st.add(k * p);
-            scale::<S>(sk, dend, p);
-            acc_rows::<S>(sk, p, coef.as_ptr(), x0, inp.x_rs, q);
         }
+        scale::<S>(st, end.exp(), n * p);
+        acc_tile::<S>(st, p, n, p, coef.as_ptr(), q, x0, inp.x_rs, q);
         t0 += q;
     }
 }
@@ -388,56 +391,102 @@ unsafe fn decay_weights<S: Simd>(w: *mut f32, cum: *const f32, dt: *const f32, l
     }
 }
 
-/// `acc[c] += Σ_{j<count} coef[j]·base[j·stride + c]` for c < len, keeping a strip of `acc` in
-/// registers while the rows stream by (a small matrix-vector product, register-blocked).
+/// `c[i·c_rs + col] += Σ_{k<depth} a[i·a_rs + k]·b[k·b_rs + col]` for i < m, col < len: a small
+/// product in register tiles of 4 rows × up to 4 vectors, each entry summing over k in order.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn acc_rows<S: Simd>(
-    acc: *mut f32,
+unsafe fn acc_tile<S: Simd>(
+    c: *mut f32,
+    c_rs: usize,
+    m: usize,
     len: usize,
-    coef: *const f32,
-    base: *const f32,
-    stride: usize,
-    count: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    depth: usize,
+) {
+    let mut i = 0;
+    while i + 4 <= m {
+        tile_cols::<S, 4>(c.add(i * c_rs), c_rs, len, a.add(i * a_rs), a_rs, b, b_rs, depth);
+        i += 4;
+    }
+    for i in i..m {
+        tile_cols::<S, 1>(c.add(i * c_rs), c_rs, len, a.add(i * a_rs), a_rs, b, b_rs, depth);
+    }
+}
+
+/// [`acc_tile`] for R rows: the widest tiles the registers hold (16 accumulators), then one
+/// vector, then single columns.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_cols<S: Simd, const R: usize>(
+    c: *mut f32,
+    c_rs: usize,
+    len: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    depth: usize,
 ) {
     let l = S::LANES;
-    let mut c = 0;
-    if l > 1 {
-        while c + 4 * l <= len {
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                S::load(acc.add(c)),
-                S::load(acc.add(c + l)),
-                S::load(acc.add(c + 2 * l)),
-                S::load(acc.add(c + 3 * l)),
-            );
-            for j in 0..count {
-                let k = S::splat(*coef.add(j));
-                let r = base.add(j * stride + c);
-                a0 = S::fma(k, S::load(r), a0);
-                a1 = S::fma(k, S::load(r.add(l)), a1);
-                a2 = S::fma(k, S::load(r.add(2 * l)), a2);
-                a3 = S::fma(k, S::load(r.add(3 * l)), a3);
-            }
-            S::store(acc.add(c), a0);
-            S::store(acc.add(c + l), a1);
-            S::store(acc.add(c + 2 * l), a2);
-            S::store(acc.add(c + 3 * l), a3);
-            c += 4 * l;
+    let mut col = 0;
+    if l >= 16 {
+        while col + 4 * l <= len {
+            tile::<S, R, 4>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+            col += 4 * l;
         }
-        while c + l <= len {
-            let mut a = S::load(acc.add(c));
-            for j in 0..count {
-                a = S::fma(S::splat(*coef.add(j)), S::load(base.add(j * stride + c)), a);
-            }
-            S::store(acc.add(c), a);
-            c += l;
+    } else {
+        while col + 2 * l <= len {
+            tile::<S, R, 2>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+            col += 2 * l;
         }
     }
-    for c in c..len {
-        let mut a = *acc.add(c);
-        for j in 0..count {
-            a = (*coef.add(j)).mul_add(*base.add(j * stride + c), a);
+    while col + l <= len {
+        tile::<S, R, 1>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+        col += l;
+    }
+    for col in col..len {
+        tile::<Scalar, R, 1>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+    }
+}
+
+/// R rows × V vectors of [`acc_tile`], held in registers over the whole depth.
+#[inline(always)]
+unsafe fn tile<S: Simd, const R: usize, const V: usize>(
+    c: *mut f32,
+    c_rs: usize,
+    a: *const f32,
+    a_rs: usize,
+    b: *const f32,
+    b_rs: usize,
+    depth: usize,
+) {
+    let l = S::LANES;
+    let mut acc = [[S::splat(0.0); V]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        for (v, x) in row.iter_mut().enumerate() {
+            *x = S::load(c.add(r * c_rs + v * l));
         }
-        *acc.add(c) = a;
+    }
+    for k in 0..depth {
+        let bk = b.add(k * b_rs);
+        let mut bv = [S::splat(0.0); V];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = S::load(bk.add(v * l));
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            let ar = S::splat(*a.add(r * a_rs + k));
+            for (x, bx) in row.iter_mut().zip(&bv) {
+                *x = S::fma(ar, *bx, *x);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            S::store(c.add(r * c_rs + v * l), *x);
+        }
     }
 }
 
