@@ -5,11 +5,12 @@
 //! value stored as `q = round(x / d)` in [−127, 127]. A decode step quantizes its activation row
 //! the same way, so each block's dot product is an exact integer sum `Σ q_w·q_x` (at most
 //! 32·127² < 2³¹) scaled once by `d_w·d_x`. Per block of 32 weights the kernels read 32 bytes of
-//! weights and 4 of scale (1.125 bytes a weight, against 2 for bf16): decode is bound by those
-//! bytes. The kernels: AVX-512 VNNI (`vpdpbusd`, two blocks per instruction), AVX-VNNI (the
-//! same on 256 bits), AVX2 (`vpmaddubsw` + `vpmaddwd`) and scalar, picked at run time. The
-//! unsigned × signed instructions take |w| and x with w's sign moved onto it, so no offset
-//! correction is needed.
+//! weights and 4 of scale (1.125 bytes a weight, against 2 for bf16). The kernels: AVX-512 VNNI
+//! (`vpdpbusd`, two blocks per instruction), AVX-VNNI (the same on 256 bits), AVX2
+//! (`vpmaddubsw` + `vpmaddwd`) and scalar, picked at run time. The unsigned × signed
+//! instructions take w + 128 (one xor) and x, and a per-row correction of x removes the offset;
+//! AVX2, whose 16-bit pair sums would overflow with the offset, takes |w| and x with w's sign
+//! moved onto it.
 
 use super::matmul::SendPtr;
 use crate::tensor::weight_vec;
@@ -61,35 +62,42 @@ impl Q8 {
     }
 }
 
-/// An activation row in two 8-bit terms: `x ≈ d·q + e·r` per block, `r` the rounding residual
-/// of the first term quantized again. Decode reads every weight once whatever the arithmetic,
-/// so the second integer product costs no bandwidth, and it takes the activations' rounding out
-/// of the result's error (what remains is the weights' own). The scales are stored 8 times
-/// over (`d8[8b..8b + 8] = d_b`), as the vector kernels' lanes of block `b` take them.
+/// An activation row in two 8-bit terms: `x ≈ d·q + (d/256)·r` per block, `r` the rounding
+/// residual of the first term on a 256 times finer step. Decode reads every weight once whatever
+/// the arithmetic, so the second integer product costs no bandwidth, and it takes the
+/// activations' rounding out of the result's error (what remains is the weights' own). With the
+/// fixed ratio the two sums combine exactly in integers (`256·Σw·q + Σw·r`, below 2²⁸) and are
+/// scaled once. Per block, as the vector kernels' 8 lanes of 4 values take them: `s8[8b..8b + 8]
+/// = d_b/256`, and `corr` = −128·(256·Σq + Σr) over each lane's 4 values (the w + 128 offset's
+/// share).
 #[derive(Clone, Copy)]
 pub struct XRow {
     pub q: *const i8,
     pub r: *const i8,
-    pub d8: *const f32,
-    pub e8: *const f32,
+    pub s8: *const f32,
+    pub corr: *const i32,
 }
 
 // Read-only views the threads of one gemv share while the buffers they point into live.
 unsafe impl Send for XRow {}
 unsafe impl Sync for XRow {}
 
-/// `x` (whole blocks) quantized into `q`, `r` and the scales `d8`, `e8` as [`XRow`] holds them.
-fn quantize_row(x: &[f32], (q, r): (&mut [i8], &mut [i8]), (d8, e8): (&mut [f32], &mut [f32])) {
-    let mut rest = [0.0f32; QBLOCK];
+/// `x` (whole blocks) quantized into `q`, `r`, the scales `s8` and the offsets' `corr` as
+/// [`XRow`] holds them.
+fn quantize_row(x: &[f32], (q, r): (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
     for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
-        let qb = &mut q[b * QBLOCK..(b + 1) * QBLOCK];
+        let (qb, rb) = (&mut q[b * QBLOCK..(b + 1) * QBLOCK], &mut r[b * QBLOCK..(b + 1) * QBLOCK]);
         let d = quantize_block(xb, qb);
-        for ((o, &v), &qv) in rest.iter_mut().zip(xb).zip(qb.iter()) {
-            *o = v - d * qv as f32;
+        let inv = if d > 0.0 { 256.0 / d } else { 0.0 };
+        for ((o, &v), &qv) in rb.iter_mut().zip(xb).zip(qb.iter()) {
+            // |x − d·q| ≤ d/2: at most 128 steps of d/256; the clamp costs at most one step.
+            *o = ((v - d * qv as f32) * inv).round().clamp(-127.0, 127.0) as i8;
         }
-        let e = quantize_block(&rest, &mut r[b * QBLOCK..(b + 1) * QBLOCK]);
-        d8[8 * b..8 * b + 8].fill(d);
-        e8[8 * b..8 * b + 8].fill(e);
+        s8[8 * b..8 * b + 8].fill(d / 256.0);
+        for (lane, c) in corr[8 * b..8 * b + 8].iter_mut().enumerate() {
+            let sum = |v: &[i8]| v[4 * lane..4 * lane + 4].iter().map(|&t| t as i32).sum::<i32>();
+            *c = -128 * (256 * sum(qb) + sum(rb));
+        }
     }
 }
 
@@ -138,7 +146,7 @@ impl Kernel {
         Kernel::available().iter().copied().rfind(allowed).unwrap_or(Kernel::Scalar)
     }
 
-    /// `Σ_b wd[b]·(d_b·Σ_j w·x.q + e_b·Σ_j w·x.r)` over the `nb` blocks of one weight row.
+    /// `Σ_b wd[b]·(d_b/256)·(256·Σ_j w·x.q + Σ_j w·x.r)` over the `nb` blocks of one weight row.
     ///
     /// # Safety
     /// The kernel must be one of [`Kernel::available`]; `w` and `x`'s rows hold `32·nb` values,
@@ -158,7 +166,7 @@ impl Kernel {
     }
 }
 
-/// Block `b`'s two integer dot products, scaled.
+/// Block `b`'s two integer dot products, combined and scaled.
 unsafe fn block_dot(w: *const i8, wd: *const f32, x: XRow, b: usize) -> f32 {
     let o = b * QBLOCK;
     let (mut sq, mut sr) = (0i32, 0i32);
@@ -166,7 +174,7 @@ unsafe fn block_dot(w: *const i8, wd: *const f32, x: XRow, b: usize) -> f32 {
         sq += *w.add(j) as i32 * *x.q.add(j) as i32;
         sr += *w.add(j) as i32 * *x.r.add(j) as i32;
     }
-    *wd.add(b) * (*x.d8.add(8 * b) * sq as f32 + *x.e8.add(8 * b) * sr as f32)
+    *wd.add(b) * (*x.s8.add(8 * b) * ((sq << 8) + sr) as f32)
 }
 
 unsafe fn dot_scalar(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
@@ -186,21 +194,19 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// A block per 256-bit step, two steps per turn into two accumulators: each term's sums as
-    /// 8 × i32 lanes by `$mul(|w|, x with w's sign)`; the loop AVX2 and AVX-VNNI share.
+    /// A block per 256-bit step, two steps per turn into two accumulators: `$sums(w, q, r, b)`
+    /// gives block b's combined sums 256·Σw·q + Σw·r as 8 × i32 lanes; the loop AVX2 and
+    /// AVX-VNNI share.
     macro_rules! dot256 {
-        ($w:expr, $wd:expr, $x:expr, $nb:expr, $mul:expr) => {{
+        ($w:expr, $wd:expr, $x:expr, $nb:expr, $sums:expr) => {{
             let step = |b: usize, acc: __m256| {
                 let o = b * QBLOCK;
                 prefetch_ahead($w.wrapping_add(o));
                 let wv = _mm256_loadu_si256($w.add(o) as *const __m256i);
-                let aw = _mm256_sign_epi8(wv, wv);
                 let q = _mm256_loadu_si256($x.q.add(o) as *const __m256i);
                 let r = _mm256_loadu_si256($x.r.add(o) as *const __m256i);
-                let pq = _mm256_cvtepi32_ps($mul(aw, _mm256_sign_epi8(q, wv)));
-                let pr = _mm256_cvtepi32_ps($mul(aw, _mm256_sign_epi8(r, wv)));
-                let xs = _mm256_mul_ps(pq, _mm256_loadu_ps($x.d8.add(8 * b)));
-                let xs = _mm256_fmadd_ps(pr, _mm256_loadu_ps($x.e8.add(8 * b)), xs);
+                let t = _mm256_cvtepi32_ps($sums(wv, q, r, b));
+                let xs = _mm256_mul_ps(t, _mm256_loadu_ps($x.s8.add(8 * b)));
                 _mm256_fmadd_ps(xs, _mm256_broadcast_ss(&*$wd.add(b)), acc)
             };
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -220,32 +226,43 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_avx2(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
         let ones = _mm256_set1_epi16(1);
-        // Pairs of u8·i8 products fit i16: 2·127² < 2¹⁵.
-        dot256!(w, wd, x, nb, |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones))
+        // |w| · (x with w's sign): pairs of u8·i8 products fit i16 (2·127² < 2¹⁵).
+        let sums = |wv: __m256i, q: __m256i, r: __m256i, _b: usize| {
+            let aw = _mm256_sign_epi8(wv, wv);
+            let dot = |v| _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(v, wv)), ones);
+            _mm256_add_epi32(_mm256_slli_epi32(dot(q), 8), dot(r))
+        };
+        dot256!(w, wd, x, nb, sums)
     }
 
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub unsafe fn dot_avx_vnni(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
-        dot256!(w, wd, x, nb, |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b))
+        let offset = _mm256_set1_epi8(-128);
+        let sums = |wv: __m256i, q: __m256i, r: __m256i, b: usize| {
+            let wu = _mm256_xor_si256(wv, offset);
+            let t = _mm256_slli_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wu, q), 8);
+            let t = _mm256_dpbusd_avx_epi32(t, wu, r);
+            _mm256_add_epi32(t, _mm256_loadu_si256(x.corr.add(8 * b) as *const __m256i))
+        };
+        dot256!(w, wd, x, nb, sums)
     }
 
     /// Two blocks per 512-bit step (lanes 0–7 block b, 8–15 block b + 1), two steps per turn
     /// into two accumulators; an odd last block by the scalar sum.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni")]
     pub unsafe fn dot_avx512_vnni(w: *const i8, wd: *const f32, x: XRow, nb: usize) -> f32 {
-        let zero = _mm512_setzero_si512();
+        let (zero, offset) = (_mm512_setzero_si512(), _mm512_set1_epi8(-128));
         let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let step = |b: usize, acc: __m512| {
             let o = b * QBLOCK;
             prefetch_ahead(w.wrapping_add(o));
-            let wv = _mm512_loadu_si512(w.add(o) as *const __m512i);
-            let (neg, aw) = (_mm512_movepi8_mask(wv), _mm512_abs_epi8(wv));
+            let wu = _mm512_xor_si512(_mm512_loadu_si512(w.add(o) as *const __m512i), offset);
             let q = _mm512_loadu_si512(x.q.add(o) as *const __m512i);
             let r = _mm512_loadu_si512(x.r.add(o) as *const __m512i);
-            let pq = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(q, neg, zero, q)));
-            let pr = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, aw, _mm512_mask_sub_epi8(r, neg, zero, r)));
-            let xs = _mm512_mul_ps(pq, _mm512_loadu_ps(x.d8.add(8 * b)));
-            let xs = _mm512_fmadd_ps(pr, _mm512_loadu_ps(x.e8.add(8 * b)), xs);
+            let t = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, wu, q), 8);
+            let t = _mm512_dpbusd_epi32(t, wu, r);
+            let t = _mm512_add_epi32(t, _mm512_loadu_si512(x.corr.add(8 * b) as *const __m512i));
+            let xs = _mm512_mul_ps(_mm512_cvtepi32_ps(t), _mm512_loadu_ps(x.s8.add(8 * b)));
             // wd[b], wd[b + 1] spread over the two halves.
             let pair = _mm512_castpd_ps(_mm512_castpd128_pd512(_mm_load_sd(wd.add(b) as *const f64)));
             _mm512_fmadd_ps(xs, _mm512_permutexvar_ps(halves, pair), acc)
@@ -276,20 +293,23 @@ mod x86 {
 pub fn gemv(x: &[f32], n: usize, x_rs: usize, w: &Q8, m: usize, k: usize, y: &mut [f32], y_rs: usize) {
     assert!(k.is_multiple_of(QBLOCK) && w.len() == m * k, "gemv: the 8-bit matrix is not {m} × {k} in blocks");
     let nb = k / QBLOCK;
-    // Row i: q and r at [2ik, 2ik + 2k), d8 and e8 at [16i·nb, 16(i + 1)·nb).
+    // Row i: q and r at [2ik, 2ik + 2k), s8 and corr at [8i·nb, 8(i + 1)·nb).
     let mut xq = vec![0i8; 2 * n * k];
-    let mut xd = vec![0.0f32; 16 * n * nb];
-    for (i, (q, d)) in xq.chunks_exact_mut(2 * k).zip(xd.chunks_exact_mut(16 * nb)).enumerate() {
-        quantize_row(&x[i * x_rs..i * x_rs + k], q.split_at_mut(k), d.split_at_mut(8 * nb));
+    let mut xs = vec![0.0f32; 8 * n * nb];
+    let mut xc = vec![0i32; 8 * n * nb];
+    for (i, ((q, s8), c)) in
+        xq.chunks_exact_mut(2 * k).zip(xs.chunks_exact_mut(8 * nb)).zip(xc.chunks_exact_mut(8 * nb)).enumerate()
+    {
+        quantize_row(&x[i * x_rs..i * x_rs + k], q.split_at_mut(k), s8, c);
     }
     let kernel = Kernel::pick();
     let block = m.div_ceil(rayon::current_num_threads() * 4).max(16);
     let yp = SendPtr(y.as_mut_ptr());
     let rows: Vec<XRow> = (0..n)
         .map(|i| {
-            let (q, d) = (xq[2 * i * k..].as_ptr(), xd[16 * i * nb..].as_ptr());
-            // Safety: both stay within row i's 2k values and 16nb scales.
-            unsafe { XRow { q, r: q.add(k), d8: d, e8: d.add(8 * nb) } }
+            let q = xq[2 * i * k..].as_ptr();
+            // Safety: r stays within row i's 2k values.
+            XRow { q, r: unsafe { q.add(k) }, s8: xs[8 * i * nb..].as_ptr(), corr: xc[8 * i * nb..].as_ptr() }
         })
         .collect();
     let rows = &rows;
@@ -319,15 +339,17 @@ mod tests {
         let wq = Q8::quantize(&w);
         let mut wf = vec![0.0; w.len()];
         wq.read_f32(0, &mut wf);
-        let (mut q, mut d) = (vec![0i8; 2 * k], vec![0.0f32; 16 * nb]);
-        quantize_row(&x, q.split_at_mut(k), d.split_at_mut(8 * nb));
-        // The two terms restore x to within half a step of the residual's scale.
-        let (dx, ex) = (|j: usize| d[8 * (j / 32)], |j: usize| d[8 * nb + 8 * (j / 32)]);
-        let xf: Vec<f32> = (0..k).map(|j| dx(j) * q[j] as f32 + ex(j) * q[k + j] as f32).collect();
+        let (mut q, mut s8, mut corr) = (vec![0i8; 2 * k], vec![0.0f32; 8 * nb], vec![0i32; 8 * nb]);
+        quantize_row(&x, q.split_at_mut(k), &mut s8, &mut corr);
+        // The two terms restore x to within half a step of the residual's scale (one step where
+        // the residual sits on its clamp).
+        let e = |j: usize| s8[8 * (j / 32)];
+        let xf: Vec<f32> = (0..k).map(|j| e(j) * (256.0 * q[j] as f32 + q[k + j] as f32)).collect();
         for (j, (a, b)) in x.iter().zip(&xf).enumerate() {
-            assert!((a - b).abs() <= 0.5001 * ex(j) + 1e-6 * a.abs(), "x[{j}]: {a} vs {b}");
+            let steps = if q[k + j].abs() == 127 { 1.0001 } else { 0.5001 };
+            assert!((a - b).abs() <= steps * e(j) + 1e-6 * a.abs(), "x[{j}]: {a} vs {b}");
         }
-        let row = unsafe { XRow { q: q.as_ptr(), r: q.as_ptr().add(k), d8: d.as_ptr(), e8: d.as_ptr().add(8 * nb) } };
+        let row = XRow { q: q.as_ptr(), r: q[k..].as_ptr(), s8: s8.as_ptr(), corr: corr.as_ptr() };
         for r in 0..3 {
             let exact = |xs: &[f32]| -> f64 { (0..k).map(|j| wf[r * k + j] as f64 * xs[j] as f64).sum() };
             let (want, scale) = (exact(&xf), (0..k).map(|j| (wf[r * k + j] as f64 * xf[j] as f64).abs()).sum::<f64>());
