@@ -297,17 +297,17 @@ unsafe fn ssd_head<S: Simd>(
         for i in 0..q {
             y0.add(i * y_rs).write_bytes(0, p);
         }
-        acc_tile::<S>(y0, y_rs, q, p, c0, inp.bc_rs, st, p, n);
+        acc_tile::<S>(Product { c: y0, c_rs: y_rs, a: c0, a_rs: inp.bc_rs, b: st, b_rs: p, depth: n }, q, p);
         let wm = w.as_mut_ptr();
         wm.write_bytes(0, q * q);
-        acc_tile::<S>(wm, q, q, q, c0, inp.bc_rs, bt.as_ptr(), q, n);
+        acc_tile::<S>(Product { c: wm, c_rs: q, a: c0, a_rs: inp.bc_rs, b: bt.as_ptr(), b_rs: q, depth: n }, q, q);
         for i in 0..q {
             let wi = wm.add(i * q);
             decay_weights::<S>(wi, cum.as_ptr(), dtc.as_ptr(), cum[i], i + 1);
             wi.add(i + 1).write_bytes(0, q - i - 1);
             scale::<S>(y0.add(i * y_rs), cum[i].exp(), p);
         }
-        acc_tile::<S>(y0, y_rs, q, p, wm, q, x0, inp.x_rs, q);
+        acc_tile::<S>(Product { c: y0, c_rs: y_rs, a: wm, a_rs: q, b: x0, b_rs: inp.x_rs, depth: q }, q, p);
         for i in 0..q {
             let (out, xi) = (y0.add(i * y_rs), xp(t0 + i));
             for pp in 0..p {
@@ -324,7 +324,7 @@ unsafe fn ssd_head<S: Simd>(
             }
         }
         scale::<S>(st, end.exp(), n * p);
-        acc_tile::<S>(st, p, n, p, coef.as_ptr(), q, x0, inp.x_rs, q);
+        acc_tile::<S>(Product { c: st, c_rs: p, a: coef.as_ptr(), a_rs: q, b: x0, b_rs: inp.x_rs, depth: q }, n, p);
         t0 += q;
     }
 }
@@ -391,93 +391,84 @@ unsafe fn decay_weights<S: Simd>(w: *mut f32, cum: *const f32, dt: *const f32, l
     }
 }
 
-/// `c[i·c_rs + col] += Σ_{k<depth} a[i·a_rs + k]·b[k·b_rs + col]` for i < m, col < len: a small
-/// product in register tiles of 4 rows × up to 4 vectors, each entry summing over k in order.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn acc_tile<S: Simd>(
+/// `c[i·c_rs + col] += Σ_{k<depth} a[i·a_rs + k]·b[k·b_rs + col]`: the operands of a small
+/// product, row-major with row strides.
+#[derive(Clone, Copy)]
+struct Product {
     c: *mut f32,
     c_rs: usize,
-    m: usize,
-    len: usize,
     a: *const f32,
     a_rs: usize,
     b: *const f32,
     b_rs: usize,
     depth: usize,
-) {
+}
+
+impl Product {
+    /// The same product from row `i`, column `col` of `c` on.
+    unsafe fn at(self, i: usize, col: usize) -> Product {
+        Product { c: self.c.add(i * self.c_rs + col), a: self.a.add(i * self.a_rs), b: self.b.add(col), ..self }
+    }
+}
+
+/// `p` over rows i < m and columns col < len, in register tiles of 4 rows × up to 4 vectors,
+/// each entry summing over k in order.
+#[inline(always)]
+unsafe fn acc_tile<S: Simd>(p: Product, m: usize, len: usize) {
     let mut i = 0;
     while i + 4 <= m {
-        tile_cols::<S, 4>(c.add(i * c_rs), c_rs, len, a.add(i * a_rs), a_rs, b, b_rs, depth);
+        tile_cols::<S, 4>(p.at(i, 0), len);
         i += 4;
     }
     for i in i..m {
-        tile_cols::<S, 1>(c.add(i * c_rs), c_rs, len, a.add(i * a_rs), a_rs, b, b_rs, depth);
+        tile_cols::<S, 1>(p.at(i, 0), len);
     }
 }
 
 /// [`acc_tile`] for R rows: the widest tiles the registers hold (16 accumulators), then one
 /// vector, then single columns.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn tile_cols<S: Simd, const R: usize>(
-    c: *mut f32,
-    c_rs: usize,
-    len: usize,
-    a: *const f32,
-    a_rs: usize,
-    b: *const f32,
-    b_rs: usize,
-    depth: usize,
-) {
+unsafe fn tile_cols<S: Simd, const R: usize>(p: Product, len: usize) {
     let l = S::LANES;
     let mut col = 0;
     if l >= 16 {
         while col + 4 * l <= len {
-            tile::<S, R, 4>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+            tile::<S, R, 4>(p.at(0, col));
             col += 4 * l;
         }
     } else {
         while col + 2 * l <= len {
-            tile::<S, R, 2>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+            tile::<S, R, 2>(p.at(0, col));
             col += 2 * l;
         }
     }
     while col + l <= len {
-        tile::<S, R, 1>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+        tile::<S, R, 1>(p.at(0, col));
         col += l;
     }
     for col in col..len {
-        tile::<Scalar, R, 1>(c.add(col), c_rs, a, a_rs, b.add(col), b_rs, depth);
+        tile::<Scalar, R, 1>(p.at(0, col));
     }
 }
 
-/// R rows × V vectors of [`acc_tile`], held in registers over the whole depth.
+/// R rows × V vectors of a [`Product`], held in registers over the whole depth.
 #[inline(always)]
-unsafe fn tile<S: Simd, const R: usize, const V: usize>(
-    c: *mut f32,
-    c_rs: usize,
-    a: *const f32,
-    a_rs: usize,
-    b: *const f32,
-    b_rs: usize,
-    depth: usize,
-) {
+unsafe fn tile<S: Simd, const R: usize, const V: usize>(p: Product) {
     let l = S::LANES;
     let mut acc = [[S::splat(0.0); V]; R];
     for (r, row) in acc.iter_mut().enumerate() {
         for (v, x) in row.iter_mut().enumerate() {
-            *x = S::load(c.add(r * c_rs + v * l));
+            *x = S::load(p.c.add(r * p.c_rs + v * l));
         }
     }
-    for k in 0..depth {
-        let bk = b.add(k * b_rs);
+    for k in 0..p.depth {
+        let bk = p.b.add(k * p.b_rs);
         let mut bv = [S::splat(0.0); V];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = S::load(bk.add(v * l));
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            let ar = S::splat(*a.add(r * a_rs + k));
+            let ar = S::splat(*p.a.add(r * p.a_rs + k));
             for (x, bx) in row.iter_mut().zip(&bv) {
                 *x = S::fma(ar, *bx, *x);
             }
@@ -485,7 +476,7 @@ unsafe fn tile<S: Simd, const R: usize, const V: usize>(
     }
     for (r, row) in acc.iter().enumerate() {
         for (v, x) in row.iter().enumerate() {
-            S::store(c.add(r * c_rs + v * l), *x);
+            S::store(p.c.add(r * p.c_rs + v * l), *x);
         }
     }
 }
