@@ -8,7 +8,8 @@
 //! (the block size changes rounding only). Heads run in parallel, blocks sequentially. Per
 //! token and head: Q·N/2 + Q·P/2 MACs for the intra-block "attention" and 2·N·P for the state
 //! in and out; bytes: x, y (P each), B, C (N each). On the CPU the in/out terms dominate and
-//! short blocks (16, measured fastest against 32/64/128) keep the intra-block work small.
+//! short blocks (16: faster than 64/128 when the products ran row by row, no slower than 32
+//! as register tiles) keep the intra-block work small.
 //! State layout is `(H, N, P)` so that every inner loop runs over contiguous P or Q.
 
 use super::matmul::SendPtr;
@@ -272,6 +273,7 @@ unsafe fn ssd_head<S: Simd>(
     let mut cum = vec![0.0f32; q_max];
     let mut dtc = vec![0.0f32; q_max];
     let mut w = vec![0.0f32; q_max * q_max]; // the block's W, (Q, Q)
+    let mut wend = vec![0.0f32; q_max]; // exp(Λ_end − Λ_j)·dt_j
     let mut coef = vec![0.0f32; n * q_max]; // B_j[k]·exp(Λ_end − Λ_j)·dt_j, (N, Q)
     let d_of = |pp: usize| inp.skip(heads, p, h, pp);
     let xp = |t: usize| inp.x.as_ptr().add(t * inp.x_rs + h * p);
@@ -316,11 +318,11 @@ unsafe fn ssd_head<S: Simd>(
         }
         // S_out = exp(Λ_end)·S_in + Σ_j B_j ⊗ exp(Λ_end − Λ_j)·dt_j·x_j, as one product.
         let end = cum[q - 1];
-        w[..q].fill(1.0);
-        decay_weights::<S>(w.as_mut_ptr(), cum.as_ptr(), dtc.as_ptr(), end, q);
+        wend[..q].fill(1.0);
+        decay_weights::<S>(wend.as_mut_ptr(), cum.as_ptr(), dtc.as_ptr(), end, q);
         for k in 0..n {
             for j in 0..q {
-                coef[k * q + j] = bt[k * q + j] * w[j];
+                coef[k * q + j] = bt[k * q + j] * wend[j];
             }
         }
         scale::<S>(st, end.exp(), n * p);
