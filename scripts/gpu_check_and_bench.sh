@@ -4,9 +4,9 @@
 #   scripts/gpu_check_and_bench.sh --stage   # copies the stripped binaries to .gpu/
 # then on the GPU machine, from the repo root (with .gpu/ copied along):
 #   scripts/gpu_check_and_bench.sh [STAGE...]
-# Stages: start check sanitize scan models usage hf train parity serve tasks baselines plot (default: all;
-# to keep each run under 10 minutes, split them: "start check sanitize scan baselines plot",
-# "models usage hf", "train", "parity", "serve", "tasks").
+# Stages: start check sanitize scan models usage hf train parity serve throughput tasks baselines plot
+# (default: all; to keep each run under 10 minutes, split them: "start check sanitize scan baselines plot",
+# "models usage hf", "train", "parity", "serve", "throughput", "tasks").
 # Results (JSON lines, logs, PNG plots) go to $OUT (default ./gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 BIN=$PWD/.gpu/mamba-lm
-STAGES=${*:-start check sanitize scan models usage hf train parity serve tasks baselines plot}
+STAGES=${*:-start check sanitize scan models usage hf train parity serve throughput tasks baselines plot}
 J=$OUT/figures.jsonl
 export MAMBA_LM_CACHE=/tmp/mamba-lm-cache
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -213,30 +213,34 @@ if has parity; then
     cp /tmp/parity/parity.jsonl /tmp/parity/ours/metrics.jsonl "$OUT/" 2>/dev/null
 fi
 
+# A server on PORT, once its /health answers (at most 120 s).
+serve_up() {
+    local port=$1; shift
+    $BIN serve --port "$port" --device cuda --dtype bf16 "$@" >>"$OUT/serve.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 240); do
+        curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+        kill -0 $SERVER 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "the server on port $port did not start (see serve.log)"; return 1
+}
+
 if has serve; then
-    # A server on PORT, once its /health answers (at most 120 s).
-    serve_up() {
-        local port=$1; shift
-        $BIN serve --port "$port" --device cuda --dtype bf16 "$@" >>"$OUT/serve.log" 2>&1 &
-        SERVER=$!
-        for _ in $(seq 240); do
-            curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
-            kill -0 $SERVER 2>/dev/null || break
-            sleep 0.5
-        done
-        echo "the server on port $port did not start (see serve.log)"; return 1
-    }
     log "serving: the bundled model in bf16, 300 concurrent greedy streams, a cached 2,000-token prefix"
     if serve_up 18401 --max-batch 64; then
         python3 scripts/serve_bench.py http://127.0.0.1:18401 streams 300 --alone 30 | tee -a "$J"
         python3 scripts/serve_bench.py http://127.0.0.1:18401 ttft | tee -a "$J"
     fi
     kill $SERVER; wait $SERVER 2>/dev/null
+fi
+
+if has throughput; then
     log "serving throughput, mamba-1.4b random weights, prompt 2048 + 128 new tokens: bench generate, then the server"
     $BIN bench generate --preset mamba-1.4b --batch ${SERVE_BATCHES:-1,16,64,128} --reps 3 --json-out "$J"
     [ -d /tmp/m14 ] || $BIN init --preset mamba-1.4b --dtype bf16 --out /tmp/m14 >/dev/null
     # With the prefix cache (the default: each prompt's final state copied to the host) and without.
-    for cache in 1024 0; do
+    for cache in ${SERVE_CACHES:-1024 0}; do
         if serve_up 18402 -m /tmp/m14 --max-batch 128 --cache-mb $cache; then
             for n in $(echo ${SERVE_BATCHES:-1,16,64,128} | tr , ' '); do
                 timeout 200 python3 scripts/serve_bench.py http://127.0.0.1:18402 throughput $n --prompt-len 2048 \

@@ -176,6 +176,25 @@ pub struct Scheduler<'b, 't> {
     pub prefill_budget: usize,
     /// Prompt tokens per forward pass (bounds activation memory).
     pub chunk: usize,
+    /// Where the steps' time went so far.
+    pub busy: Busy,
+}
+
+/// Seconds spent in the backend, by kind of work: prompt passes, decode steps, and states
+/// copied in or out (resumed sessions and cached prefixes, snapshots for the cache).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Busy {
+    pub prefill: f64,
+    pub decode: f64,
+    pub states: f64,
+}
+
+/// Runs `f`, adding its wall time to `acc` (seconds).
+fn timed<T>(acc: &mut f64, f: impl FnOnce() -> T) -> T {
+    let t0 = Instant::now();
+    let out = f();
+    *acc += t0.elapsed().as_secs_f64();
+    out
 }
 
 /// Prompt tokens per prefill pass: long enough to run at full GEMM speed, short enough that
@@ -202,6 +221,7 @@ impl<'b, 't> Scheduler<'b, 't> {
             next_id: 0,
             prefill_budget: usize::MAX,
             chunk: PREFILL_CHUNK,
+            busy: Busy::default(),
         })
     }
 
@@ -290,11 +310,11 @@ impl<'b, 't> Scheduler<'b, 't> {
             let Some((id, job)) = self.queue.pop_front() else { break };
             let (logits, mut history) = match job.resume {
                 Some(snap) => {
-                    self.be.set_state(free, snap.state)?;
+                    timed(&mut self.busy.states, || self.be.set_state(free, snap.state))?;
                     (snap.next_logits, snap.tokens)
                 }
                 None => {
-                    self.be.reset(free)?;
+                    timed(&mut self.busy.states, || self.be.reset(free))?;
                     (vec![], vec![])
                 }
             };
@@ -359,6 +379,7 @@ impl<'b, 't> Scheduler<'b, 't> {
             let t0 = Instant::now();
             let out = self.be.forward(&toks, len, &group, 1)?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
+            self.busy.prefill += ms / 1e3;
             fed += group.len() * len;
             for (j, &i) in group.iter().enumerate() {
                 let s = self.slots[i].as_mut().unwrap();
@@ -370,7 +391,7 @@ impl<'b, 't> Scheduler<'b, 't> {
                 if s.marks.contains(&end) {
                     let keep = s.history.len() - (s.prompt.len() - end);
                     let snap = Snapshot {
-                        state: self.be.state(i)?,
+                        state: timed(&mut self.busy.states, || self.be.state(i))?,
                         next_logits: s.logits.clone(),
                         tokens: s.history[..keep].to_vec(),
                     };
@@ -465,6 +486,7 @@ impl<'b, 't> Scheduler<'b, 't> {
             }
         }
         let dt = t0.elapsed().as_secs_f64() * 1e3;
+        self.busy.decode += dt / 1e3;
         for &i in &feed {
             let s = self.slots[i].as_mut().unwrap();
             s.device_ms += dt;
@@ -494,7 +516,8 @@ impl<'b, 't> Scheduler<'b, 't> {
             if s.logits.is_empty() && s.next.is_some() {
                 s.logits = self.be.picked_logits(i)?;
             }
-            snapshot = Some(Snapshot { state: self.be.state(i)?, next_logits: s.logits, tokens: s.history });
+            let state = timed(&mut self.busy.states, || self.be.state(i))?;
+            snapshot = Some(Snapshot { state, next_logits: s.logits, tokens: s.history });
         }
         self.be.retire(i);
         let k = s.new_ids.len().max(1) as f64;

@@ -105,6 +105,12 @@ fn streams_together_equal_each_alone() {
     assert_eq!(alone, together);
     let (_, m) = http(&s.addr, "GET", "/metrics", &[], b"");
     assert!(m.contains("mamba_requests_total{endpoint=\"completions\",status=\"200\"} 48"), "{m}");
+    // 48 requests went through prompt passes and decode steps: both took time.
+    for phase in ["prefill", "decode"] {
+        let at = format!("mamba_engine_seconds_total{{phase=\"{phase}\"}} ");
+        let line = m.lines().find_map(|l| l.strip_prefix(at.as_str())).unwrap_or_else(|| panic!("no {at}in {m}"));
+        assert!(line.parse::<f64>().unwrap() > 0.0, "{m}");
+    }
 }
 
 #[test]

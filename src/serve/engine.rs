@@ -106,6 +106,7 @@ pub fn run(
                 }
             }
         }
+        let (busy, t0) = (sched.busy, Instant::now());
         for r in incoming {
             admit(&mut sched, &mut cache, &mut sessions, &mut live, &m, r);
         }
@@ -145,6 +146,7 @@ pub fn run(
             }
             Control::Continue
         });
+        m.engine_step(busy, sched.busy, t0.elapsed().as_secs_f64());
         if let Err(e) = stepped {
             // The model failed: every sequence in flight hears it; the server stays up for
             // the next requests on a fresh scheduler.

@@ -1,5 +1,6 @@
 //! The server's counters and latency histograms, rendered in Prometheus' text format.
 
+use mamba_lm::scheduler::Busy;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -52,6 +53,8 @@ pub struct Metrics {
     pub running: AtomicUsize,
     ttft: Mutex<Histogram>,
     per_token: Mutex<Histogram>,
+    /// Seconds of the model thread's steps: in the backend ([`Busy`]) and the rest.
+    engine: Mutex<(Busy, f64)>,
 }
 
 impl Metrics {
@@ -70,6 +73,16 @@ impl Metrics {
 
     pub fn time_per_token(&self, s: f64) {
         self.per_token.lock().unwrap().observe(s);
+    }
+
+    /// Adds a scheduler step of `wall` seconds that moved its busy times from `from` to `to`.
+    pub fn engine_step(&self, from: Busy, to: Busy, wall: f64) {
+        let mut e = self.engine.lock().unwrap();
+        let (p, d, s) = (to.prefill - from.prefill, to.decode - from.decode, to.states - from.states);
+        e.0.prefill += p;
+        e.0.decode += d;
+        e.0.states += s;
+        e.1 += (wall - p - d - s).max(0.0);
     }
 
     pub fn render(&self) -> String {
@@ -108,6 +121,17 @@ impl Metrics {
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let (busy, rest) = *self.engine.lock().unwrap();
+        let name = "mamba_engine_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} The model thread's time: prompt passes, decode steps, states copied in and out, \
+             the rest of its steps (sampling, text, sending).\n# TYPE {name} counter"
+        );
+        let phases = [("prefill", busy.prefill), ("decode", busy.decode), ("states", busy.states), ("other", rest)];
+        for (phase, v) in phases {
+            let _ = writeln!(out, "{name}{{phase=\"{phase}\"}} {v}");
         }
         self.ttft.lock().unwrap().render(
             &mut out,
