@@ -557,8 +557,9 @@ fn gpu_adamw_step_matches_the_cpu() {
 #[ignore = "needs a GPU"]
 fn scan_backward_matches_its_plain_twin_on_long_rows() {
     use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
-    // mamba-130m's width, 2 layers, rows of 700 steps (44 sub-chunks), N = 16 and N = 8.
-    for n in [16, 8] {
+    // mamba-130m's width, 2 layers, rows of 700 steps (88 sub-chunks of 8, the last one short),
+    // each state size the fast kernel takes.
+    for n in [16, 8, 32] {
         let mut cfg = preset_with_layers("mamba-130m", Some(2));
         cfg.d_state = n;
         let layout = Layout::new(&cfg, EMBEDDING_NAMES[0]).unwrap();

@@ -84,7 +84,7 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         k if k.starts_with("conv1d_") || k == "conv_taps" => ("causal_conv1d", CONV),
         "scan_carry" => ("selective_scan", SCAN),
         "nll_rows" | "ce_grad_rows" => ("cross_entropy", CROSS_ENTROPY),
-        "scan_backward" | "scan_backward_slow" | "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
+        k if k.starts_with("scan_backward") || k == "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
         "sum_parts" | "sum_squares" | "embed_rows" | "embed_backward" => ("reduce", REDUCE),
         "adamw" => ("adamw", ADAMW),
         "to_bf16" => ("convert", CONVERT),
@@ -111,7 +111,7 @@ pub fn all_units() -> Vec<Unit> {
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));
-    v.extend(["nll_rows", "scan_backward", "sum_parts", "adamw", "to_bf16"].iter().filter_map(|k| unit_for(k)));
+    v.extend(["nll_rows", "scan_backward_16", "sum_parts", "adamw", "to_bf16"].iter().filter_map(|k| unit_for(k)));
     v
 }
 

@@ -20,7 +20,7 @@
 // scan_a2: the training forward's A·log2(e) in the (N, E) layout of ScanParams.a2, from A_log
 // ((E, N), the parameter) after each update.
 
-// SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_BWD_MAX_N: src/cuda/consts.rs.
+// SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_BWD_MAX_N, SCAN_BWD_LANE_THREADS: src/cuda/consts.rs.
 
 struct ScanBwdParams {
     const float* u;         // u[r·u_rs + c], r = s·L + t
@@ -167,49 +167,52 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward_slo
     }
 }
 
-// scan_backward: the same lanes and passes, fed from shared memory. Per sub-chunk the block loads
-// the steps' u, raw δ, z and ∂y of its channels (coalesced) and turns them once per (step,
-// channel) into δ = softplus(raw δ + bias), σ(raw), σ(z) and gy = ∂y·z·σ(z), and the steps' B,
-// C rows; the lanes then recompute their states and decays into registers and run the adjoint
-// recurrence with no shuffles in the loop: each lane parks its terms of the sums over states
-// (C·h for y, gh·δ·B for ∂u, gh·(A·decay·h + B·u) for ∂δ) in shared memory, and after the
-// sub-chunk one thread per (step, channel) sums them and finishes ∂z, ∂u, ∂δ. ∂B and ∂C are
-// summed over the warp's channels by shuffles once per sub-chunk, then over the block's warps.
-// Needs N in {8, 16, 32} (32 or fewer channels a block).
+// scan_backward: the same two walks, with each lane holding SPL = 4 states of one channel (N / 4
+// adjacent lanes a channel, as the forward scan splits them), so that a step's per-channel work
+// and its sums over states are shared by 4 states instead of 1. Per sub-chunk the block stages
+// the steps' inputs of its channels in shared memory, turned once per (step, channel) into δ =
+// softplus(raw δ + bias), σ(raw), σ(z) and gy = ∂y·z·σ(z), with the steps' B, C rows; each lane
+// recomputes its states and decays into registers and runs the adjoint recurrence back through
+// them. The sums over a channel's states (C·h for y, gh·B for ∂u, gh·(A·decay·h + B·u) for ∂δ)
+// are log2(N/4) shuffles, parked per (step, channel); ∂B and ∂C, sums over the warp's channels,
+// are one transpose-reduction (each level hands half of a lane's values to its partner and adds
+// the other half: 7 shuffles for the 8 values of 8 channels at N = 16) that leaves each lane one
+// of the warp's 2N sums, which the block adds over its warps. After the sub-chunk one thread per
+// (step, channel) finishes ∂z, ∂u, ∂δ and the gated output.
+// Per (t, c, state): 2 exp2 (state walk and recompute) and ~20 other instructions; per (t, c)
+// and lane: ~13 shuffles. Shared memory (floats; CH = 4·threads/N channels, NW warps): the tile
+// 7·SUB·CH, B and C SUB·2N, the state sums 3·SUB·CH, ∂B and ∂C per warp SUB·NW·2N.
+// Needs N in {8, 16, 32}.
 
-// Shared memory (floats; CH = 256 / N channels, 8 warps): the tile 7·SUB·CH, the B, C rows
-// SUB·2N, the terms 3·SUB·CH·(N + 1), ∂B and ∂C per warp 2·SUB·8·N, ∂D and ∂bias per thread
-// 2·256 (scan_backward_smem in ops.rs).
-extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(const ScanBwdParams p) {
-    extern __shared__ float sm[];
-    const int N = p.N, E = p.E, CH = SCAN_BWD_THREADS / N, SUB = SCAN_BWD_SUB;
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nw = SCAN_BWD_THREADS / 32;
-    const int n = tid % N, ch = tid / N, c0 = blockIdx.x * CH, c = c0 + ch, s = blockIdx.y;
+template <int N> __device__ __forceinline__ void scan_backward_lanes(const ScanBwdParams& p) {
+    // SPL states a lane: what the float4 loads below hold.
+    constexpr int SPL = 4, LPC = N / SPL, T = SCAN_BWD_LANE_THREADS, CH = T / LPC;
+    constexpr int SUB = SCAN_BWD_SUB, NW = T / 32;
+    __shared__ float t_u[SUB * CH], t_d[SUB * CH], t_gy[SUB * CH], t_sr[SUB * CH];
+    __shared__ float t_z[SUB * CH], t_sz[SUB * CH], t_g[SUB * CH];
+    __shared__ __align__(16) float t_bc[SUB * 2 * N];  // [step][B | C]
+    __shared__ float t_sum[3][SUB * CH];                 // y, ∂u, ∂δ sums over states
+    __shared__ float t_red[SUB][NW][2 * N];              // ∂B | ∂C per warp
+    const int E = p.E, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int g = tid % LPC, ch = tid / LPC, c0 = blockIdx.x * CH, c = c0 + ch, s = blockIdx.y;
     const bool on = c < E;
-    // The tile: [what][step][channel].
-    float* t_u = sm;
-    float* t_d = t_u + SUB * CH;     // δ
-    float* t_gy = t_d + SUB * CH;    // ∂y·z·σ(z)
-    float* t_sr = t_gy + SUB * CH;   // σ(raw δ + bias)
-    float* t_z = t_sr + SUB * CH;
-    float* t_sz = t_z + SUB * CH;    // σ(z)
-    float* t_g = t_sz + SUB * CH;    // ∂y
-    float* t_bc = t_g + SUB * CH;    // [step][B | C]
-    float* t_terms = t_bc + SUB * 2 * N;  // [3][step][channel][N + 1]
-    float* t_red = t_terms + 3 * SUB * CH * (N + 1);  // [2][step][warp][N]
-    float* t_dd = t_red + 2 * SUB * nw * N;           // [2][thread]
     const long row0 = (long)s * p.L;
-    const float A = on ? -expf(p.a_log[c * N + n]) : 0.0f;
+    float A[SPL], A2[SPL];
+#pragma unroll
+    for (int j = 0; j < SPL; j++) {
+        A[j] = on ? -expf(p.a_log[c * N + g * SPL + j]) : 0.0f;
+        A2[j] = A[j] * 1.44269504088896340736f;
+    }
     const int nsub = (p.L + SUB - 1) / SUB;
-    float* ck = p.ckpt + ((long)s * nsub * E + c) * N + n;
-    const long ck_step = (long)E * N;
+    float4* ck = reinterpret_cast<float4*>(p.ckpt + ((long)s * nsub * E + c) * N + g * SPL);
+    const long ck_step = (long)E * N / SPL;
 
-    // Loads the tile of sub-chunk j (all of it when `full`, else u, δ and B for the forward).
+    // Stages sub-chunk j (all of it when `full`, else u, δ and B for the first walk).
     auto load = [&](int j, bool full) {
         const int t0 = j * SUB;
-        for (int k = tid; k < SUB * CH; k += blockDim.x) {
+        for (int k = tid; k < SUB * CH; k += T) {
             const int i = k / CH, cc = c0 + k % CH, t = t0 + i;
-            float u = 0.0f, d = 0.0f, sr = 0.0f, z = 0.0f, sz = 0.0f, g = 0.0f;
+            float u = 0.0f, d = 0.0f, sr = 0.0f, z = 0.0f, sz = 0.0f, gr = 0.0f;
             if (cc < E && t < p.L) {
                 const long r = row0 + t;
                 const float raw = p.dt[r * p.dt_rs + cc] + p.dt_bias[cc];
@@ -217,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
                 d = softplus(raw);
                 if (full) {
                     sr = 1.0f / (1.0f + expf(-raw));
-                    g = p.gy[r * E + cc];
+                    gr = p.gy[r * E + cc];
                     if (p.z) {
                         z = p.z[r * p.z_rs + cc];
                         sz = 1.0f / (1.0f + expf(-z));
@@ -230,11 +233,11 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
                 t_sr[k] = sr;
                 t_z[k] = z;
                 t_sz[k] = sz;
-                t_g[k] = g;
-                t_gy[k] = p.z ? g * z * sz : g;
+                t_g[k] = gr;
+                t_gy[k] = p.z ? gr * z * sz : gr;
             }
         }
-        for (int k = tid; k < SUB * 2 * N; k += blockDim.x) {
+        for (int k = tid; k < SUB * 2 * N; k += T) {
             const int i = k / (2 * N), q = k % (2 * N), t = t0 + i;
             float v = 0.0f;
             if (t < p.L && (full || q < N)) {
@@ -244,73 +247,109 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
             t_bc[k] = v;
         }
     };
+    auto row4 = [&](int i, int half) { return *reinterpret_cast<const float4*>(&t_bc[i * 2 * N + half * N + g * SPL]); };
 
-    float h = 0.0f;
+    // First walk: the state entering every sub-chunk.
+    float h[SPL] = {};
     for (int j = 0; j < nsub; j++) {
         load(j, false);
         __syncthreads();
-        if (on) ck[j * ck_step] = h;
+        if (on) ck[j * ck_step] = make_float4(h[0], h[1], h[2], h[3]);
 #pragma unroll
         for (int i = 0; i < SUB; i++) {
-            const float d = t_d[i * CH + ch];
-            h = fmaf(expf(d * A), h, d * t_u[i * CH + ch] * t_bc[i * 2 * N + n]);
+            const float d = t_d[i * CH + ch], du = d * t_u[i * CH + ch];
+            const float4 b4 = row4(i, 0);
+            const float b[SPL] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int q = 0; q < SPL; q++) h[q] = fmaf(exp2f(d * A2[q]), h[q], du * b[q]);
         }
         __syncthreads();
     }
 
-    float gh = 0.0f, ga = 0.0f, acc_d = 0.0f, acc_bias = 0.0f;
+    float gh[SPL] = {}, ga[SPL] = {}, acc_d = 0.0f, acc_bias = 0.0f;
     for (int j = nsub - 1; j >= 0; j--) {
         const int t0 = j * SUB;
         load(j, true);
         __syncthreads();
-        float hs[SUB + 1], dk[SUB], vb[SUB], vc[SUB];
-        hs[0] = on ? ck[j * ck_step] : 0.0f;
+        const float4 h0 = on ? ck[j * ck_step] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        float hs[SUB + 1][SPL] = {{h0.x, h0.y, h0.z, h0.w}}, dk[SUB][SPL];  // hs[i]: before step t0 + i
 #pragma unroll
         for (int i = 0; i < SUB; i++) {
-            const float d = t_d[i * CH + ch];
-            dk[i] = expf(d * A);
-            hs[i + 1] = fmaf(dk[i], hs[i], d * t_u[i * CH + ch] * t_bc[i * 2 * N + n]);
+            const float d = t_d[i * CH + ch], du = d * t_u[i * CH + ch];
+            const float4 b4 = row4(i, 0);
+            const float b[SPL] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int q = 0; q < SPL; q++) {
+                dk[i][q] = exp2f(d * A2[q]);
+                hs[i + 1][q] = fmaf(dk[i][q], hs[i][q], du * b[q]);
+            }
         }
 #pragma unroll
         for (int i = SUB - 1; i >= 0; i--) {
             const float d = t_d[i * CH + ch], u = t_u[i * CH + ch], gy = t_gy[i * CH + ch];
-            const float bn = t_bc[i * 2 * N + n], cn = t_bc[i * 2 * N + N + n];
-            gh = fmaf(cn, gy, gh);
-            float* term = t_terms + (i * CH + ch) * (N + 1) + n;
-            term[0] = cn * hs[i + 1];
-            term[SUB * CH * (N + 1)] = gh * d * bn;
-            term[2 * SUB * CH * (N + 1)] = gh * (A * dk[i] * hs[i] + bn * u);
-            ga += gh * d * dk[i] * hs[i];
-            vb[i] = gh * d * u;
-            vc[i] = gy * hs[i + 1];
-            gh *= dk[i];
-        }
-        // ∂B, ∂C: Σ over the warp's channels (the lanes holding the same state), per warp.
+            const float4 b4 = row4(i, 0), c4 = row4(i, 1);
+            const float b[SPL] = {b4.x, b4.y, b4.z, b4.w}, cm[SPL] = {c4.x, c4.y, c4.z, c4.w};
+            float ys = 0.0f, gus = 0.0f, gds = 0.0f, v[2 * SPL];
 #pragma unroll
-        for (int i = 0; i < SUB; i++) {
-            for (int o = N; o < 32; o <<= 1) {
-                vb[i] += shfl_xor(vb[i], o);
-                vc[i] += shfl_xor(vc[i], o);
+            for (int q = 0; q < SPL; q++) {
+                gh[q] = fmaf(cm[q], gy, gh[q]);
+                ys = fmaf(cm[q], hs[i + 1][q], ys);
+                gus = fmaf(gh[q], b[q], gus);
+                const float dh = dk[i][q] * hs[i][q];
+                gds = fmaf(gh[q], fmaf(A[q], dh, b[q] * u), gds);
+                ga[q] = fmaf(gh[q], d * dh, ga[q]);
+                v[q] = gh[q] * d * u;
+                v[SPL + q] = gy * hs[i + 1][q];
+                gh[q] *= dk[i][q];
             }
-            if (lane < N) {
-                t_red[(i * nw + warp) * N + n] = vb[i];
-                t_red[((SUB + i) * nw + warp) * N + n] = vc[i];
+            // Over the channel's lanes.
+#pragma unroll
+            for (int o = 1; o < LPC; o <<= 1) {
+                ys += shfl_xor(ys, o);
+                gus += shfl_xor(gus, o);
+                gds += shfl_xor(gds, o);
+            }
+            if (g == 0) {
+                t_sum[0][i * CH + ch] = ys;
+                t_sum[1][i * CH + ch] = gus * d;
+                t_sum[2][i * CH + ch] = gds;
+            }
+            // Over the warp's channels (lanes o apart hold the same states): while a lane has
+            // several values it keeps half, its partner the other half; then plain sums, whose
+            // lanes (`dup`) hold copies.
+            int cnt = 2 * SPL, base = 0, dup = 0;
+#pragma unroll
+            for (int o = 16; o >= LPC; o >>= 1) {
+                if (cnt > 1) {
+                    const bool up = lane & o;
+                    const int half = cnt / 2;
+#pragma unroll
+                    for (int k = 0; k < half; k++) {
+                        const float keep = up ? v[k + half] : v[k], send = up ? v[k] : v[k + half];
+                        v[k] = keep + shfl_xor(send, o);
+                    }
+                    base += up ? half : 0;
+                    cnt = half;
+                } else {
+                    v[0] += shfl_xor(v[0], o);
+                    dup |= o;
+                }
+            }
+            if ((lane & dup) == 0) {
+#pragma unroll
+                for (int k = 0; k < cnt; k++) {
+                    const int idx = base + k;
+                    t_red[i][warp][(idx / SPL) * N + g * SPL + idx % SPL] = v[k];
+                }
             }
         }
         __syncthreads();
-        // One thread per (step, channel): the sums over states, then ∂z, ∂u, ∂δ.
-        for (int k = tid; k < SUB * CH; k += blockDim.x) {
+        // One thread per (step, channel): ∂z, ∂u, ∂δ and the gated output.
+        for (int k = tid; k < SUB * CH; k += T) {
             const int i = k / CH, cc = c0 + k % CH, t = t0 + i;
-            const float* term = t_terms + k * (N + 1);
-            float y = 0.0f, gu = 0.0f, gd = 0.0f;
-            for (int q = 0; q < N; q++) {
-                y += term[q];
-                gu += term[SUB * CH * (N + 1) + q];
-                gd += term[2 * SUB * CH * (N + 1) + q];
-            }
             if (cc < E && t < p.L) {
                 const long r = row0 + t;
-                const float u = t_u[k], gy = t_gy[k], dd = p.d[cc], yd = y + dd * u;
+                const float u = t_u[k], gy = t_gy[k], dd = p.d[cc], yd = t_sum[0][k] + dd * u;
                 if (p.z) {
                     const float z = t_z[k], sz = t_sz[k];
                     p.gz[r * p.z_rs + cc] = t_g[k] * yd * sz * (1.0f + z * (1.0f - sz));
@@ -318,39 +357,49 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward(con
                 } else {
                     p.y[r * E + cc] = yd;
                 }
-                const float graw = gd * t_sr[k];
-                p.gu[r * E + cc] = gu + dd * gy;
+                const float graw = t_sum[2][k] * t_sr[k];
+                p.gu[r * E + cc] = t_sum[1][k] + dd * gy;
                 p.gdt[r * E + cc] = graw;
                 acc_d += gy * u;
                 acc_bias += graw;
             }
         }
-        for (int k = tid; k < SUB * 2 * N; k += blockDim.x) {
+        for (int k = tid; k < SUB * 2 * N; k += T) {
             const int i = k / (2 * N), q = k % (2 * N);
             if (t0 + i < p.L) {
-                const int half = q < N ? 0 : SUB, qn = q % N;
                 float v = 0.0f;
-                for (int w = 0; w < nw; w++) v += t_red[((half + i) * nw + w) * N + qn];
+#pragma unroll
+                for (int w = 0; w < NW; w++) v += t_red[i][w][q];
                 p.parts_bc[(((long)s * gridDim.x + blockIdx.x) * p.L + t0 + i) * 2 * N + q] = v;
             }
         }
         __syncthreads();
     }
-    if (on) p.parts_a[((long)s * E + c) * N + n] = ga * A;  // ∂A_log = ∂A · A
+#pragma unroll
+    for (int q = 0; q < SPL; q++)
+        if (on) p.parts_a[((long)s * E + c) * N + g * SPL + q] = ga[q] * A[q];  // ∂A_log = ∂A · A
     // ∂D, ∂dt_bias: thread k summed channel k % CH; add up the threads of each channel.
-    t_dd[tid] = acc_d;
-    t_dd[SCAN_BWD_THREADS + tid] = acc_bias;
+    t_sum[0][tid] = acc_d;
+    t_sum[1][tid] = acc_bias;
     __syncthreads();
     if (tid < CH && c0 + tid < E) {
         float gd = 0.0f, gb = 0.0f;
-        for (int k = tid; k < SCAN_BWD_THREADS; k += CH) {
-            gd += t_dd[k];
-            gb += t_dd[SCAN_BWD_THREADS + k];
+        for (int k = tid; k < T; k += CH) {
+            gd += t_sum[0][k];
+            gb += t_sum[1][k];
         }
         p.parts_dd[(long)s * 2 * E + c0 + tid] = gd;
         p.parts_dd[(long)s * 2 * E + E + c0 + tid] = gb;
     }
 }
+
+#define SCAN_BACKWARD(N)                                                                              \
+    extern "C" __global__ void __launch_bounds__(SCAN_BWD_LANE_THREADS, 4) scan_backward_##N(const ScanBwdParams p) { \
+        scan_backward_lanes<N>(p);                                                                    \
+    }
+SCAN_BACKWARD(8)
+SCAN_BACKWARD(16)
+SCAN_BACKWARD(32)
 
 struct ScanA2Params {
     const float* a_log;  // (E, N)

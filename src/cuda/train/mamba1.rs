@@ -51,18 +51,7 @@ fn grad_slots(cfg: &Config, acts: &Acts) -> Slots {
 /// Floats of the layer workspace (shared by every layer): conv taps, A·log2(e), the zero conv
 /// state, the scan's state and chunk work, the backward's kept states and partial sums.
 pub fn work_len(cfg: &Config, seqs: usize, len: usize) -> usize {
-    let (e, n, w) = (cfg.d_inner, cfg.d_state, cfg.d_conv);
-    let nblk = e.div_ceil(ops::scan_block_channels(n));
-    let parts = (seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e);
-    w * e
-        + n * e
-        + seqs * (w - 1) * e
-        + seqs * e * n
-        + scan_workspace(seqs, e, n, len)
-        + seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n
-        + parts
-        + seqs * e * n
-        + seqs * 2 * e
+    (work(cfg, seqs, len, 0).end / 4) as usize
 }
 
 struct Work {
@@ -75,28 +64,30 @@ struct Work {
     parts: u64,
     parts_a: u64,
     parts_dd: u64,
+    end: u64,
 }
 
+/// The workspace's pieces from `base`, each on 16 bytes (the scan's backward reads its kept
+/// states as float4).
 fn work(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
     let (e, n, w) = (cfg.d_inner, cfg.d_state, cfg.d_conv);
-    let nblk = e.div_ceil(ops::scan_block_channels(n));
+    let nblk = ops::scan_backward_blocks(e, n);
     let mut at = base;
     let mut take = |floats: usize| {
         let p = at;
-        at += 4 * floats as u64;
+        at += 4 * floats.next_multiple_of(4) as u64;
         p
     };
-    Work {
-        taps: take(w * e),
-        a2: take(n * e),
-        conv_state: take(seqs * (w - 1) * e),
-        scan_state: take(seqs * e * n),
-        scan_work: take(scan_workspace(seqs, e, n, len)),
-        ckpt: take(seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n),
-        parts: take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e)),
-        parts_a: take(seqs * e * n),
-        parts_dd: take(seqs * 2 * e),
-    }
+    let taps = take(w * e);
+    let a2 = take(n * e);
+    let conv_state = take(seqs * (w - 1) * e);
+    let scan_state = take(seqs * e * n);
+    let scan_work = take(scan_workspace(seqs, e, n, len));
+    let ckpt = take(seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n);
+    let parts = take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e));
+    let parts_a = take(seqs * e * n);
+    let parts_dd = take(seqs * 2 * e);
+    Work { taps, a2, conv_state, scan_state, scan_work, ckpt, parts, parts_a, parts_dd, end: at - base }
 }
 
 fn at(base: u64, r: &std::ops::Range<usize>) -> u64 {

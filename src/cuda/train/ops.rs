@@ -10,7 +10,7 @@ use cudarc::driver::DeviceRepr;
 
 /// Row slices of the norm weights' gradient partial sums (rms_norm_weight_grad's blockIdx.y).
 pub const NORM_SLICES: usize = 64;
-pub use crate::cuda::consts::{CONV_RUN, SCAN_BWD_MAX_N, SCAN_BWD_SUB, SCAN_BWD_THREADS};
+pub use crate::cuda::consts::{CONV_RUN, SCAN_BWD_LANE_THREADS, SCAN_BWD_MAX_N, SCAN_BWD_SUB, SCAN_BWD_THREADS};
 /// Blocks of sum_squares (its partial sums, added on the host in order).
 pub const SQUARE_BLOCKS: usize = 528;
 
@@ -406,20 +406,20 @@ pub fn conv_backward(g: &Gpu, p: &ConvBwdParams, seqs: usize, gw: u64, gb: Optio
     }
 }
 
-/// Channels a block of scan_backward covers.
-pub fn scan_block_channels(n: usize) -> usize {
-    SCAN_BWD_THREADS / n
+/// Channels a block of the scan's backward covers: the plain kernel one lane a state, the fast
+/// one 4 states a lane.
+fn scan_block_channels(n: usize, slow: bool) -> usize {
+    if slow {
+        SCAN_BWD_THREADS / n
+    } else {
+        4 * SCAN_BWD_LANE_THREADS / n
+    }
 }
 
-/// Bytes of scan_backward's shared memory for `n` states (its layout is in the .cu file).
-fn scan_backward_smem(n: usize) -> u32 {
-    let (ch, warps) = (SCAN_BWD_THREADS / n, SCAN_BWD_THREADS / 32);
-    let floats = 7 * SCAN_BWD_SUB * ch
-        + SCAN_BWD_SUB * 2 * n
-        + 3 * SCAN_BWD_SUB * ch * (n + 1)
-        + 2 * SCAN_BWD_SUB * warps * n
-        + 2 * SCAN_BWD_THREADS;
-    4 * floats as u32
+/// Blocks of the scan's backward per sequence, at most (the plain kernel's: it has the fewest
+/// channels a block), which sizes its partial sums.
+pub fn scan_backward_blocks(e: usize, n: usize) -> usize {
+    e.div_ceil(scan_block_channels(n, true))
 }
 
 /// The scan's backward for `seqs` sequences (`p` complete but for the parts' reduction): ∂B
@@ -434,12 +434,13 @@ pub fn scan_backward(
     slow: bool,
 ) -> Result<()> {
     let (l, e, n) = (p.l as usize, p.e as usize, p.n as usize);
-    let nblk = e.div_ceil(scan_block_channels(n));
+    let slow = slow || ![8, 16, 32].contains(&n);
+    let nblk = e.div_ceil(scan_block_channels(n, slow));
     let grid = (nblk as u32, seqs as u32, 1);
-    if slow || ![8, 16, 32].contains(&n) {
+    if slow {
         g.launch("scan_backward_slow", grid, SCAN_BWD_THREADS as u32, p, None)?;
     } else {
-        g.launch_smem("scan_backward", grid, SCAN_BWD_THREADS as u32, scan_backward_smem(n), p, None)?;
+        g.launch(&format!("scan_backward_{n}"), grid, SCAN_BWD_LANE_THREADS as u32, p, None)?;
     }
     let bc = 2 * n;
     sum_parts_strided(
