@@ -29,11 +29,13 @@ shared! {
     SSD_STEP_SPLIT = 8;
     SSD_STEP_NMAX = 256;
     /// selective_scan_backward.cu: steps per sub-chunk (the kept states' spacing), the plain
-    /// kernel's block size and most states per channel, the fast kernel's block size.
+    /// kernel's block size and most states per channel, the fast kernel's block size and states
+    /// per lane (a float4).
     SCAN_BWD_SUB = 8;
     SCAN_BWD_THREADS = 256;
     SCAN_BWD_MAX_N = 32;
     SCAN_BWD_LANE_THREADS = 128;
+    SCAN_BWD_SPL = 4;
     /// ssd.cu: the chunk length and the tiles' most states and head channels.
     SSD_Q = 64;
     SSD_NMAX = 128;

@@ -20,7 +20,7 @@
 // scan_a2: the training forward's A·log2(e) in the (N, E) layout of ScanParams.a2, from A_log
 // ((E, N), the parameter) after each update.
 
-// SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_BWD_MAX_N, SCAN_BWD_LANE_THREADS: src/cuda/consts.rs.
+// SCAN_BWD_SUB, SCAN_BWD_THREADS, SCAN_BWD_MAX_N, SCAN_BWD_LANE_THREADS, SCAN_BWD_SPL: src/cuda/consts.rs.
 
 struct ScanBwdParams {
     const float* u;         // u[r·u_rs + c], r = s·L + t
@@ -185,9 +185,10 @@ extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) scan_backward_slo
 // Needs N in {8, 16, 32}.
 
 template <int N> __device__ __forceinline__ void scan_backward_lanes(const ScanBwdParams& p) {
-    // SPL states a lane: what the float4 loads below hold.
-    constexpr int SPL = 4, LPC = N / SPL, T = SCAN_BWD_LANE_THREADS, CH = T / LPC;
+    constexpr int SPL = SCAN_BWD_SPL, LPC = N / SPL, T = SCAN_BWD_LANE_THREADS, CH = T / LPC;
     constexpr int SUB = SCAN_BWD_SUB, NW = T / 32;
+    static_assert(SPL == 4, "a lane's states are one float4 (loads, kept states)");
+    static_assert(SUB * CH >= T, "the closing dD, d(dt_bias) sums reuse t_sum, one float a thread");
     __shared__ float t_u[SUB * CH], t_d[SUB * CH], t_gy[SUB * CH], t_sr[SUB * CH];
     __shared__ float t_z[SUB * CH], t_sz[SUB * CH], t_g[SUB * CH];
     __shared__ __align__(16) float t_bc[SUB * 2 * N];  // [step][B | C]

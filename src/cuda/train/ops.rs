@@ -2,6 +2,7 @@
 //! beside its CPU twin in `crate::ops` / `crate::train`: RMSNorm, the causal conv, the scan's
 //! backward, the LM head's cross-entropy, the embedding, the reductions and AdamW. All f32.
 
+use crate::cuda::consts::{SCAN_BWD_LANE_THREADS, SCAN_BWD_SPL, SCAN_BWD_THREADS};
 use crate::cuda::gemm::Operand;
 use crate::cuda::Gpu;
 use crate::tensor::DType;
@@ -10,7 +11,7 @@ use cudarc::driver::DeviceRepr;
 
 /// Row slices of the norm weights' gradient partial sums (rms_norm_weight_grad's blockIdx.y).
 pub const NORM_SLICES: usize = 64;
-pub use crate::cuda::consts::{CONV_RUN, SCAN_BWD_LANE_THREADS, SCAN_BWD_MAX_N, SCAN_BWD_SUB, SCAN_BWD_THREADS};
+pub use crate::cuda::consts::{CONV_RUN, SCAN_BWD_MAX_N, SCAN_BWD_SUB};
 /// Blocks of sum_squares (its partial sums, added on the host in order).
 pub const SQUARE_BLOCKS: usize = 528;
 
@@ -407,12 +408,12 @@ pub fn conv_backward(g: &Gpu, p: &ConvBwdParams, seqs: usize, gw: u64, gb: Optio
 }
 
 /// Channels a block of the scan's backward covers: the plain kernel one lane a state, the fast
-/// one 4 states a lane.
+/// one SCAN_BWD_SPL states a lane.
 fn scan_block_channels(n: usize, slow: bool) -> usize {
     if slow {
         SCAN_BWD_THREADS / n
     } else {
-        4 * SCAN_BWD_LANE_THREADS / n
+        SCAN_BWD_SPL * SCAN_BWD_LANE_THREADS / n
     }
 }
 
