@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::model::Model;
 use crate::ops::cross_entropy;
 use crate::sampling::Sampling;
-use crate::state::State;
+use crate::state::{Kept, State};
 use anyhow::{bail, Result};
 
 pub trait Backend {
@@ -14,19 +14,24 @@ pub trait Backend {
     fn begin(&mut self, states: Vec<State>) -> Result<()>;
     /// Puts `state` in slot `i` (which [`Backend::begin`] made), for a new sequence: the
     /// slot is live again if it was retired.
-    fn set_state(&mut self, i: usize, state: State) -> Result<()>;
+    fn set_state(&mut self, i: usize, state: Kept) -> Result<()>;
     /// Puts the empty state in slot `i`, for a new sequence (on the GPU, without a copy from
     /// the host).
     fn reset(&mut self, i: usize) -> Result<()> {
         let empty = State::new(self.cfg());
-        self.set_state(i, empty)
+        self.set_state(i, Kept::Host(empty))
     }
     /// Feeds `l` tokens to each slot in `slots` (ascending; `tokens` row-major, one row per
     /// slot) and returns the logits of each slot's last `n_logits` positions. Slots of one call
     /// with `l > 1` are consecutive.
     fn forward(&mut self, tokens: &[u32], l: usize, slots: &[usize], n_logits: usize) -> Result<Vec<f32>>;
-    /// The state of slot `i` now.
+    /// The state of slot `i` now, in host memory.
     fn state(&mut self, i: usize) -> Result<State>;
+    /// A copy of slot `i`'s state now, kept where the backend runs (the GPU keeps it in
+    /// device memory), to be put back by [`Backend::set_state`].
+    fn keep(&mut self, i: usize) -> Result<Kept> {
+        Ok(Kept::Host(self.state(i)?))
+    }
     /// Slot `i`'s state will be neither read nor fed again (its sequence finished), so the
     /// backend may step it along with the others (the GPU's decode step advances every slot).
     fn retire(&mut self, _i: usize) {}
@@ -87,7 +92,8 @@ impl Backend for Cpu<'_> {
         Ok(())
     }
 
-    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+    fn set_state(&mut self, i: usize, state: Kept) -> Result<()> {
+        let state = state.into_host()?;
         state.check(&self.model.cfg)?;
         self.states[i] = state;
         Ok(())
@@ -141,9 +147,15 @@ impl<B: Backend> Backend for PerSequence<'_, B> {
         Ok(())
     }
 
-    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+    fn set_state(&mut self, i: usize, state: Kept) -> Result<()> {
         let mut run = (self.make)();
-        run.begin(vec![state])?;
+        match state {
+            Kept::Host(s) => run.begin(vec![s])?,
+            device => {
+                run.begin(vec![State::new(&self.cfg)])?;
+                run.set_state(0, device)?;
+            }
+        }
         self.runs[i] = run;
         Ok(())
     }
@@ -158,6 +170,10 @@ impl<B: Backend> Backend for PerSequence<'_, B> {
 
     fn state(&mut self, i: usize) -> Result<State> {
         self.runs[i].state(0)
+    }
+
+    fn keep(&mut self, i: usize) -> Result<Kept> {
+        self.runs[i].keep(0)
     }
 
     fn retire(&mut self, i: usize) {

@@ -132,7 +132,7 @@ mod tests {
     use crate::config::Config;
     use crate::init::random_model;
     use crate::sampling::Sampling;
-    use crate::state::State;
+    use crate::state::{Kept, State};
     use crate::tensor::DType;
 
     /// The CPU backend, checking that generation keeps `Backend::retire`'s promise: a retired
@@ -150,7 +150,7 @@ mod tests {
             self.retired = vec![false; states.len()];
             self.cpu.begin(states)
         }
-        fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+        fn set_state(&mut self, i: usize, state: Kept) -> Result<()> {
             self.retired[i] = false;
             self.cpu.set_state(i, state)
         }
@@ -198,7 +198,7 @@ mod tests {
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert_eq!(a.new_ids.len(), (i + 2).min(6));
             assert_eq!(a.new_ids, b.new_ids);
-            assert_eq!(a.snapshot.as_ref().unwrap().state.pos, b.snapshot.as_ref().unwrap().state.pos);
+            assert_eq!(a.snapshot.as_ref().unwrap().state.pos(), b.snapshot.as_ref().unwrap().state.pos());
         }
     }
 }

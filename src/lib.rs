@@ -41,4 +41,4 @@ pub mod train;
 
 pub use config::Config;
 pub use model::Model;
-pub use state::{Snapshot, State};
+pub use state::{Kept, Snapshot, State};

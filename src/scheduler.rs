@@ -8,7 +8,7 @@
 
 use crate::backend::Backend;
 use crate::sampling::{before, sample, Sampling};
-use crate::state::{Snapshot, State};
+use crate::state::{Kept, Snapshot, State};
 use crate::text_stream::TextStream;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
@@ -87,7 +87,8 @@ pub struct Output {
 
 /// What [`Scheduler::step`] reports about a sequence.
 pub enum Event<'e> {
-    /// The state after a prompt position asked for in [`Job::marks`].
+    /// The state after a prompt position asked for in [`Job::marks`], kept where the backend
+    /// runs ([`Backend::keep`]).
     Mark(usize, Snapshot),
     /// A new token, with the text it makes final (held back while it may start a stop
     /// string or ends inside a character).
@@ -283,7 +284,7 @@ impl<'b, 't> Scheduler<'b, 't> {
         for (id, job) in std::mem::take(&mut self.cancelled) {
             let cfg = self.be.cfg();
             let snapshot = job.keep_state.then(|| Snapshot {
-                state: job.resume.map_or_else(|| State::new(cfg), |s| s.state),
+                state: job.resume.map_or_else(|| Kept::Host(State::new(cfg)), |s| s.state),
                 next_logits: vec![],
                 tokens: vec![],
             });
@@ -391,7 +392,7 @@ impl<'b, 't> Scheduler<'b, 't> {
                 if s.marks.contains(&end) {
                     let keep = s.history.len() - (s.prompt.len() - end);
                     let snap = Snapshot {
-                        state: timed(&mut self.busy.states, || self.be.state(i))?,
+                        state: timed(&mut self.busy.states, || self.be.keep(i))?,
                         next_logits: s.logits.clone(),
                         tokens: s.history[..keep].to_vec(),
                     };
@@ -517,7 +518,7 @@ impl<'b, 't> Scheduler<'b, 't> {
                 s.logits = self.be.picked_logits(i)?;
             }
             let state = timed(&mut self.busy.states, || self.be.state(i))?;
-            snapshot = Some(Snapshot { state, next_logits: s.logits, tokens: s.history });
+            snapshot = Some(Snapshot { state: Kept::Host(state), next_logits: s.logits, tokens: s.history });
         }
         self.be.retire(i);
         let k = s.new_ids.len().max(1) as f64;

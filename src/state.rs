@@ -6,8 +6,10 @@ use crate::config::{Arch, Config};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use std::any::Any;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// One layer's state. `conv` is time-major `(W−1, conv_dim)`; `ssm` is `(N, E)` for Mamba-1 and
 /// `(H, N, P)` for Mamba-2 (layouts chosen for the CPU kernels; files use the official ones).
@@ -63,11 +65,60 @@ impl State {
     }
 }
 
+/// A state as a backend handed it out: in host memory, or in the memory of the device that
+/// made it (the GPU's copy: device to device in microseconds, where a copy to the host and
+/// back costs milliseconds a direction). Only the backend that made a device state reads it.
+#[derive(Clone, Debug)]
+pub enum Kept {
+    Host(State),
+    Device { data: Arc<dyn Any + Send + Sync>, pos: u64, bytes: usize },
+}
+
+impl Kept {
+    pub fn pos(&self) -> u64 {
+        match self {
+            Kept::Host(s) => s.pos,
+            Kept::Device { pos, .. } => *pos,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Kept::Host(s) => s.bytes(),
+            Kept::Device { bytes, .. } => *bytes,
+        }
+    }
+
+    /// Whether the state has the model's shape.
+    pub fn check(&self, cfg: &Config) -> Result<()> {
+        match self {
+            Kept::Host(s) => s.check(cfg),
+            Kept::Device { bytes, .. } if *bytes == 4 * cfg.state_floats() => Ok(()),
+            Kept::Device { .. } => bail!("state does not match the model's shape"),
+        }
+    }
+
+    /// The host state (a device state is only read by its device's backend).
+    pub fn host(&self) -> Result<&State> {
+        match self {
+            Kept::Host(s) => Ok(s),
+            Kept::Device { .. } => bail!("the state is in device memory"),
+        }
+    }
+
+    pub fn into_host(self) -> Result<State> {
+        match self {
+            Kept::Host(s) => Ok(s),
+            Kept::Device { .. } => bail!("the state is in device memory"),
+        }
+    }
+}
+
 /// A saved session: the state after every token so far, the logits for the next token, and
 /// the token history (used by the repetition penalty and for display).
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    pub state: State,
+    pub state: Kept,
     pub next_logits: Vec<f32>,
     pub tokens: Vec<u32>,
 }
@@ -141,8 +192,9 @@ impl Snapshot {
     /// fingerprint and position in the metadata.
     pub fn to_bytes(&self, cfg: &Config) -> Result<Vec<u8>> {
         let (hist, conv_dim, rows, n) = dims(cfg);
+        let state = self.state.host()?;
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-        for (i, l) in self.state.layers.iter().enumerate() {
+        for (i, l) in state.layers.iter().enumerate() {
             owned.push((
                 format!("layers.{i}.conv_state"),
                 Dtype::F32,
@@ -166,7 +218,7 @@ impl Snapshot {
             ("format".to_string(), "mamba-lm-state".to_string()),
             ("version".to_string(), "1".to_string()),
             ("model".to_string(), fingerprint(cfg)),
-            ("pos".to_string(), self.state.pos.to_string()),
+            ("pos".to_string(), state.pos.to_string()),
         ]
         .into();
         Ok(safetensors::serialize(views, Some(meta))?)
@@ -232,6 +284,6 @@ impl Snapshot {
         if state.layers.iter().any(|l| l.conv.iter().chain(&l.ssm).any(|x| !x.is_finite())) {
             bail!("state contains non-finite values");
         }
-        Ok(Snapshot { state, next_logits, tokens })
+        Ok(Snapshot { state: Kept::Host(state), next_logits, tokens })
     }
 }

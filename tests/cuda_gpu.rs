@@ -87,7 +87,7 @@ fn fixtures_greedy_tokens_identical() {
             for (o, c) in out.iter().zip(&cpu) {
                 assert_eq!(o.new_ids, c.new_ids, "{name}: greedy tokens of a batch");
                 let (os, cs) = (o.snapshot.as_ref().unwrap(), c.snapshot.as_ref().unwrap());
-                let (a, b) = (&os.state, &cs.state);
+                let (a, b) = (os.state.host().unwrap(), cs.state.host().unwrap());
                 assert_eq!(a.pos, b.pos);
                 for (la, lb) in a.layers.iter().zip(&b.layers) {
                     let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
@@ -110,6 +110,33 @@ fn fixtures_staggered_jobs_match_each_alone() {
         let m = load(name, DType::F32);
         let g = gpu_model(&m);
         staggered_jobs_equal_each_alone(&mut GpuRun::new(&g), &m);
+    }
+}
+
+/// A state kept in device memory is a copy, not the slot: put back in another slot after its
+/// own slot moved on, it continues exactly as the same state through the host does.
+#[test]
+#[ignore = "needs a GPU"]
+fn device_kept_states_continue_as_host_states() {
+    use mamba_lm::Kept;
+    for name in FIXTURES {
+        let m = load(name, DType::F32);
+        let g = gpu_model(&m);
+        let mut run = GpuRun::new(&g);
+        run.begin(vec![State::new(&m.cfg); 3]).unwrap();
+        let (prompt, more) = ([5, 7, 11, 13, 17, 19], [23, 29, 31]);
+        run.forward(&prompt, prompt.len(), &[0], 1).unwrap();
+        let kept = run.keep(0).unwrap();
+        assert!(matches!(kept, Kept::Device { pos: 6, .. }), "{name}: the GPU keeps states on the device");
+        let host = run.state(0).unwrap();
+        run.forward(&more, more.len(), &[0], 1).unwrap();
+        run.set_state(1, kept).unwrap();
+        run.set_state(2, Kept::Host(host.clone())).unwrap();
+        let a = run.forward(&more, more.len(), &[1], more.len()).unwrap();
+        let b = run.forward(&more, more.len(), &[2], more.len()).unwrap();
+        assert_eq!(a, b, "{name}: logits after a device-kept state");
+        assert_eq!(run.state(1).unwrap(), run.state(2).unwrap(), "{name}: states after a device-kept state");
+        assert_eq!(run.state(1).unwrap().pos, host.pos + more.len() as u64);
     }
 }
 

@@ -138,7 +138,7 @@ fn saved_session_continues_exactly() {
         let kept = first.snapshot.as_ref().unwrap();
         let bytes = kept.to_bytes(&m.cfg).unwrap();
         let snap = Snapshot::from_bytes(&m.cfg, &bytes).unwrap();
-        assert_eq!(snap.state, kept.state, "{name}: state round trip");
+        assert_eq!(snap.state.host().unwrap(), kept.state.host().unwrap(), "{name}: state round trip");
         assert_eq!(snap.tokens.len(), 9);
         let rest = run(Start { prompt: vec![], resume: Some(snap) }, 6);
         let joined: Vec<u32> = first.new_ids.iter().chain(&rest.new_ids).copied().collect();

@@ -292,21 +292,23 @@ impl Gpu {
         Ok(())
     }
 
-    /// `rows` rows of `width` f32 values from `src`, rows `pitch` bytes apart, back to back.
-    pub fn download_rows(&self, src: u64, pitch: usize, width: usize, rows: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; width * rows];
-        let host = Side::Host(out.as_mut_ptr().cast());
-        self.copy_2d(host, 4 * width, Side::Device(src), pitch, 4 * width, rows)?;
-        self.sync()?;
-        Ok(out)
+    /// Row `r` of the rows at `src` (`pitch` bytes apart) into `rows[r]`, straight into the
+    /// caller's memory.
+    pub fn download_rows(&self, src: u64, pitch: usize, rows: &mut [&mut [f32]]) -> Result<()> {
+        for (r, row) in rows.iter_mut().enumerate() {
+            let (host, w) = (Side::Host(row.as_mut_ptr().cast()), 4 * row.len());
+            self.copy_2d(host, w, Side::Device(src + (r * pitch) as u64), pitch, w, 1)?;
+        }
+        self.sync()
     }
 
-    /// Rows of `width` f32 values from `data` (back to back) to `dst`, rows `pitch` bytes apart.
-    pub fn upload_rows(&self, dst: u64, pitch: usize, data: &[f32], width: usize) -> Result<()> {
-        let rows = data.len().checked_div(width).unwrap_or(0);
-        let host = Side::Host(data.as_ptr() as *mut std::ffi::c_void);
-        self.copy_2d(Side::Device(dst), pitch, host, 4 * width, 4 * width, rows)?;
-        // The copy reads `data` until the stream passes it.
+    /// `rows[r]` to row `r` at `dst`, rows `pitch` bytes apart.
+    pub fn upload_rows(&self, dst: u64, pitch: usize, rows: &[&[f32]]) -> Result<()> {
+        for (r, row) in rows.iter().enumerate() {
+            let (host, w) = (Side::Host(row.as_ptr() as *mut std::ffi::c_void), 4 * row.len());
+            self.copy_2d(Side::Device(dst + (r * pitch) as u64), pitch, host, w, w, 1)?;
+        }
+        // The copies read `rows` until the stream passes them.
         self.sync()
     }
 

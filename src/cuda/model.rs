@@ -11,11 +11,11 @@ use crate::backend::Backend;
 use crate::config::{Arch, Config};
 use crate::model::{Linear, Mixer, Model, Norm};
 use crate::sampling::{sample, Sampling};
-use crate::state::State;
+use crate::state::{Kept, State};
 use crate::tensor::{DType, Matrix};
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, DeviceRepr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Scan threads wanted in flight before the sequence is cut into chunks (about two per core).
 const SCAN_THREADS: usize = 1 << 18;
@@ -618,16 +618,12 @@ impl GpuModel {
         4 * self.cfg.state_floats()
     }
 
-    /// Copies `state` into slot `i` of `states` (one strided copy per kind of state).
+    /// Copies `state` into slot `i` of `states`, straight from its per-layer vectors.
     pub fn set_state(&self, states: &mut GpuStates, i: usize, state: &State) -> Result<()> {
         state.check(&self.cfg)?;
         let (conv, ssm) = states.slot_rows(&self.gpu, i);
-        let (cl, sl) = (states.conv_len, states.ssm_len);
-        let gather = |f: fn(&crate::state::LayerState) -> &Vec<f32>| -> Vec<f32> {
-            state.layers.iter().flat_map(|l| f(l).iter().copied()).collect()
-        };
-        self.gpu.upload_rows(conv.0, conv.1, &gather(|l| &l.conv), cl)?;
-        self.gpu.upload_rows(ssm.0, ssm.1, &gather(|l| &l.ssm), sl)
+        self.gpu.upload_rows(conv.0, conv.1, &state.layers.iter().map(|l| &l.conv[..]).collect::<Vec<_>>())?;
+        self.gpu.upload_rows(ssm.0, ssm.1, &state.layers.iter().map(|l| &l.ssm[..]).collect::<Vec<_>>())
     }
 
     /// The state in slot `i`, after `pos` tokens.
@@ -635,13 +631,12 @@ impl GpuModel {
         let mut st = State::new(&self.cfg);
         st.pos = pos;
         let (conv, ssm) = states.slot_rows(&self.gpu, i);
-        let (cl, sl, n) = (states.conv_len, states.ssm_len, self.cfg.n_layer);
-        let c = self.gpu.download_rows(conv.0, conv.1, cl, n)?;
-        let s = self.gpu.download_rows(ssm.0, ssm.1, sl, n)?;
-        for (li, ls) in st.layers.iter_mut().enumerate() {
-            ls.conv.copy_from_slice(&c[li * cl..(li + 1) * cl]);
-            ls.ssm.copy_from_slice(&s[li * sl..(li + 1) * sl]);
-        }
+        self.gpu.download_rows(
+            conv.0,
+            conv.1,
+            &mut st.layers.iter_mut().map(|l| &mut l.conv[..]).collect::<Vec<_>>(),
+        )?;
+        self.gpu.download_rows(ssm.0, ssm.1, &mut st.layers.iter_mut().map(|l| &mut l.ssm[..]).collect::<Vec<_>>())?;
         Ok(st)
     }
 
@@ -653,9 +648,9 @@ impl GpuModel {
         self.gpu.zero_rows(ssm.0, ssm.1, states.ssm_len, n)
     }
 
-    /// Copies slot `i` of `from` to slot `i` of `to` (states of as many slots), on the device.
-    pub fn copy_slot(&self, to: &GpuStates, from: &GpuStates, i: usize) -> Result<()> {
-        let ((dc, dcp), (ds, dsp)) = to.slot_rows(&self.gpu, i);
+    /// Copies slot `i` of `from` to slot `j` of `to`, on the device.
+    pub fn copy_slot(&self, to: &GpuStates, j: usize, from: &GpuStates, i: usize) -> Result<()> {
+        let ((dc, dcp), (ds, dsp)) = to.slot_rows(&self.gpu, j);
         let ((sc, scp), (ss, ssp)) = from.slot_rows(&self.gpu, i);
         let n = self.cfg.n_layer;
         self.gpu.copy_rows(dc, dcp, sc, scp, 4 * from.conv_len, n)?;
@@ -1404,10 +1399,17 @@ impl Backend for GpuRun<'_> {
         Ok(())
     }
 
-    fn set_state(&mut self, i: usize, state: State) -> Result<()> {
+    fn set_state(&mut self, i: usize, state: Kept) -> Result<()> {
         let st = self.states.as_mut().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
-        self.model.set_state(st, i, &state)?;
-        self.pos[i] = state.pos;
+        state.check(&self.model.cfg)?;
+        match &state {
+            Kept::Host(s) => self.model.set_state(st, i, s)?,
+            Kept::Device { data, .. } => {
+                let from = data.downcast_ref::<GpuStates>().ok_or_else(|| anyhow::anyhow!("not a GPU state"))?;
+                self.model.copy_slot(st, i, from, 0)?;
+            }
+        }
+        self.pos[i] = state.pos();
         self.retired[i] = false;
         Ok(())
     }
@@ -1444,6 +1446,14 @@ impl Backend for GpuRun<'_> {
     fn state(&mut self, i: usize) -> Result<State> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
         self.model.get_state(st, i, self.pos[i])
+    }
+
+    /// A one-slot copy in device memory, made on the stream: nothing waits for it.
+    fn keep(&mut self, i: usize) -> Result<Kept> {
+        let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
+        let copy = self.model.new_states(1)?;
+        self.model.copy_slot(&copy, 0, st, i)?;
+        Ok(Kept::Device { data: Arc::new(copy), pos: self.pos[i], bytes: self.model.state_bytes() })
     }
 
     fn retire(&mut self, i: usize) {
@@ -1533,13 +1543,13 @@ impl GpuRun<'_> {
             self.spare = Some(self.model.new_states(st.seqs)?);
         }
         for &i in &keep {
-            self.model.copy_slot(self.spare.as_ref().unwrap(), st, i)?;
+            self.model.copy_slot(self.spare.as_ref().unwrap(), i, st, i)?;
         }
         let mut all = vec![0u32; width];
         slots.iter().zip(tokens).for_each(|(&i, &t)| all[i] = t);
         self.decoders[k].step(&all)?;
         for &i in &keep {
-            self.model.copy_slot(st, self.spare.as_ref().unwrap(), i)?;
+            self.model.copy_slot(st, i, self.spare.as_ref().unwrap(), i)?;
         }
         slots.iter().for_each(|&i| self.stepped_by[i] = k);
         Ok(k)

@@ -83,12 +83,12 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mamba_lm::state::{LayerState, State};
+    use mamba_lm::state::{Kept, LayerState, State};
 
     fn snap(tokens: Vec<u32>) -> Snapshot {
         let state =
             State { layers: vec![LayerState { conv: vec![0.0; 6], ssm: vec![tokens.len() as f32; 10] }], pos: 0 };
-        Snapshot { state, next_logits: vec![0.0; 8], tokens }
+        Snapshot { state: Kept::Host(state), next_logits: vec![0.0; 8], tokens }
     }
 
     #[test]

@@ -196,7 +196,7 @@ fn admit(
             // Keep the state where this prompt leaves the cached one it shares most with, and
             // at its end.
             let fork = cache.shared(&r.prompt);
-            // (Each mark costs a copy of the state to the host: none without a cache.)
+            // (Each mark costs a copy of the state: none without a cache.)
             let mut marks = Vec::new();
             if cache.enabled() {
                 if fork > h && fork >= MIN_PREFIX && fork < total {

@@ -48,7 +48,8 @@ pub struct ServeArgs {
     /// Prompt tokens fed per step while other streams decode (bounds their per-token latency).
     #[arg(long, default_value_t = 256)]
     prefill_chunk: usize,
-    /// Memory for cached prefix states, in MB (0: no cache, and no state copied out to fill it).
+    /// Memory for cached prefix states, in MB (0: no cache, and no state copied out to fill it);
+    /// on the GPU, device memory.
     #[arg(long, default_value_t = 1024)]
     cache_mb: usize,
     /// Sessions kept (least recently finished dropped first).
