@@ -59,7 +59,8 @@ struct ModelArgs {
     #[arg(long, short = 'm', default_value = "default")]
     model: String,
     /// Storage type of the large weight matrices (on the GPU also of the activations); the
-    /// residual stream and the recurrent state are always f32.
+    /// residual stream and the recurrent state are f32, except Mamba-2's SSM state on the CPU in
+    /// bf16 and int8, kept in bf16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
     /// Where to run: cpu, or cuda / cuda:N (needs a binary built with --features cuda).

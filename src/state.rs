@@ -4,9 +4,11 @@
 
 use crate::config::{Arch, Config};
 use anyhow::{anyhow, bail, Context, Result};
+use half::bf16;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::any::Any;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +18,66 @@ use std::sync::Arc;
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerState {
     pub conv: Vec<f32>,
-    pub ssm: Vec<f32>,
+    pub ssm: Ssm,
+}
+
+/// An SSM state's values: f32, or bf16 where a CPU model keeps it so (Mamba-2 in bf16 and int8
+/// modes). Each model converts a state to its own kind when it first runs it; files and the
+/// GPU take f32.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ssm {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl Ssm {
+    pub fn len(&self) -> usize {
+        match self {
+            Ssm::F32(v) => v.len(),
+            Ssm::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Ssm::F32(v) => 4 * v.len(),
+            Ssm::Bf16(v) => 2 * v.len(),
+        }
+    }
+
+    /// The values as f32 (exact).
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            Ssm::F32(v) => Cow::Borrowed(v),
+            Ssm::Bf16(v) => Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+
+    /// The values as f32, a bf16 state widened in place (exact).
+    pub fn f32_mut(&mut self) -> &mut [f32] {
+        if let Ssm::Bf16(v) = self {
+            *self = Ssm::F32(v.iter().map(|x| x.to_f32()).collect());
+        }
+        match self {
+            Ssm::F32(v) => v,
+            Ssm::Bf16(_) => unreachable!(),
+        }
+    }
+
+    /// The values as bf16, an f32 state rounded in place (to nearest even).
+    pub fn bf16_mut(&mut self) -> &mut [bf16] {
+        if let Ssm::F32(v) = self {
+            *self = Ssm::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect());
+        }
+        match self {
+            Ssm::Bf16(v) => v,
+            Ssm::F32(_) => unreachable!(),
+        }
+    }
 }
 
 /// The state of one sequence after `pos` tokens.
@@ -44,7 +105,7 @@ fn layer_floats(cfg: &Config) -> (usize, usize) {
 impl State {
     pub fn new(cfg: &Config) -> State {
         let (conv, ssm) = layer_floats(cfg);
-        let layer = LayerState { conv: vec![0.0; conv], ssm: vec![0.0; ssm] };
+        let layer = LayerState { conv: vec![0.0; conv], ssm: Ssm::F32(vec![0.0; ssm]) };
         State { layers: vec![layer; cfg.n_layer], pos: 0 }
     }
 
@@ -59,9 +120,9 @@ impl State {
         Ok(())
     }
 
-    /// Bytes of f32 state.
+    /// Bytes of state as held.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| 4 * (l.conv.len() + l.ssm.len())).sum()
+        self.layers.iter().map(|l| 4 * l.conv.len() + l.ssm.bytes()).sum()
     }
 }
 
@@ -205,7 +266,12 @@ impl Snapshot {
                 Arch::Mamba1 => vec![rows, n],
                 Arch::Mamba2 => vec![rows, cfg.headdim, n],
             };
-            owned.push((format!("layers.{i}.ssm_state"), Dtype::F32, shape, f32_bytes(&ssm_to_file(cfg, &l.ssm))));
+            owned.push((
+                format!("layers.{i}.ssm_state"),
+                Dtype::F32,
+                shape,
+                f32_bytes(&ssm_to_file(cfg, &l.ssm.to_f32())),
+            ));
         }
         owned.push(("next_logits".into(), Dtype::F32, vec![self.next_logits.len()], f32_bytes(&self.next_logits)));
         let tok: Vec<u8> = self.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
@@ -272,7 +338,7 @@ impl Snapshot {
                 Arch::Mamba1 => vec![rows, n],
                 Arch::Mamba2 => vec![rows, cfg.headdim, n],
             };
-            l.ssm = ssm_from_file(cfg, &floats(get(&format!("layers.{i}.ssm_state"), Dtype::F32, &shape)?));
+            l.ssm = Ssm::F32(ssm_from_file(cfg, &floats(get(&format!("layers.{i}.ssm_state"), Dtype::F32, &shape)?)));
         }
         let next_logits = floats(get("next_logits", Dtype::F32, &[cfg.vocab_padded])?);
         let nt =
@@ -281,7 +347,7 @@ impl Snapshot {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        if state.layers.iter().any(|l| l.conv.iter().chain(&l.ssm).any(|x| !x.is_finite())) {
+        if state.layers.iter().any(|l| l.conv.iter().chain(l.ssm.to_f32().iter()).any(|x| !x.is_finite())) {
             bail!("state contains non-finite values");
         }
         Ok(Snapshot { state: Kept::Host(state), next_logits, tokens })

@@ -90,7 +90,8 @@ fn fixtures_greedy_tokens_identical() {
                 let (a, b) = (os.state.host().unwrap(), cs.state.host().unwrap());
                 assert_eq!(a.pos, b.pos);
                 for (la, lb) in a.layers.iter().zip(&b.layers) {
-                    let d = la.ssm.iter().zip(&lb.ssm).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                    let (sa, sb) = (la.ssm.to_f32(), lb.ssm.to_f32());
+                    let d = sa.iter().zip(sb.iter()).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                     assert!(d <= 1e-4, "{name}: final state differs by {d}");
                 }
                 let want: Vec<f64> = cs.next_logits.iter().map(|&x| x as f64).collect();
@@ -272,8 +273,8 @@ fn long_prompt_errors(preset: &str, cfg: &Config, dtype: DType) -> (f64, f64, f3
         for (i, s) in states.iter().enumerate() {
             let gs = run.state(i).unwrap();
             for (a, b) in gs.layers.iter().zip(&s.layers) {
-                let b64: Vec<f64> = b.ssm.iter().map(|&x| x as f64).collect();
-                worst.1 = worst.1.max(rel_l2(&a.ssm, &b64));
+                let b64: Vec<f64> = b.ssm.to_f32().iter().map(|&x| x as f64).collect();
+                worst.1 = worst.1.max(rel_l2(&a.ssm.to_f32(), &b64));
                 let c = a.conv.iter().zip(&b.conv).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
                 worst.2 = worst.2.max(c);
             }

@@ -132,6 +132,66 @@ fn ssd_matches_reference_for_any_block() {
     set_isa(Isa::detect());
 }
 
+/// Decode steps with the state kept in bf16: under every instruction set, bitwise the plain
+/// loop below (f32 arithmetic in the kernel's order, the state rounded by `half` after each
+/// step, y from the unrounded state), and within bf16 rounding of the reference outputs.
+#[test]
+fn ssd_decode_with_a_bf16_state_rounds_to_nearest_even() {
+    use half::bf16;
+    let (x, xs) = ops("ssd.X");
+    let (a, _) = ops("ssd.A");
+    let (b, _) = ops("ssd.B");
+    let (c, _) = ops("ssd.C");
+    let (y_ref, _) = ops("ssd.Y");
+    let (l, h, p) = (xs[1], xs[2], xs[3]);
+    let n = b.len() / (xs[0] * l * h);
+    let dims = SsdDims { heads: h, headdim: p, groups: h, d_state: n, block: 16 };
+    let ones = vec![1.0f32; h];
+    let step = |t: usize| SsdInputs {
+        x: &x[t * h * p..(t + 1) * h * p],
+        x_rs: h * p,
+        dt: &ones,
+        da: &a[t * h..(t + 1) * h],
+        dt_rs: h,
+        b: &b[t * h * n..(t + 1) * h * n],
+        c: &c[t * h * n..(t + 1) * h * n],
+        bc_rs: h * n,
+        d: None,
+    };
+    // The plain loop, state (H, N, P).
+    let mut st = vec![bf16::ZERO; h * n * p];
+    let mut want = vec![0.0f32; l * h * p];
+    for t in 0..l {
+        let inp = step(t);
+        for hh in 0..h {
+            let decay = inp.da[hh].exp();
+            for pp in 0..p {
+                let mut acc = 0.0f32;
+                for k in 0..n {
+                    let i = (hh * n + k) * p + pp;
+                    let s = decay.mul_add(st[i].to_f32(), inp.b[hh * n + k] * inp.x[hh * p + pp]);
+                    st[i] = bf16::from_f32(s);
+                    acc = inp.c[hh * n + k].mul_add(s, acc);
+                }
+                want[t * h * p + hh * p + pp] = acc;
+            }
+        }
+    }
+    let err = max_err(&want, &y_ref[..l * h * p]);
+    assert!(err <= 2e-2, "a bf16 state is {err} off the reference");
+    for isa in isas() {
+        set_isa(isa);
+        let mut state = vec![bf16::ZERO; h * n * p];
+        let mut y = vec![0.0f32; l * h * p];
+        for t in 0..l {
+            ssd(&step(t), 1, dims, &mut state, &mut y[t * h * p..], h * p);
+        }
+        assert!(y == want, "{}: outputs differ from the plain loop", isa.name());
+        assert!(state == st, "{}: states differ from the plain loop", isa.name());
+    }
+    set_isa(Isa::detect());
+}
+
 #[test]
 fn cross_entropy_matches_the_f64_reference() {
     use rand::{rngs::StdRng, Rng, SeedableRng};

@@ -623,7 +623,8 @@ impl GpuModel {
         state.check(&self.cfg)?;
         let (conv, ssm) = states.slot_rows(&self.gpu, i);
         self.gpu.upload_rows(conv.0, conv.1, &state.layers.iter().map(|l| &l.conv[..]).collect::<Vec<_>>())?;
-        self.gpu.upload_rows(ssm.0, ssm.1, &state.layers.iter().map(|l| &l.ssm[..]).collect::<Vec<_>>())
+        let ssm_f32: Vec<_> = state.layers.iter().map(|l| l.ssm.to_f32()).collect();
+        self.gpu.upload_rows(ssm.0, ssm.1, &ssm_f32.iter().map(|s| &s[..]).collect::<Vec<_>>())
     }
 
     /// The state in slot `i`, after `pos` tokens.
@@ -636,7 +637,7 @@ impl GpuModel {
             conv.1,
             &mut st.layers.iter_mut().map(|l| &mut l.conv[..]).collect::<Vec<_>>(),
         )?;
-        self.gpu.download_rows(ssm.0, ssm.1, &mut st.layers.iter_mut().map(|l| &mut l.ssm[..]).collect::<Vec<_>>())?;
+        self.gpu.download_rows(ssm.0, ssm.1, &mut st.layers.iter_mut().map(|l| l.ssm.f32_mut()).collect::<Vec<_>>())?;
         Ok(st)
     }
 

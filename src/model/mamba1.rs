@@ -117,7 +117,7 @@ impl Mamba1 {
                 d: &self.d,
                 z: Some((&xz[x0 + e..], 2 * e)),
             };
-            selective_scan(&inp, l, e, n, &mut st.ssm, &mut y[c0..]);
+            selective_scan(&inp, l, e, n, st.ssm.f32_mut(), &mut y[c0..]);
         }
         self.out_proj.forward(&y, kind, out);
     }

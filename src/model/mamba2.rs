@@ -30,6 +30,9 @@ pub struct Mamba2 {
     pub(crate) w: usize,
     pub(crate) eps: f32,
     pub(crate) dt_limit: (f32, f32),
+    /// Keeps the SSM state in bf16 (bf16 and int8 weights): a decode step reads and writes half
+    /// the state bytes.
+    pub(crate) state_bf16: bool,
 }
 
 impl Mamba2 {
@@ -59,6 +62,7 @@ impl Mamba2 {
             w: cfg.d_conv,
             eps: cfg.norm_eps,
             dt_limit: cfg.dt_limit,
+            state_bf16: matches!(dtype, DType::BF16 | DType::I8),
         })
     }
 
@@ -114,7 +118,12 @@ impl Mamba2 {
                 bc_rs: conv_dim,
                 d: Some(&self.d),
             };
-            ssd(&inp, l, self.dims, &mut st.ssm, &mut y[r0 * d_ssm..], d_ssm);
+            let y = &mut y[r0 * d_ssm..];
+            if self.state_bf16 {
+                ssd(&inp, l, self.dims, st.ssm.bf16_mut(), y, d_ssm);
+            } else {
+                ssd(&inp, l, self.dims, st.ssm.f32_mut(), y, d_ssm);
+            }
         }
         gated_rms_norm(&mut y, &zx[z_at..], w_in, &self.norm_w, d_ssm / groups, self.eps);
         if d_mlp == 0 {

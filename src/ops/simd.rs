@@ -93,6 +93,8 @@ pub trait Simd: Copy {
     unsafe fn load_bf16(p: *const u16) -> Self::V;
     /// Loads `LANES` IEEE half values and widens them exactly.
     unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// Rounds to bf16, to nearest even (finite values), and stores `LANES` of them.
+    unsafe fn store_bf16(p: *mut u16, v: Self::V);
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -130,6 +132,11 @@ impl Simd for Scalar {
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> f32 {
         f32::from_bits((*p as u32) << 16)
+    }
+    #[inline(always)]
+    unsafe fn store_bf16(p: *mut u16, v: f32) {
+        let b = v.to_bits();
+        *p = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> f32 {
@@ -214,6 +221,14 @@ mod x86 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
         #[inline(always)]
+        unsafe fn store_bf16(p: *mut u16, v: __m256) {
+            let b = _mm256_castps_si256(v);
+            let odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+            let r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+            let h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+            _mm_storeu_si128(p as *mut __m128i, h)
+        }
+        #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
             _mm256_add_ps(a, b)
         }
@@ -286,6 +301,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_f16(p: *const u16) -> __m512 {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn store_bf16(p: *mut u16, v: __m512) {
+            let b = _mm512_castps_si512(v);
+            let odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+            let r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+            _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r))
         }
         #[inline(always)]
         unsafe fn add(a: __m512, b: __m512) -> __m512 {

@@ -13,9 +13,55 @@
 //! State layout is `(H, N, P)` so that every inner loop runs over contiguous P or Q.
 
 use super::matmul::SendPtr;
-use super::simd::{exp, Scalar, Simd};
+use super::simd::{exp, Elem, Scalar, Simd};
 use crate::dispatch;
+use half::bf16;
 use rayon::prelude::*;
+
+/// What a state may be kept in: f32, or bf16 (half the bytes a decode step moves; the
+/// official code keeps the state in the model's dtype). Arithmetic is f32 either way.
+pub trait StateElem: Elem {
+    /// # Safety
+    /// As [`Simd`]: `p` valid for `S::LANES` elements, instruction set present.
+    unsafe fn store<S: Simd>(p: *mut Self, v: S::V);
+    fn from_f32(x: f32) -> Self;
+    /// Runs `f` on the `len` values at `p` as f32 (a widened copy, narrowed back after).
+    ///
+    /// # Safety
+    /// `p` valid for `len` elements.
+    unsafe fn as_f32(p: *mut Self, len: usize, f: impl FnOnce(*mut f32));
+}
+
+impl StateElem for f32 {
+    #[inline(always)]
+    unsafe fn store<S: Simd>(p: *mut f32, v: S::V) {
+        S::store(p, v)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    unsafe fn as_f32(p: *mut f32, _len: usize, f: impl FnOnce(*mut f32)) {
+        f(p)
+    }
+}
+
+impl StateElem for bf16 {
+    #[inline(always)]
+    unsafe fn store<S: Simd>(p: *mut bf16, v: S::V) {
+        S::store_bf16(p as *mut u16, v)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> bf16 {
+        bf16::from_f32(x)
+    }
+    unsafe fn as_f32(p: *mut bf16, len: usize, f: impl FnOnce(*mut f32)) {
+        let s = std::slice::from_raw_parts_mut(p, len);
+        let mut wide: Vec<f32> = s.iter().map(|v| v.to_f32()).collect();
+        f(wide.as_mut_ptr());
+        s.iter_mut().zip(&wide).for_each(|(v, &w)| *v = bf16::from_f32(w));
+    }
+}
 
 /// Block length used when the caller has no preference.
 pub const DEFAULT_BLOCK: usize = 16;
@@ -82,7 +128,8 @@ pub struct SsdDims {
 }
 
 /// Runs SSD over `l` steps, updating `state` (`(H, N, P)`) and writing `y[t·y_rs + h·P + p]`.
-pub fn ssd(inp: &SsdInputs, l: usize, dims: SsdDims, state: &mut [f32], y: &mut [f32], y_rs: usize) {
+/// A bf16 state is rounded once per call: after each decode step, at the end of a prompt.
+pub fn ssd<T: StateElem>(inp: &SsdInputs, l: usize, dims: SsdDims, state: &mut [T], y: &mut [f32], y_rs: usize) {
     let SsdDims { heads, headdim: p, groups, d_state: n, block } = dims;
     assert!(groups > 0 && heads % groups == 0 && block > 0);
     assert_eq!(state.len(), heads * n * p);
@@ -100,9 +147,10 @@ pub fn ssd(inp: &SsdInputs, l: usize, dims: SsdDims, state: &mut [f32], y: &mut 
         for h in task * per_task..((task + 1) * per_task).min(heads) {
             let st = unsafe { sp.get().add(h * n * p) };
             if l == 1 {
-                dispatch!(ssd_step_head(inp, dims, h, st, yp.get()));
+                dispatch!(ssd_step_head::<T>(inp, dims, h, st, yp.get()));
             } else {
-                dispatch!(ssd_head(inp, l, dims, h, st, yp.get(), y_rs));
+                let run = |st| dispatch!(ssd_head(inp, l, dims, h, st, yp.get(), y_rs));
+                unsafe { T::as_f32(st, n * p, run) };
             }
         }
     });
@@ -335,7 +383,7 @@ unsafe fn ssd_head<S: Simd>(
 /// `S[k,:] ← exp(da)·S[k,:] + dt·B[k]·x`, `y += C[k]·S[k,:]` (bytes: the N×P state, read and
 /// written once).
 #[inline(always)]
-unsafe fn ssd_step_head<S: Simd>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *mut f32, y: *mut f32) {
+unsafe fn ssd_step_head<S: Simd, T: StateElem>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *mut T, y: *mut f32) {
     let SsdDims { heads, headdim: p, groups, d_state: n, .. } = dims;
     let g = h / (heads / groups);
     let decay = inp.da[h].exp();
@@ -352,8 +400,8 @@ unsafe fn ssd_step_head<S: Simd>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *
         let mut acc = S::splat(0.0);
         for k in 0..n {
             let sk = st.add(k * p + pp);
-            let s = S::fma(dv, S::load(sk), S::mul(S::splat(dt * *b.add(k)), xv));
-            S::store(sk, s);
+            let s = S::fma(dv, T::load::<S>(sk), S::mul(S::splat(dt * *b.add(k)), xv));
+            T::store::<S>(sk, s);
             acc = S::fma(S::splat(*c.add(k)), s, acc);
         }
         S::store(out.add(pp), acc);
@@ -363,8 +411,9 @@ unsafe fn ssd_step_head<S: Simd>(inp: &SsdInputs, dims: SsdDims, h: usize, st: *
         let mut acc = 0.0f32;
         for k in 0..n {
             let sk = st.add(k * p + pp);
-            *sk = decay.mul_add(*sk, dt * *b.add(k) * *x.add(pp));
-            acc = (*c.add(k)).mul_add(*sk, acc);
+            let s = decay.mul_add((*sk).to_f32(), dt * *b.add(k) * *x.add(pp));
+            *sk = T::from_f32(s);
+            acc = (*c.add(k)).mul_add(s, acc);
         }
         *out.add(pp) = acc;
     }

@@ -83,11 +83,13 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mamba_lm::state::{Kept, LayerState, State};
+    use mamba_lm::state::{Kept, LayerState, Ssm, State};
 
     fn snap(tokens: Vec<u32>) -> Snapshot {
-        let state =
-            State { layers: vec![LayerState { conv: vec![0.0; 6], ssm: vec![tokens.len() as f32; 10] }], pos: 0 };
+        let state = State {
+            layers: vec![LayerState { conv: vec![0.0; 6], ssm: Ssm::F32(vec![tokens.len() as f32; 10]) }],
+            pos: 0,
+        };
         Snapshot { state: Kept::Host(state), next_logits: vec![0.0; 8], tokens }
     }
 
