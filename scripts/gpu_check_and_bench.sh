@@ -239,7 +239,7 @@ if has throughput; then
     log "serving throughput, mamba-1.4b random weights, prompt 2048 + 128 new tokens: bench generate, then the server"
     $BIN bench generate --preset mamba-1.4b --batch ${SERVE_BATCHES:-1,16,64,128} --reps 3 --json-out "$J"
     [ -d /tmp/m14 ] || $BIN init --preset mamba-1.4b --dtype bf16 --out /tmp/m14 >/dev/null
-    # With the prefix cache (the default: each prompt's final state copied to the host) and without.
+    # With the prefix cache (the default: each prompt's final state copied on the device) and without.
     for cache in ${SERVE_CACHES:-1024 0}; do
         if serve_up 18402 -m /tmp/m14 --max-batch 128 --cache-mb $cache; then
             for n in $(echo ${SERVE_BATCHES:-1,16,64,128} | tr , ' '); do

@@ -1402,10 +1402,10 @@ impl Backend for GpuRun<'_> {
 
     fn set_state(&mut self, i: usize, state: Kept) -> Result<()> {
         let st = self.states.as_mut().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
-        state.check(&self.model.cfg)?;
         match &state {
             Kept::Host(s) => self.model.set_state(st, i, s)?,
             Kept::Device { data, .. } => {
+                state.check(&self.model.cfg)?;
                 let from = data.downcast_ref::<GpuStates>().ok_or_else(|| anyhow::anyhow!("not a GPU state"))?;
                 self.model.copy_slot(st, i, from, 0)?;
             }
