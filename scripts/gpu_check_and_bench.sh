@@ -182,7 +182,7 @@ if has train; then
     same=$(diff <(grep -o '"loss":[^,]*' /tmp/det-a/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/det-b/metrics.jsonl) >/dev/null && echo true || echo false)
     echo "{\"bench\":\"train\",\"figure\":\"repeat_bitwise\",\"value\":$same}" | tee -a "$T"
     # Seq 2048 as the official trainer's figures; long context with per-layer recompute.
-    for run in "mamba-130m 8 2048" "mamba-130m 32 2048" "mamba-370m 8 2048" "mamba-1.4b 1 8192 --recompute"; do
+    for run in "mamba-130m 8 2048" "mamba-130m 32 2048" "mamba-370m 8 2048" "mamba2-130m 8 2048" "mamba-1.4b 1 8192 --recompute"; do
         set -- $run
         for t in bf16 f32; do
             [ $t = f32 ] && [ "$1 $2" != "mamba-130m 8" ] && continue

@@ -101,7 +101,7 @@ pub struct TrainArgs {
     /// else in f32).
     #[arg(long, default_value = "f32", value_parser = crate::parse_dtype)]
     dtype: mamba_lm::tensor::DType,
-    /// Where to run: cpu, cuda or cuda:N (Mamba-1 models on the GPU for now).
+    /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: crate::Device,
     /// Worker threads (default: all cores).

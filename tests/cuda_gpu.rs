@@ -504,7 +504,7 @@ fn trainer(layout: &mamba_lm::train::params::Layout, params: &[f32]) -> mamba_lm
 #[ignore = "needs a GPU"]
 fn gpu_gradients_match_the_reference_and_the_cpu() {
     use mamba_lm::train::model::{forward_backward, shifted, Activations};
-    for name in ["mamba1-ssm", "mamba1-hf"] {
+    for name in ["mamba1-ssm", "mamba1-hf", "mamba2-ssm", "mamba2-hf"] {
         let (layout, params, ids) = training_fixture(name);
         // Each row alone (score --grads-out's path) against the float64 reference.
         let gradients = |bf16| {
@@ -578,6 +578,45 @@ fn gpu_adamw_step_matches_the_cpu() {
         let b64: Vec<f64> = b.iter().map(|&x| x as f64).collect();
         let err = rel_l2(a, &b64);
         assert!(err <= 1e-6, "{name}: rel L2 {err:.2e}");
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn mamba2_gradients_match_the_cpu_over_state_slices() {
+    use mamba_lm::train::model::{forward_backward, shifted, Activations};
+    use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
+    // mamba2-130m's width, 2 layers: 128 states (four slices of 32), then 64 states in 2 groups.
+    for (n, groups) in [(128, 1), (64, 2)] {
+        let mut cfg = preset_with_layers("mamba2-130m", Some(2));
+        (cfg.d_state, cfg.ngroups) = (n, groups);
+        let layout = Layout::new(&cfg, EMBEDDING_NAMES[0]).unwrap();
+        let mut params = vec![0.0f32; layout.len];
+        for t in mamba_lm::init::random_weights(&cfg, 0) {
+            if let Some(p) = layout.table.iter().find(|p| p.name == t.name) {
+                params[p.range()].copy_from_slice(&t.data);
+            }
+        }
+        let (seqs, len) = (2, 150);
+        let tokens: Vec<u32> = (0..seqs * (len + 1)).map(|i| (i * 7919 % 50000) as u32).collect();
+        let scale = 1.0 / (seqs * len) as f32;
+        let mut cpu = vec![0.0f32; layout.len];
+        let mut acts = Activations::new(&layout, seqs, len, false);
+        let cpu_loss = forward_backward(&layout, &params, &mut cpu, &mut acts, &tokens, scale).unwrap();
+        let mut t = trainer(&layout, &params);
+        let (inputs, targets) = shifted(&tokens, seqs, len).unwrap();
+        t.forward(&layout, (seqs, len, false), inputs, targets).unwrap();
+        let loss = t.backward(&layout, Some(scale)).unwrap();
+        assert!((loss - cpu_loss).abs() <= 1e-5 * cpu_loss, "N = {n}: loss {loss} vs CPU {cpu_loss}");
+        let gpu = t.gradients().unwrap();
+        let mut worst = 0.0f64;
+        for p in &layout.table {
+            let want: Vec<f64> = cpu[p.range()].iter().map(|&x| x as f64).collect();
+            let err = rel_l2(&gpu[p.range()], &want);
+            assert!(err <= 1e-4, "N = {n}, {groups} groups: {} rel L2 {err:.2e} vs the CPU", p.name);
+            worst = worst.max(err);
+        }
+        println!("Mamba-2 N = {n}, {groups} groups: GPU vs CPU gradients, worst rel L2 {worst:.2e}");
     }
 }
 

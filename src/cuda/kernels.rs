@@ -17,6 +17,7 @@ const SAMPLING: &str = include_str!("../ops/sampling.cu");
 const CROSS_ENTROPY: &str = include_str!("../ops/cross_entropy.cu");
 const DECODE: &str = include_str!("../ops/decode.cu");
 const SCAN_BACKWARD: &str = include_str!("../ops/selective_scan_backward.cu");
+const SSD_BACKWARD: &str = include_str!("../ops/ssd_backward.cu");
 const REDUCE: &str = include_str!("../ops/reduce.cu");
 const ADAMW: &str = include_str!("../train/adamw.cu");
 const CONVERT: &str = include_str!("../ops/convert.cu");
@@ -85,6 +86,7 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         "scan_carry" => ("selective_scan", SCAN),
         "nll_rows" | "ce_grad_rows" => ("cross_entropy", CROSS_ENTROPY),
         k if k.starts_with("scan_backward") || k == "scan_a2" => ("selective_scan_backward", SCAN_BACKWARD),
+        k if k.starts_with("ssd_bwd_") => ("ssd_backward", SSD_BACKWARD),
         "sum_parts" | "sum_squares" | "embed_rows" | "embed_backward" => ("reduce", REDUCE),
         "adamw" => ("adamw", ADAMW),
         "to_bf16" => ("convert", CONVERT),
@@ -111,7 +113,11 @@ pub fn all_units() -> Vec<Unit> {
         v.extend(unit_for(&format!("decode_step_{t}")));
     }
     v.extend(["bf16", "f16"].iter().filter_map(|t| unit_for(&format!("ssd_out_{t}"))));
-    v.extend(["nll_rows", "scan_backward_16", "sum_parts", "adamw", "to_bf16"].iter().filter_map(|k| unit_for(k)));
+    v.extend(
+        ["nll_rows", "scan_backward_16", "ssd_bwd_in", "sum_parts", "adamw", "to_bf16"]
+            .iter()
+            .filter_map(|k| unit_for(k)),
+    );
     v
 }
 

@@ -42,6 +42,19 @@ pub struct Gpu {
     _workspace: CudaSlice<u8>,
 }
 
+/// Freed buffers stay in the device's stream-ordered memory pool rather than going back to the
+/// driver at each synchronisation (its default), so a buffer taken again (a cached state, the
+/// next batch's activations) is not mapped afresh.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    let mut pool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(err)?;
+        sys::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut _).result().map_err(err)
+    }
+}
+
 impl Gpu {
     /// Opens GPU `ordinal`, loading (compiling on first use) every kernel.
     pub fn open(ordinal: usize) -> Result<Gpu> {
@@ -64,6 +77,9 @@ impl Gpu {
         // Buffers are ordered by the one stream; per-buffer events would only add work (and
         // nodes in captured graphs).
         unsafe { ctx.disable_event_tracking() };
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
         let stream = ctx.new_stream().map_err(err)?;
         let (major, minor) = ctx.compute_capability().map_err(err)?;
         let arch = kernels::arch_for(major, minor);

@@ -419,6 +419,21 @@ pub fn conv_silu(
     g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
 }
 
+/// Mamba-2's `y ← rmsnorm(y·silu(z))·w` in place over `rows` rows of `groups` groups of `gsize`
+/// channels, z's rows `z_rs` apart.
+pub fn gated_norm(
+    g: &Gpu,
+    t: DType,
+    y: u64,
+    (z, z_rs): (u64, usize),
+    w: u64,
+    (rows, groups, gsize): (usize, usize, usize),
+    eps: f32,
+) -> Result<()> {
+    let p = GatedNormParams { y, z, z_rs: z_rs as i32, w, gsize: gsize as i32, eps };
+    g.launch(&format!("gated_norm_{}", suffix(t)), (rows as u32, groups as u32, 1), 256, &p, None)
+}
+
 /// The index of the largest of the first `limit` logits of each of `rows` rows (`stride` apart)
 /// into `out` (u32; sampling.cu's argmax).
 pub fn argmax(g: &Gpu, logits: u64, out: u64, rows: usize, stride: usize, limit: usize) -> Result<()> {
@@ -594,13 +609,19 @@ impl GpuModel {
 
     /// Zeroed state for `seqs` sequences.
     pub fn new_states(&self, seqs: usize) -> Result<GpuStates> {
+        let mut st = self.uninit_states(seqs)?;
+        self.zero_states(&mut st)?;
+        Ok(st)
+    }
+
+    /// State for `seqs` sequences that the caller overwrites whole.
+    fn uninit_states(&self, seqs: usize) -> Result<GpuStates> {
         let fresh = State::new(&self.cfg);
         let (conv_len, ssm_len) = (fresh.layers[0].conv.len(), fresh.layers[0].ssm.len());
         let n = self.cfg.n_layer * seqs;
-        let s = &self.gpu.stream;
         Ok(GpuStates {
-            conv: s.alloc_zeros(n * conv_len.max(1)).map_err(err)?,
-            ssm: s.alloc_zeros(n * ssm_len).map_err(err)?,
+            conv: self.gpu.alloc(n * conv_len.max(1))?,
+            ssm: self.gpu.alloc(n * ssm_len)?,
             seqs,
             conv_len,
             ssm_len,
@@ -909,21 +930,7 @@ impl GpuModel {
                     } else {
                         selective_scan(g, self.dtype, &mut p, seqs, true, g.ptr(&b.scan))?;
                     }
-                    let gp = GatedNormParams {
-                        y,
-                        z: zx,
-                        z_rs: w_in as i32,
-                        w: g.ptr(&m.norm_w),
-                        gsize: (ds / gr) as i32,
-                        eps: c.norm_eps,
-                    };
-                    g.launch(
-                        &format!("gated_norm_{}", suffix(self.dtype)),
-                        (rows as u32, gr as u32, 1),
-                        256,
-                        &gp,
-                        None,
-                    )?;
+                    gated_norm(g, self.dtype, y, (zx, w_in), g.ptr(&m.norm_w), (rows, gr, ds / gr), c.norm_eps)?;
                     self.gemm(&m.out_proj, y, ds, rows, out, dm, false)?;
                 }
             }
@@ -1452,7 +1459,7 @@ impl Backend for GpuRun<'_> {
     /// A one-slot copy in device memory, made on the stream: nothing waits for it.
     fn keep(&mut self, i: usize) -> Result<Kept> {
         let st = self.states.as_ref().ok_or_else(|| anyhow::anyhow!("GPU run used before begin"))?;
-        let copy = self.model.new_states(1)?;
+        let copy = self.model.uninit_states(1)?; // the copy writes every float
         self.model.copy_slot(&copy, 0, st, i)?;
         Ok(Kept::Device { data: Arc::new(copy), pos: self.pos[i], bytes: self.model.state_bytes() })
     }

@@ -145,3 +145,57 @@ extern "C" __global__ void rms_norm_weight_grad(const NormTrainParams p) {
     for (long r = r0; r < r1; r++) v += p.gy[r * p.d + i] * p.x[r * p.d + i] * p.rstd[r];
     p.parts[(long)blockIdx.y * p.d + i] = v;
 }
+
+// gated_norm_backward: the backward of gated_norm (f32, out = v·rstd·w with v = y·silu(z), per
+// (row, group) of `gsize` channels; one block per (row, group)):
+//   ∂v = rstd·(gy ⊙ w) − v·rstd³/gsize · Σ(gy ⊙ w ⊙ v),  ∂y = ∂v·silu(z),
+//   ∂z = ∂v·y·σ(z)·(1 + z·(1 − σ(z))),
+// writing ∂y, ∂z and rstd (for the weight's gradient). gated_norm_weight_grad: ∂w's partial
+// sums Σ gy·v·rstd over a slice of rows (blockIdx.y), one thread per column, for sum_parts.
+// Each reads y, z and gy once (12 bytes a value) and writes 8.
+
+struct GatedNormTrainParams {
+    const float* y;    // (rows, groups·gsize) the SSD output
+    const float* z;    // gate z[row·z_rs + i]
+    const float* w;    // (groups·gsize)
+    const float* gy;   // (rows, groups·gsize) ∂/∂out
+    float* gx;         // (rows, groups·gsize) ∂y, written
+    float* gz;         // gz[row·z_rs + i], written
+    float* rstd;       // (rows, groups)
+    float* parts;      // (slices, groups·gsize)
+    int z_rs, gsize, groups, rows;
+    float eps;
+};
+
+extern "C" __global__ void gated_norm_backward(const GatedNormTrainParams p) {
+    const int g = blockIdx.y, width = p.groups * p.gsize;
+    const long r = blockIdx.x, o = r * width + g * p.gsize, oz = r * p.z_rs + g * p.gsize;
+    const float *y = p.y + o, *z = p.z + oz, *gy = p.gy + o, *w = p.w + g * p.gsize;
+    float s2 = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < p.gsize; i += blockDim.x) {
+        const float v = y[i] * (z[i] / (1.0f + expf(-z[i])));
+        s2 += v * v;
+        dot += gy[i] * w[i] * v;
+    }
+    const float2 s = block_sum2(s2, dot);
+    const float inv = rsqrtf(s.x / p.gsize + p.eps), k = inv * inv * inv * s.y / p.gsize;
+    for (int i = threadIdx.x; i < p.gsize; i += blockDim.x) {
+        const float sg = 1.0f / (1.0f + expf(-z[i])), v = y[i] * (z[i] / (1.0f + expf(-z[i])));
+        const float gv = inv * gy[i] * w[i] - v * k;
+        p.gx[o + i] = gv * z[i] * sg;
+        p.gz[oz + i] = gv * y[i] * sg * (1.0f + z[i] * (1.0f - sg));
+    }
+    if (threadIdx.x == 0) p.rstd[r * p.groups + g] = inv;
+}
+
+extern "C" __global__ void gated_norm_weight_grad(const GatedNormTrainParams p) {
+    const int width = p.groups * p.gsize, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= width) return;
+    const int per = (p.rows + gridDim.y - 1) / gridDim.y, r0 = blockIdx.y * per, r1 = min(p.rows, r0 + per);
+    float acc = 0.0f;
+    for (long r = r0; r < r1; r++) {
+        const float zi = p.z[r * p.z_rs + i], v = p.y[r * width + i] * (zi / (1.0f + expf(-zi)));
+        acc += p.gy[r * width + i] * v * p.rstd[r * p.groups + i / p.gsize];
+    }
+    p.parts[(long)blockIdx.y * width + i] = acc;
+}

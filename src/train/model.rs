@@ -202,7 +202,7 @@ pub fn check_tokens(layout: &Layout, seqs: usize, len: usize, inputs: &[u32], ta
 fn layer_forward(layout: &Layout, params: &[f32], acts: &mut Activations, i: usize, out: &mut [f32]) {
     let (cfg, lp, k) = (&layout.cfg, &layout.layers[i], acts.slot(i));
     let (seqs, len) = (acts.seqs, acts.len);
-    rms_norm(&acts.resid[i], &params[norm_of(lp).clone()], cfg.norm_eps, &mut acts.h[k]);
+    rms_norm(&acts.resid[i], &params[lp.norm().clone()], cfg.norm_eps, &mut acts.h[k]);
     match (lp, &mut acts.mixers[k]) {
         (LayerParams::M1(p), MixerActs::M1(a)) => mamba1::forward(cfg, params, p, seqs, len, &acts.h[k], a, out),
         (LayerParams::M2(p), MixerActs::M2(a)) => mamba2::forward(cfg, params, p, seqs, len, &acts.h[k], a, out),
@@ -218,13 +218,6 @@ impl Activations {
         } else {
             i
         }
-    }
-}
-
-fn norm_of(lp: &LayerParams) -> &Range<usize> {
-    match lp {
-        LayerParams::M1(p) => &p.norm,
-        LayerParams::M2(p) => &p.norm,
     }
 }
 
@@ -265,7 +258,7 @@ pub fn backward(layout: &Layout, params: &[f32], grads: &mut [f32], acts: &mut A
             }
             _ => unreachable!("activations are made from the layout"),
         }
-        let norm = norm_of(lp);
+        let norm = lp.norm();
         g_norm.fill(0.0);
         rms_norm_backward(
             &acts.resid[i],

@@ -61,6 +61,16 @@ pub enum LayerParams {
     M2(Mamba2Params),
 }
 
+impl LayerParams {
+    /// The block's RMSNorm weight.
+    pub fn norm(&self) -> &Range<usize> {
+        match self {
+            LayerParams::M1(m) => &m.norm,
+            LayerParams::M2(m) => &m.norm,
+        }
+    }
+}
+
 /// The layout of one model's parameters.
 pub struct Layout {
     pub cfg: Config,

@@ -8,7 +8,9 @@
 //! a step gives the same bits every run.
 
 pub mod mamba1;
+pub mod mamba2;
 pub mod ops;
+mod ssd_backward;
 
 use super::{err, Gpu};
 use crate::config::Arch;
@@ -56,7 +58,14 @@ impl Acts {
     fn new(g: &Gpu, layout: &Layout, seqs: usize, len: usize, recompute: bool, bf16: bool) -> Result<Acts> {
         let cfg = &layout.cfg;
         let (rows, dm, v) = (seqs * len, cfg.d_model, cfg.vocab_padded);
-        let (width, remade_width) = (mamba1::kept_width(cfg), mamba1::remade_width(cfg));
+        let (width, remade_width, widest, work_len) = match cfg.arch {
+            Arch::Mamba1 => {
+                (mamba1::kept_width(cfg), mamba1::remade_width(cfg), 2 * cfg.d_inner, mamba1::work_len(cfg, seqs, len))
+            }
+            Arch::Mamba2 => {
+                (mamba2::kept_width(cfg), mamba2::remade_width(cfg), cfg.d_in_proj(), mamba2::work_len(cfg, seqs, len))
+            }
+        };
         let kept = if recompute { 1 } else { cfg.n_layer };
         let head_rows = (HEAD_FLOATS / v).clamp(1, rows);
         let mut n = 0usize;
@@ -75,9 +84,9 @@ impl Acts {
         let rstd = take(rows);
         let parts = take(ops::NORM_SLICES * dm);
         let logits = take(head_rows * v);
-        let work = take(mamba1::work_len(cfg, seqs, len));
+        let work = take(work_len);
         // The largest operand: a row block of in_proj's output (or input) or of the logits.
-        let operand = if bf16 { (rows * (2 * cfg.d_inner).max(dm)).max(head_rows * v).div_ceil(2) } else { 0 };
+        let operand = if bf16 { (rows * widest.max(dm)).max(head_rows * v).div_ceil(2) } else { 0 };
         let scratch = [take(operand), take(operand)];
         let buf = g.alloc::<f32>(n)?;
         let base = g.ptr(&buf);
@@ -187,12 +196,17 @@ impl GpuTrainer {
     /// Uploads `params` and the moments `m`, `v` (all in `layout`). With `bf16` the products
     /// run in bf16 (f32 sums), everything else in f32 with f32 weights and moments.
     pub fn new(gpu: Gpu, layout: &Layout, params: &[f32], m: &[f32], v: &[f32], bf16: bool) -> Result<GpuTrainer> {
-        if layout.layers.iter().any(|l| matches!(l, LayerParams::M2(_))) || layout.cfg.arch == Arch::Mamba2 {
-            bail!("training on the GPU supports Mamba-1 models for now; train Mamba-2 with --device cpu");
-        }
-        let n = layout.cfg.d_state;
-        if !n.is_power_of_two() || n > ops::SCAN_BWD_MAX_N {
-            bail!("training on the GPU needs d_state a power of two up to {} (this model: {n})", ops::SCAN_BWD_MAX_N);
+        let (cfg, n) = (&layout.cfg, layout.cfg.d_state);
+        match cfg.arch {
+            Arch::Mamba1 if !n.is_power_of_two() || n > ops::SCAN_BWD_MAX_N => {
+                bail!("training Mamba-1 on the GPU needs d_state a power of two up to {} (this model: {n})", ops::SCAN_BWD_MAX_N)
+            }
+            Arch::Mamba2 if n > 128 => bail!("training Mamba-2 on the GPU needs d_state up to 128 (this model: {n})"),
+            Arch::Mamba2 if cfg.dt_limit.0 > 0.0 || cfg.dt_limit.1.is_finite() => bail!(
+                "training Mamba-2 on the GPU does not clamp δ yet (this model's dt_limit / time_step_limit: {:?}); train it with --device cpu",
+                cfg.dt_limit
+            ),
+            _ => {}
         }
         if layout.cfg.d_conv > 8 {
             bail!("training on the GPU supports conv widths up to 8 (this model: {})", layout.cfg.d_conv);
@@ -351,15 +365,19 @@ impl GpuTrainer {
             };
             norm_backward(x, w, at(gp, &layout.norm_f))?;
             for (i, lp) in layout.layers.iter().enumerate().rev() {
-                let LayerParams::M1(m) = lp else { bail!("training on the GPU supports Mamba-1 layers only") };
-                let (x, w) = (acts.resid(i, dm), at(p, &m.norm));
+                let norm = lp.norm();
+                let (x, w) = (acts.resid(i, dm), at(p, norm));
                 if acts.recompute {
                     layer_forward(&mm, layout, lp, p, acts, i, None)?;
                 } else {
                     mm.timed("norms", || ops::rms_norm(g, x, w, acts.h(), rows, dm, cfg.norm_eps))?;
                 }
-                mamba1::backward(&mm, cfg, m, (p, gp), acts, acts.slot(i), self.slow_scan)?;
-                norm_backward(x, w, at(gp, &m.norm))?;
+                let (params, slot) = ((p, gp), acts.slot(i));
+                match lp {
+                    LayerParams::M1(m) => mamba1::backward(&mm, cfg, m, params, acts, slot, self.slow_scan)?,
+                    LayerParams::M2(m) => mamba2::backward(&mm, cfg, m, params, acts, slot, self.slow_scan)?,
+                }
+                norm_backward(x, w, at(gp, norm))?;
             }
             mm.timed("embedding", || self.embedding_backward(layout))?;
         }
@@ -506,10 +524,12 @@ fn layer_forward(
     out: Option<u64>,
 ) -> Result<()> {
     let (g, cfg) = (mm.g, &layout.cfg);
-    let LayerParams::M1(m) = lp else { bail!("training on the GPU supports Mamba-1 layers only") };
     let (rows, dm) = (acts.rows(), cfg.d_model);
-    mm.timed("norms", || ops::rms_norm(g, acts.resid(i, dm), at(p, &m.norm), acts.h(), rows, dm, cfg.norm_eps))?;
-    mamba1::forward(mm, cfg, m, p, acts, acts.slot(i), out)
+    mm.timed("norms", || ops::rms_norm(g, acts.resid(i, dm), at(p, lp.norm()), acts.h(), rows, dm, cfg.norm_eps))?;
+    match lp {
+        LayerParams::M1(m) => mamba1::forward(mm, cfg, m, p, acts, acts.slot(i), out),
+        LayerParams::M2(m) => mamba2::forward(mm, cfg, m, p, acts, acts.slot(i), out),
+    }
 }
 
 /// `crate::train::model::gradients` on the GPU: the gradient of the mean next-token

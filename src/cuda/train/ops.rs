@@ -32,6 +32,24 @@ pub struct NormTrainParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
+pub struct GatedNormTrainParams {
+    pub y: u64,
+    pub z: u64,
+    pub w: u64,
+    pub gy: u64,
+    pub gx: u64,
+    pub gz: u64,
+    pub rstd: u64,
+    pub parts: u64,
+    pub z_rs: i32,
+    pub gsize: i32,
+    pub groups: i32,
+    pub rows: i32,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
 pub struct ConvBwdParams {
     pub x: u64,
     pub x_rs: i32,
@@ -148,6 +166,7 @@ struct TwoPtrParams {
 }
 
 unsafe impl DeviceRepr for NormTrainParams {}
+unsafe impl DeviceRepr for GatedNormTrainParams {}
 unsafe impl DeviceRepr for ConvBwdParams {}
 unsafe impl DeviceRepr for ScanBwdParams {}
 unsafe impl DeviceRepr for SumPartsParams {}
@@ -351,6 +370,16 @@ pub fn rms_norm_backward(
     g.launch("rms_norm_backward", (rows as u32, 1, 1), row_threads(d), &p, None)?;
     g.launch("rms_norm_weight_grad", (blocks(d, 128), NORM_SLICES as u32, 1), 128, &p, None)?;
     sum_parts(g, parts, d, NORM_SLICES, d, gw, true)
+}
+
+/// Backward of Mamba-2's gated norm (`crate::cuda::model::gated_norm`): writes ∂y to `p.gx`
+/// and ∂z to `p.gz`, adds ∂w to `gw` (through `p.parts`, NORM_SLICES·width floats, and
+/// `p.rstd`, rows·groups floats).
+pub fn gated_norm_backward(g: &Gpu, p: &GatedNormTrainParams, gw: u64) -> Result<()> {
+    let width = (p.groups * p.gsize) as usize;
+    g.launch("gated_norm_backward", (p.rows as u32, p.groups as u32, 1), 256, p, None)?;
+    g.launch("gated_norm_weight_grad", (blocks(width, 128), NORM_SLICES as u32, 1), 128, p, None)?;
+    sum_parts(g, p.parts, width, NORM_SLICES, width, gw, true)
 }
 
 /// `out (+)= Σ_k parts[k·stride ..][..n]` (contiguous items).
