@@ -70,11 +70,13 @@ if a.mode == "ttft":
                       "uncached_s": cold, "cached_s": min(warm), "ratio": min(warm) / cold}))
 elif a.mode == "throughput":
     # Warms the server as steady traffic would (kernels, and decode steps of every batch size up
-    # to N), with prompts of their own: the measured ones must not be in its prefix cache.
+    # to N; then prompts of the measured length, whose kernels and buffers a server's first long
+    # prompts pay for), with prompts of their own: the measured ones must not be in its prefix cache.
     rng.seed(f"throughput {a.n} {a.seed} warm")
-    warm = [threading.Thread(target=stream, args=(ids(16), 4), kwargs={"ignore_eos": True}) for _ in range(a.n)]
-    [t.start() for t in warm]
-    [t.join() for t in warm]
+    for plen in (16, a.prompt_len):
+        warm = [threading.Thread(target=stream, args=(ids(plen), 4), kwargs={"ignore_eos": True}) for _ in range(a.n)]
+        [t.start() for t in warm]
+        [t.join() for t in warm]
     rng.seed(f"throughput {a.n} {a.seed}")
     prompts = [ids(a.prompt_len) for _ in range(a.n)]
     out = [None] * a.n

@@ -620,7 +620,7 @@ fn score_with_grads(a: &ScoreArgs) -> Result<()> {
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => {
             let gpu = mamba_lm::cuda::Gpu::open(n)?;
-            mamba_lm::cuda::train::gradients(gpu, a.m.dtype == DType::BF16, &layout, &params, &seqs, on_row)?
+            mamba_lm::cuda::train::gradients(gpu, a.m.dtype, &layout, &params, &seqs, on_row)?
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => {

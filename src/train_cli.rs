@@ -4,9 +4,10 @@ use anyhow::{bail, Result};
 use clap::Args;
 use mamba_lm::config::{Arch, Config};
 use mamba_lm::loader;
+use mamba_lm::tensor::DType;
 use mamba_lm::train::checkpoint::{self, TrainerState};
 use mamba_lm::train::data::Data;
-use mamba_lm::train::optim::{AdamW, Schedule};
+use mamba_lm::train::optim::{AdamW, LossScale, Schedule};
 use mamba_lm::train::params::{Layout, EMBEDDING_NAMES};
 use mamba_lm::train::run::{self, Options, Run, Source};
 use mamba_lm::train::tasks::Task;
@@ -97,10 +98,15 @@ pub struct TrainArgs {
     /// Seed of the initial weights (--preset / --config).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// f32, or bf16 on a GPU (products in bf16 with f32 sums; weights, moments and everything
-    /// else in f32).
+    /// f32, or bf16 / f16 on a GPU (products in 16 bits with f32 sums; weights, moments and
+    /// everything else in f32; f16 with dynamic loss scaling).
     #[arg(long, default_value = "f32", value_parser = crate::parse_dtype)]
     dtype: mamba_lm::tensor::DType,
+    /// With --dtype f16: the initial loss scale, a power of two (halved after a step whose
+    /// gradients overflow, which is skipped; doubled after 2,000 good steps). A resumed run
+    /// keeps its checkpoint's scale unless this is given.
+    #[arg(long)]
+    loss_scale: Option<f64>,
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: crate::Device,
@@ -185,7 +191,7 @@ fn open_run(a: &TrainArgs, data: &Vocab) -> Result<Run> {
         params,
         m: vec![0.0; n],
         v: vec![0.0; n],
-        state: TrainerState { step: 0, pos: Default::default(), seed: a.seed },
+        state: TrainerState { step: 0, pos: Default::default(), seed: a.seed, loss_scale: None },
     })
 }
 
@@ -232,6 +238,16 @@ fn initial_model(a: &TrainArgs, data: &Vocab) -> Result<(Layout, Vec<f32>)> {
     Ok((layout, params))
 }
 
+/// `--loss-scale` as a power of two (GradScaler's 65,536 when not given).
+fn loss_scale_log2(a: &TrainArgs) -> Result<i32> {
+    match a.loss_scale {
+        None => Ok(LossScale::INIT_LOG2),
+        Some(_) if a.dtype != DType::F16 => bail!("--loss-scale applies to --dtype f16 only"),
+        Some(v) if v >= 1.0 && v <= 2f64.powi(100) && v.log2().fract() == 0.0 => Ok(v.log2() as i32),
+        Some(v) => bail!("--loss-scale must be a power of two from 1 to 2^100 (e.g. 65536), got {v}"),
+    }
+}
+
 pub fn cmd_train(a: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.betas[0]) || !(0.0..1.0).contains(&a.betas[1]) {
         bail!("--betas must be two numbers in [0, 1), got {:?}", a.betas);
@@ -257,7 +273,13 @@ pub fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         (None, None) => bail!("give --data or --task"),
     };
+    let init_scale = loss_scale_log2(&a)?;
     let mut run = open_run(&a, &vocab)?;
+    run.state.loss_scale = match (a.dtype, run.state.loss_scale) {
+        (DType::F16, Some(ls)) if a.loss_scale.is_none() => Some(ls),
+        (DType::F16, _) => Some(LossScale::new(init_scale)),
+        _ => None,
+    };
     let (stages, seq_len) = a.seq_len_schedule.clone().unwrap_or((vec![], a.seq_len));
     let mut o = Options {
         steps: 0,
@@ -391,7 +413,7 @@ pub struct BenchTrainArgs {
     /// Where to run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu", value_parser = crate::parse_device)]
     device: crate::Device,
-    /// f32, or bf16 on a GPU (as train --dtype).
+    /// f32, or bf16 / f16 on a GPU (as train --dtype).
     #[arg(long, default_value = "f32", value_parser = crate::parse_dtype)]
     dtype: mamba_lm::tensor::DType,
     #[arg(long)]

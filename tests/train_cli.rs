@@ -175,6 +175,12 @@ fn bad_training_input_is_refused() {
     let e = fails(bin().args(train_args(&data, &r8)).args(["--dtype", "bf16"]));
     assert!(e.contains("training on the CPU runs in f32"), "{e}");
     assert!(!r8.exists(), "no run directory left");
+    // The loss scale is f16's, and a power of two.
+    let e = fails(bin().args(train_args(&data, &t.path().join("r9"))).args(["--loss-scale", "1024"]));
+    assert!(e.contains("--dtype f16 only"), "{e}");
+    let e =
+        fails(bin().args(train_args(&data, &t.path().join("r10"))).args(["--dtype", "f16", "--loss-scale", "1000"]));
+    assert!(e.contains("power of two"), "{e}");
     // prepare never writes into a directory that holds files.
     let e = fails(bin().args(["prepare", "--input", "README.md", "--out", run.to_str().unwrap()]));
     assert!(e.contains("not empty"), "{e}");

@@ -89,7 +89,7 @@ pub fn unit_for(kernel: &str) -> Option<Unit> {
         k if k.starts_with("ssd_bwd_") => ("ssd_backward", SSD_BACKWARD),
         "sum_parts" | "sum_squares" | "embed_rows" | "embed_backward" => ("reduce", REDUCE),
         "adamw" => ("adamw", ADAMW),
-        "to_bf16" => ("convert", CONVERT),
+        "to_bf16" | "to_f16" => ("convert", CONVERT),
         _ => return None,
     };
     Some(unit(name, src))

@@ -419,6 +419,52 @@ pub fn conv_silu(
     g.launch(&format!("conv1d_state_{t}"), (cb, seqs as u32, 1), 128, &p, None)
 }
 
+/// The scan parameters of a Mamba-2 layer of `l` steps (channels = heads × headdim; δ and A per
+/// head, B and C per group): in_proj's output `zx` and the conv output `xbc` in `t`, the output
+/// `y`; `dt_bias`, `a2` (A·log2 e per head) and `d`; the state (`stride` floats a sequence).
+pub fn m2_scan_params(
+    c: &Config,
+    t: DType,
+    (zx, xbc, y): (u64, u64, u64),
+    (dt_bias, a2, d): (u64, u64, u64),
+    (state, stride): (u64, usize),
+    l: usize,
+) -> ScanParams {
+    let es = t.size() as u64;
+    let (n, hp, gr, ds) = (c.d_state, c.headdim, c.ngroups, c.d_ssm);
+    let (w_in, cd) = (c.d_in_proj(), c.conv_dim());
+    ScanParams {
+        u: xbc,
+        dt: zx + es * (ds + cd) as u64,
+        dt_bias,
+        a2,
+        b: xbc + es * ds as u64,
+        c: xbc + es * (ds + gr * n) as u64,
+        d,
+        z: 0,
+        state,
+        y,
+        state_stride: stride as i64,
+        u_rs: cd as i32,
+        dt_rs: w_in as i32,
+        dt_div: hp as i32,
+        a_ns: 0,
+        a_div: hp as i32,
+        bc_rs: cd as i32,
+        g_ch: (ds / gr) as i32,
+        d_div: if c.d_has_hdim { 1 } else { hp as i32 },
+        z_rs: 0,
+        p_blk: hp as i32,
+        y_rs: ds as i32,
+        l: l as i32,
+        e: ds as i32,
+        n: n as i32,
+        dt_min: c.dt_limit.0,
+        dt_max: c.dt_limit.1,
+        ..Default::default()
+    }
+}
+
 /// Mamba-2's `y ← rmsnorm(y·silu(z))·w` in place over `rows` rows of `groups` groups of `gsize`
 /// channels, z's rows `z_rs` apart.
 pub fn gated_norm(
@@ -780,54 +826,19 @@ impl GpuModel {
         conv_silu(g, self.dtype, (x, x_rs), g.ptr(w), bias, state, y, (seqs, l, ch, self.cfg.d_conv))
     }
 
-    /// The scan parameters of a Mamba-2 layer (channels = heads × headdim; δ and A per head,
-    /// B and C per group), reading in_proj's output `zx` and the conv output `xbc`.
-    #[allow(clippy::too_many_arguments)]
+    /// The scan parameters of a Mamba-2 layer, reading in_proj's output `zx` and the conv
+    /// output `xbc` ([`m2_scan_params`]).
     fn m2_scan_params(
         &self,
         m: &DMamba2,
-        zx: u64,
-        xbc: u64,
+        (zx, xbc, y): (u64, u64, u64),
         state: u64,
-        y: u64,
         st: &GpuStates,
         l: usize,
     ) -> ScanParams {
-        let c = &self.cfg;
         let g = &self.gpu;
-        let es = self.dtype.size() as u64;
-        let (n, hp, gr, ds) = (c.d_state, c.headdim, c.ngroups, c.d_ssm);
-        let (w_in, cd) = (c.d_in_proj(), c.conv_dim());
-        ScanParams {
-            u: xbc,
-            dt: zx + es * (ds + cd) as u64,
-            dt_bias: g.ptr(&m.dt_bias),
-            a2: g.ptr(&m.a2),
-            b: xbc + es * ds as u64,
-            c: xbc + es * (ds + gr * n) as u64,
-            d: g.ptr(&m.d),
-            z: 0,
-            state,
-            y,
-            state_stride: st.ssm_len as i64,
-            u_rs: cd as i32,
-            dt_rs: w_in as i32,
-            dt_div: hp as i32,
-            a_ns: 0,
-            a_div: hp as i32,
-            bc_rs: cd as i32,
-            g_ch: (ds / gr) as i32,
-            d_div: if c.d_has_hdim { 1 } else { hp as i32 },
-            z_rs: 0,
-            p_blk: hp as i32,
-            y_rs: ds as i32,
-            l: l as i32,
-            e: ds as i32,
-            n: n as i32,
-            dt_min: c.dt_limit.0,
-            dt_max: c.dt_limit.1,
-            ..Default::default()
-        }
+        let weights = (g.ptr(&m.dt_bias), g.ptr(&m.a2), g.ptr(&m.d));
+        m2_scan_params(&self.cfg, self.dtype, (zx, xbc, y), weights, (state, st.ssm_len), l)
     }
 
     /// Enqueues one pass over `seqs` sequences of `l` tokens (already in `b.tokens`), advancing
@@ -919,7 +930,7 @@ impl GpuModel {
                     let (zx, xbc, y) = (g.ptr(&b.xz), g.ptr(&b.xc), g.ptr(&b.y));
                     self.gemm(&m.in_proj, h, dm, rows, zx, w_in, false)?;
                     self.conv(zx + es * ds as u64, w_in, &m.conv_w, &m.conv_b, conv_state, xbc, seqs, l, cd)?;
-                    let mut p = self.m2_scan_params(m, zx, xbc, ssm_state, y, st, l);
+                    let mut p = self.m2_scan_params(m, (zx, xbc, y), ssm_state, st, l);
                     if l == 1 && c.d_state <= SSD_STEP_NMAX && (ds / gr).is_multiple_of(SSD_STEP_CHANNELS) {
                         // The decode step of a batch (a block's channels share one group).
                         let grid = (ds.div_ceil(SSD_STEP_CHANNELS) as u32, seqs as u32, 1);

@@ -4,6 +4,7 @@
 
 use super::checkpoint::TrainerState;
 use super::engine::Engine;
+use super::optim::LossScale;
 use super::optim::{AdamW, Schedule};
 use super::params::{Layout, EMBEDDING_NAMES};
 use super::run::{step, Options, Run};
@@ -59,7 +60,12 @@ pub fn train(
         params,
         m: vec![0.0; n],
         v: vec![0.0; n],
-        state: TrainerState { step: 0, pos: Default::default(), seed: 0 },
+        state: TrainerState {
+            step: 0,
+            pos: Default::default(),
+            seed: 0,
+            loss_scale: (dtype == crate::tensor::DType::F16).then(|| LossScale::new(LossScale::INIT_LOG2)),
+        },
     };
     let o = Options {
         steps: steps as u64 + 1,

@@ -1,12 +1,13 @@
 //! Training checkpoints: `RUN/checkpoint-<step>/` holds `config.json`, `model.safetensors` and
 //! the data's `tokenizer.json` (so `generate`, `score` and `info` take the directory as it is;
 //! synthetic tasks have none) and
-//! `trainer.safetensors` (the AdamW moments, with the step, data position and seed in its
-//! metadata). Each is written into a temporary directory, synced and renamed into place, so a
+//! `trainer.safetensors` (the AdamW moments, with the step, data position, seed and, for f16
+//! runs, the loss scale in its metadata). Each is written into a temporary directory, synced and renamed into place, so a
 //! crash or a full disk leaves the previous checkpoint as it was and never a partial one under
 //! a checkpoint's name.
 
 use super::data::Position;
+use super::optim::LossScale;
 use super::params::Layout;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
@@ -21,6 +22,8 @@ pub struct TrainerState {
     /// Where the next training batch starts.
     pub pos: Position,
     pub seed: u64,
+    /// f16 runs: the loss scale.
+    pub loss_scale: Option<LossScale>,
 }
 
 /// A loaded checkpoint.
@@ -79,12 +82,16 @@ pub fn save(
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![v.len()], &vb)?,
             ),
         ];
-        let meta = HashMap::from([
+        let mut meta = HashMap::from([
             ("step".to_string(), state.step.to_string()),
             ("data_token".to_string(), state.pos.token.to_string()),
             ("data_epoch".to_string(), state.pos.epoch.to_string()),
             ("seed".to_string(), state.seed.to_string()),
         ]);
+        if let Some(ls) = state.loss_scale {
+            meta.insert("loss_scale_log2".to_string(), ls.log2.to_string());
+            meta.insert("loss_scale_good".to_string(), ls.good.to_string());
+        }
         write_synced(&tmp.join("trainer.safetensors"), &safetensors::serialize(views, Some(meta))?)?;
         // A checkpoint of this step may exist (a resumed run saving again): it is replaced.
         install(&tmp, &dst)
@@ -150,10 +157,18 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| anyhow!("{}: metadata {k} missing or not a number", path.display()))
     };
+    let loss_scale = match meta.get("loss_scale_log2") {
+        None => None,
+        Some(v) => Some(LossScale {
+            log2: v.parse().map_err(|_| anyhow!("{}: metadata loss_scale_log2 is not a number", path.display()))?,
+            good: num("loss_scale_good")?,
+        }),
+    };
     let state = TrainerState {
         step: num("step")?,
         pos: Position { token: num("data_token")?, epoch: num("data_epoch")? },
         seed: num("seed")?,
+        loss_scale,
     };
     Ok(Loaded { params, m: moment("exp_avg")?, v: moment("exp_avg_sq")?, state })
 }
@@ -183,4 +198,27 @@ pub fn prune(run: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// The trainer state comes back as it was saved, the loss scale of an f16 run included.
+    #[test]
+    fn trainer_state_round_trips() {
+        let cfg = Config::preset("tiny").unwrap();
+        let layout = Layout::new(&cfg, crate::train::params::EMBEDDING_NAMES[0]).unwrap();
+        let params: Vec<f32> = (0..layout.len).map(|i| i as f32 * 1e-6).collect();
+        let (m, v) = (vec![0.25f32; layout.len], vec![0.5f32; layout.len]);
+        let t = tempfile::tempdir().unwrap();
+        for loss_scale in [None, Some(LossScale { log2: 13, good: 1234 })] {
+            let state = TrainerState { step: 7, pos: Position { token: 99, epoch: 2 }, seed: 5, loss_scale };
+            let dir = save(t.path(), &layout, &params, &m, &v, &state, None).unwrap();
+            let back = load(&dir, &layout).unwrap();
+            assert_eq!(back.state, state);
+            assert!(back.params == params && back.m == m && back.v == v);
+        }
+    }
 }

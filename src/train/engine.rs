@@ -20,23 +20,19 @@ pub enum Engine {
 
 impl Engine {
     /// An engine for `run` on the CPU (`device` None) or on GPU `device`, which gets a copy
-    /// of the run's weights and moments; `dtype` is f32, or bf16 on a GPU (bf16 products).
+    /// of the run's weights and moments; `dtype` is f32, or bf16 / f16 on a GPU (the products'
+    /// type; f16 runs with loss scaling).
     pub fn new(run: &Run, device: Option<usize>, dtype: DType) -> Result<Engine> {
         match device {
             None if dtype != DType::F32 => anyhow::bail!("training on the CPU runs in f32: drop --dtype {dtype}"),
             None => Ok(Engine::Cpu { acts: None, grads: vec![0.0; run.layout.len] }),
             #[cfg(feature = "cuda")]
             Some(n) => {
-                let gpu = crate::cuda::Gpu::open(n)?;
-                match dtype {
-                    DType::F32 | DType::BF16 => {}
-                    DType::F16 => anyhow::bail!(
-                        "training on the GPU runs in f32 or bf16 (f16 with loss scaling is not built yet)"
-                    ),
-                    DType::I8 => anyhow::bail!("int8 is for inference on the CPU; train in f32 or bf16"),
+                if dtype == DType::I8 {
+                    anyhow::bail!("int8 is for inference on the CPU; train in f32, bf16 or f16");
                 }
-                let (l, bf16) = (&run.layout, dtype == DType::BF16);
-                let t = crate::cuda::train::GpuTrainer::new(gpu, l, &run.params, &run.m, &run.v, bf16)?;
+                let gpu = crate::cuda::Gpu::open(n)?;
+                let t = crate::cuda::train::GpuTrainer::new(gpu, &run.layout, &run.params, &run.m, &run.v, dtype)?;
                 Ok(Engine::Gpu(Box::new(t)))
             }
             #[cfg(not(feature = "cuda"))]

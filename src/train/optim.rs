@@ -81,6 +81,49 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f32 {
     }
 }
 
+/// Dynamic loss scaling for f16 products (as `torch.cuda.amp.GradScaler` does it): the loss's
+/// gradient is multiplied by 2^`log2` so that small gradients survive f16's range; a step whose
+/// gradients come out non-finite is skipped and the scale halved; after
+/// [`LossScale::GROWTH_INTERVAL`] finite steps in a row it doubles. Powers of two only, so
+/// scaling and unscaling are exact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossScale {
+    pub log2: i32,
+    /// Finite steps since the last change.
+    pub good: u64,
+}
+
+impl LossScale {
+    pub const GROWTH_INTERVAL: u64 = 2000;
+    /// GradScaler's default initial scale, 65,536.
+    pub const INIT_LOG2: i32 = 16;
+
+    pub fn new(log2: i32) -> LossScale {
+        LossScale { log2, good: 0 }
+    }
+
+    pub fn scale(&self) -> f64 {
+        2f64.powi(self.log2)
+    }
+
+    /// Records whether a step's gradients were finite; returns whether its update goes ahead.
+    /// Fails when they overflow even unscaled (the run has diverged).
+    pub fn update(&mut self, finite: bool) -> Result<bool, String> {
+        if finite {
+            self.good += 1;
+            if self.good == Self::GROWTH_INTERVAL {
+                (self.log2, self.good) = (self.log2 + 1, 0);
+            }
+            return Ok(true);
+        }
+        if self.log2 <= 0 {
+            return Err("the gradients are not finite even without loss scaling".into());
+        }
+        (self.log2, self.good) = (self.log2 - 1, 0);
+        Ok(false)
+    }
+}
+
 /// Multiplies `grads` by `f` (skipped for 1).
 pub fn scale_grads(grads: &mut [f32], f: f32) {
     if f != 1.0 {
@@ -157,5 +200,26 @@ mod tests {
         assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6);
         assert_eq!(clip_factor(grad_norm(&[0.3, 0.4]), 1.0), 1.0);
         assert_eq!(clip_factor(5.0, 0.0), 1.0, "0: no clipping");
+    }
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_doubles_after_good_steps() {
+        let mut ls = LossScale::new(3);
+        assert_eq!(ls.scale(), 8.0);
+        assert_eq!(ls.update(false), Ok(false), "an overflowing step is skipped");
+        assert_eq!(ls, LossScale { log2: 2, good: 0 });
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert_eq!(ls.update(true), Ok(true));
+        }
+        assert_eq!(ls.log2, 2, "not yet");
+        ls.update(true).unwrap();
+        assert_eq!(ls, LossScale { log2: 3, good: 0 });
+        // An overflow restarts the count.
+        ls.update(true).unwrap();
+        ls.update(false).unwrap();
+        assert_eq!(ls, LossScale { log2: 2, good: 0 });
+        // Overflowing at scale 1 is a diverged run, not something a smaller scale fixes.
+        let mut one = LossScale::new(0);
+        assert!(one.update(false).is_err());
     }
 }

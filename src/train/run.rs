@@ -11,7 +11,7 @@ use super::optim::{clip_factor, AdamW, Schedule};
 use super::params::Layout;
 use super::tasks::{self, Task};
 use crate::ops::cross_entropy::IGNORE;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ pub struct Options {
     pub plot: Option<PathBuf>,
     /// The GPU to train on (None: the CPU).
     pub device: Option<usize>,
-    /// f32, or bf16 products on a GPU.
+    /// f32, or bf16 / f16 products on a GPU (f16: with `run.state.loss_scale`).
     pub dtype: crate::tensor::DType,
 }
 
@@ -185,34 +185,52 @@ fn validation_loss(run: &Run, eng: &mut Engine, data: &Data, o: &Options, t: usi
     Ok(Some(sum / (rows * t) as f64))
 }
 
+/// What one optimizer step reports.
+pub struct Stepped {
+    /// The mean loss over the graded positions.
+    pub loss: f64,
+    /// The gradient norm before clipping (unscaled).
+    pub norm: f64,
+    pub lr: f64,
+    /// f16 runs: the step's gradients overflowed, so the weights were left alone.
+    pub skipped: bool,
+}
+
 /// One optimizer step of `run` on `eng`: `o.grad_accum` micro-batches of `seqs × len` from
-/// `next(micro)` (inputs and targets), global-norm clipping, AdamW at the schedule's rate.
-/// Returns the mean loss over the graded positions, the gradient norm before clipping and the
-/// learning rate. A non-finite loss stops it before the update.
+/// `next(micro)` (inputs and targets), global-norm clipping, AdamW at the schedule's rate. In
+/// an f16 run the loss's gradient is scaled by `run.state.loss_scale`, and a step whose
+/// gradients overflow is counted but skipped. A non-finite loss stops it before the update.
 pub fn step(
     run: &mut Run,
     o: &Options,
     eng: &mut Engine,
     (seqs, len): (usize, usize),
     mut next: impl FnMut(usize) -> Result<(Vec<u32>, Vec<u32>)>,
-) -> Result<(f64, f64, f64)> {
+) -> Result<Stepped> {
     let batches = (0..o.grad_accum).map(&mut next).collect::<Result<Vec<_>>>()?;
     let count = batches.iter().map(|b| b.1.iter().filter(|&&t| t != IGNORE).count()).sum::<usize>().max(1) as f64;
+    let scale = run.state.loss_scale.map_or(1.0, |ls| ls.scale());
     eng.zero_grads()?;
     let mut sum = 0.0;
     for (inputs, targets) in batches {
         eng.forward(run, (seqs, len, o.recompute), inputs, targets)?;
-        sum += eng.backward(run, Some((1.0 / count) as f32))?;
+        sum += eng.backward(run, Some((scale / count) as f32))?;
     }
     let loss = sum / count;
     if !loss.is_finite() {
         bail!("the loss is {loss} at step {}: stopping before the update", run.state.step + 1);
     }
-    let norm = eng.grad_norm()?;
+    let norm = eng.grad_norm()? / scale;
     let lr = o.schedule.lr(run.state.step);
     run.state.step += 1;
-    eng.update(run, &o.adamw, lr as f32, clip_factor(norm, o.clip))?;
-    Ok((loss, norm, lr))
+    let go = match &mut run.state.loss_scale {
+        Some(ls) => ls.update(norm.is_finite()).map_err(|e| anyhow!("{e} at step {}", run.state.step))?,
+        None => true,
+    };
+    if go {
+        eng.update(run, &o.adamw, lr as f32, (clip_factor(norm, o.clip) as f64 / scale) as f32)?;
+    }
+    Ok(Stepped { loss, norm, lr, skipped: !go })
 }
 
 /// Trains `run` from its state to `o.steps` steps on `source`. Returns whether it finished
@@ -255,7 +273,7 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
             Source::Tokens(data) => shifted(&next_batch(&data.train, &mut pos, b, t)?, b, t),
             Source::Task { task, .. } => task.batch(&mut tasks::rng_for(seed, at, micro), b, t),
         };
-        let (loss, norm, lr) = match step(run, o, &mut eng, (b, t), next) {
+        let Stepped { loss, norm, lr, skipped } = match step(run, o, &mut eng, (b, t), next) {
             Ok(r) => r,
             Err(e) => {
                 let last = checkpoint::list(&run.dir).first().map_or("none".to_string(), |c| c.1.display().to_string());
@@ -267,9 +285,13 @@ pub fn train(run: &mut Run, source: &Source, o: &Options, stop: &AtomicBool) -> 
         let step_tokens = (b * t * o.grad_accum) as u64;
         tokens += step_tokens;
         let tps = step_tokens as f64 / started.elapsed().as_secs_f64();
-        metrics.write(
-            json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "tokens": tokens}),
-        )?;
+        let mut record =
+            json!({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps, "tokens": tokens});
+        if let Some(ls) = run.state.loss_scale {
+            record["loss_scale"] = json!(ls.scale());
+            record["skipped"] = json!(skipped);
+        }
+        metrics.write(record)?;
         bar.set_position(step);
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} |g| {norm:.2} {:.0} tok/s", tps));
         let last = step == o.steps;

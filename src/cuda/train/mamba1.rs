@@ -4,7 +4,7 @@
 //! [`Slots`] offsets of the trainer's one allocation.
 
 use super::ops::{self, ConvBwdParams, Gemms, Mat, ScanBwdParams};
-use super::Acts;
+use super::{at, Acts, Carve};
 use crate::config::Config;
 use crate::cuda::model::{scan_workspace, selective_scan, ScanParams};
 use crate::tensor::DType;
@@ -72,26 +72,17 @@ struct Work {
 fn work(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
     let (e, n, w) = (cfg.d_inner, cfg.d_state, cfg.d_conv);
     let nblk = ops::scan_backward_blocks(e, n);
-    let mut at = base;
-    let mut take = |floats: usize| {
-        let p = at;
-        at += 4 * floats.next_multiple_of(4) as u64;
-        p
-    };
-    let taps = take(w * e);
-    let a2 = take(n * e);
-    let conv_state = take(seqs * (w - 1) * e);
-    let scan_state = take(seqs * e * n);
-    let scan_work = take(scan_workspace(seqs, e, n, len));
-    let ckpt = take(seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n);
-    let parts = take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e));
-    let parts_a = take(seqs * e * n);
-    let parts_dd = take(seqs * 2 * e);
-    Work { taps, a2, conv_state, scan_state, scan_work, ckpt, parts, parts_a, parts_dd, end: at - base }
-}
-
-fn at(base: u64, r: &std::ops::Range<usize>) -> u64 {
-    base + 4 * r.start as u64
+    let mut c = Carve(base);
+    let taps = c.take(w * e);
+    let a2 = c.take(n * e);
+    let conv_state = c.take(seqs * (w - 1) * e);
+    let scan_state = c.take(seqs * e * n);
+    let scan_work = c.take(scan_workspace(seqs, e, n, len));
+    let ckpt = c.take(seqs * len.div_ceil(ops::SCAN_BWD_SUB) * e * n);
+    let parts = c.take((seqs * nblk * len * 2 * n).max(seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * e));
+    let parts_a = c.take(seqs * e * n);
+    let parts_dd = c.take(seqs * 2 * e);
+    Work { taps, a2, conv_state, scan_state, scan_work, ckpt, parts, parts_a, parts_dd, end: c.0 - base }
 }
 
 /// The mixer over the normed input `acts.h` into slot `slot`; with `out`, out_proj's product is

@@ -6,9 +6,9 @@
 
 use super::ops::{self, ConvBwdParams, GatedNormTrainParams, Gemms, Mat, NORM_SLICES};
 use super::ssd_backward::{self, ssd_backward};
-use super::Acts;
+use super::{at, Acts, Carve};
 use crate::config::Config;
-use crate::cuda::model::{gated_norm, scan_workspace, selective_scan, ScanParams};
+use crate::cuda::model::{gated_norm, m2_scan_params, scan_workspace, selective_scan};
 use crate::tensor::DType;
 use crate::train::params::Mamba2Params;
 use anyhow::Result;
@@ -59,25 +59,16 @@ struct Work {
 
 fn work(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
     let (e, n, w, conv) = (cfg.d_ssm, cfg.d_state, cfg.d_conv, cfg.conv_dim());
-    let mut at = base;
-    let mut take = |floats: usize| {
-        let p = at;
-        at += 4 * floats.next_multiple_of(4) as u64;
-        p
-    };
-    let taps = take(w * conv);
-    let a2 = take(cfg.nheads());
-    let conv_state = take(seqs * (w - 1) * conv);
-    let scan_state = take(seqs * e * n);
-    let scan_work = take(scan_workspace(seqs, e, n, len));
-    let parts = take((seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * conv).max(NORM_SLICES * e));
-    let rstd = take(seqs * len * cfg.ngroups);
-    let ssd = ssd_backward::Work::new(cfg, seqs, len, at);
+    let mut c = Carve(base);
+    let taps = c.take(w * conv);
+    let a2 = c.take(cfg.nheads());
+    let conv_state = c.take(seqs * (w - 1) * conv);
+    let scan_state = c.take(seqs * e * n);
+    let scan_work = c.take(scan_workspace(seqs, e, n, len));
+    let parts = c.take((seqs * len.div_ceil(ops::CONV_RUN) * (w + 1) * conv).max(NORM_SLICES * e));
+    let rstd = c.take(seqs * len * cfg.ngroups);
+    let ssd = ssd_backward::Work::new(cfg, seqs, len, c);
     Work { taps, a2, conv_state, scan_state, scan_work, parts, rstd, ssd }
-}
-
-fn at(base: u64, r: &std::ops::Range<usize>) -> u64 {
-    base + 4 * r.start as u64
 }
 
 /// The mixer over the normed input `acts.h` into slot `slot`; with `out`, out_proj's product is
@@ -93,7 +84,6 @@ pub fn forward(
 ) -> Result<()> {
     let (g, seqs, len, rows) = (mm.g, acts.seqs, acts.len, acts.rows());
     let (dm, e, n, w_in, conv) = (cfg.d_model, cfg.d_ssm, cfg.d_state, cfg.d_in_proj(), cfg.conv_dim());
-    let (hp, gr) = (cfg.headdim, cfg.ngroups);
     let s = slots(cfg, rows, (slot, acts.remade()));
     let wk = work(cfg, seqs, len, acts.work());
     mm.linear(rows, (w_in, dm), Mat::new(acts.h(), dm), at(p, &lp.in_proj), Mat::new(s.zx, w_in), false)?;
@@ -103,37 +93,8 @@ pub fn forward(
         ops::scan_a2(g, at(p, &lp.a_log), wk.a2, cfg.nheads(), 1)?;
         acts.zero(wk.scan_state, seqs * e * n)
     })?;
-    let f = |floats: usize| 4 * floats as u64;
-    let mut sp = ScanParams {
-        u: s.xbc,
-        dt: s.zx + f(e + conv),
-        dt_bias: at(p, &lp.dt_bias),
-        a2: wk.a2,
-        b: s.xbc + f(e),
-        c: s.xbc + f(e + gr * n),
-        d: at(p, &lp.d),
-        z: 0,
-        state: wk.scan_state,
-        y: s.y,
-        state_stride: (e * n) as i64,
-        u_rs: conv as i32,
-        dt_rs: w_in as i32,
-        dt_div: hp as i32,
-        a_ns: 0,
-        a_div: hp as i32,
-        bc_rs: conv as i32,
-        g_ch: (e / gr) as i32,
-        d_div: if cfg.d_has_hdim { 1 } else { hp as i32 },
-        z_rs: 0,
-        p_blk: hp as i32,
-        y_rs: e as i32,
-        l: len as i32,
-        e: e as i32,
-        n: n as i32,
-        dt_min: cfg.dt_limit.0,
-        dt_max: cfg.dt_limit.1,
-        ..Default::default()
-    };
+    let weights = (at(p, &lp.dt_bias), wk.a2, at(p, &lp.d));
+    let mut sp = m2_scan_params(cfg, DType::F32, (s.zx, s.xbc, s.y), weights, (wk.scan_state, e * n), len);
     mm.timed("scan", || selective_scan(g, DType::F32, &mut sp, seqs, true, wk.scan_work))?;
     remake_norm(mm, cfg, lp, p, acts, &s)?;
     if let Some(out) = out {

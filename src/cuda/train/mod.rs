@@ -15,6 +15,7 @@ mod ssd_backward;
 use super::{err, Gpu};
 use crate::config::Arch;
 use crate::ops::cross_entropy::IGNORE;
+use crate::tensor::DType;
 use crate::train::optim::AdamW;
 use crate::train::params::{LayerParams, Layout};
 use anyhow::{bail, Result};
@@ -43,7 +44,7 @@ pub struct Acts {
     parts: usize,        // (NORM_SLICES, D)
     logits: usize,       // (head rows, V)
     work: usize,         // the mixer's workspace
-    scratch: [usize; 2], // bf16 mode: two product operands in bf16 (half as many floats each)
+    scratch: [usize; 2], // 16-bit modes: two product operands in 16 bits (half as many floats each)
     head_rows: usize,
     width: usize,
     tokens: CudaSlice<u32>, // (5R + 1): inputs | targets | the embedding backward's lists
@@ -55,7 +56,7 @@ pub struct Acts {
 }
 
 impl Acts {
-    fn new(g: &Gpu, layout: &Layout, seqs: usize, len: usize, recompute: bool, bf16: bool) -> Result<Acts> {
+    fn new(g: &Gpu, layout: &Layout, seqs: usize, len: usize, recompute: bool, half: bool) -> Result<Acts> {
         let cfg = &layout.cfg;
         let (rows, dm, v) = (seqs * len, cfg.d_model, cfg.vocab_padded);
         let (width, remade_width, widest, work_len) = match cfg.arch {
@@ -86,7 +87,7 @@ impl Acts {
         let logits = take(head_rows * v);
         let work = take(work_len);
         // The largest operand: a row block of in_proj's output (or input) or of the logits.
-        let operand = if bf16 { (rows * widest.max(dm)).max(head_rows * v).div_ceil(2) } else { 0 };
+        let operand = if half { (rows * widest.max(dm)).max(head_rows * v).div_ceil(2) } else { 0 };
         let scratch = [take(operand), take(operand)];
         let buf = g.alloc::<f32>(n)?;
         let base = g.ptr(&buf);
@@ -173,8 +174,21 @@ impl Acts {
     }
 }
 
+/// Where parameter (or gradient) range `r` starts in the buffer at `base`.
 fn at(base: u64, r: &std::ops::Range<usize>) -> u64 {
     base + 4 * r.start as u64
+}
+
+/// Hands out consecutive pieces of a workspace (byte addresses), each on 16 bytes (the scan's
+/// backward reads its kept states as float4).
+struct Carve(u64);
+
+impl Carve {
+    fn take(&mut self, floats: usize) -> u64 {
+        let p = self.0;
+        self.0 += 4 * floats.next_multiple_of(4) as u64;
+        p
+    }
 }
 
 /// A model's training state on the GPU.
@@ -185,7 +199,9 @@ pub struct GpuTrainer {
     m: CudaSlice<f32>,
     v: CudaSlice<f32>,
     squares: CudaSlice<f64>,
-    /// bf16 mode: the weights in bf16, remade after each update.
+    /// The products' type (f32, bf16 or f16) and, in 16 bits, the weights in it, remade after
+    /// each update.
+    dtype: DType,
     copy: Option<CudaSlice<u16>>,
     acts: Option<Acts>,
     profile: Option<ops::Profile>,
@@ -193,9 +209,12 @@ pub struct GpuTrainer {
 }
 
 impl GpuTrainer {
-    /// Uploads `params` and the moments `m`, `v` (all in `layout`). With `bf16` the products
-    /// run in bf16 (f32 sums), everything else in f32 with f32 weights and moments.
-    pub fn new(gpu: Gpu, layout: &Layout, params: &[f32], m: &[f32], v: &[f32], bf16: bool) -> Result<GpuTrainer> {
+    /// Uploads `params` and the moments `m`, `v` (all in `layout`). The products run in `dtype`
+    /// (bf16 or f16: with f32 sums), everything else in f32 with f32 weights and moments.
+    pub fn new(gpu: Gpu, layout: &Layout, params: &[f32], m: &[f32], v: &[f32], dtype: DType) -> Result<GpuTrainer> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            bail!("training on the GPU runs in f32, bf16 or f16 (not {dtype})");
+        }
         let (cfg, n) = (&layout.cfg, layout.cfg.d_state);
         match cfg.arch {
             Arch::Mamba1 if !n.is_power_of_two() || n > ops::SCAN_BWD_MAX_N => {
@@ -217,7 +236,8 @@ impl GpuTrainer {
             m: gpu.upload(m)?,
             v: gpu.upload(v)?,
             squares: gpu.alloc(ops::SQUARE_BLOCKS)?,
-            copy: if bf16 { Some(gpu.alloc(layout.len)?) } else { None },
+            copy: if dtype == DType::F32 { None } else { Some(gpu.alloc(layout.len)?) },
+            dtype,
             acts: None,
             profile: None,
             slow_scan: false,
@@ -243,18 +263,20 @@ impl GpuTrainer {
         self.profile.as_ref().map_or(vec![], ops::Profile::take)
     }
 
-    /// Remakes the weights' bf16 copy (bf16 mode).
+    /// Remakes the weights' 16-bit copy (16-bit modes).
     fn refresh_copy(&self) -> Result<()> {
+        let n = self.params.len();
         match &self.copy {
-            Some(c) => ops::to_bf16(&self.gpu, self.p(), self.params.len(), 1, self.params.len(), self.gpu.ptr(c)),
+            Some(c) => ops::to_half(&self.gpu, self.dtype, self.p(), n, 1, n, self.gpu.ptr(c)),
             None => Ok(()),
         }
     }
 
-    /// The step's products, in bf16 when the mode says so.
+    /// The step's products, in 16 bits when the mode says so.
     fn gemms(&self) -> Gemms<'_> {
-        let bf16 = match (&self.copy, &self.acts) {
-            (Some(c), Some(a)) => Some(ops::Bf16 {
+        let half = match (&self.copy, &self.acts) {
+            (Some(c), Some(a)) => Some(ops::Half {
+                dtype: self.dtype,
                 params: self.p(),
                 params_len: self.params.len(),
                 copy: self.gpu.ptr(c),
@@ -262,7 +284,7 @@ impl GpuTrainer {
             }),
             _ => None,
         };
-        Gemms { g: &self.gpu, bf16, prof: self.profile.as_ref() }
+        Gemms { g: &self.gpu, half, prof: self.profile.as_ref() }
     }
 
     fn p(&self) -> u64 {
@@ -537,7 +559,7 @@ fn layer_forward(
 /// summed loss.
 pub fn gradients(
     gpu: Gpu,
-    bf16: bool,
+    dtype: DType,
     layout: &Layout,
     params: &[f32],
     rows: &[Vec<u32>],
@@ -545,7 +567,7 @@ pub fn gradients(
 ) -> Result<(Vec<f64>, Vec<f32>)> {
     let count = crate::train::model::predicted(rows)?;
     let zeros = vec![0.0f32; layout.len];
-    let mut t = GpuTrainer::new(gpu, layout, params, &zeros, &zeros, bf16)?;
+    let mut t = GpuTrainer::new(gpu, layout, params, &zeros, &zeros, dtype)?;
     let mut losses = Vec::with_capacity(rows.len());
     for r in rows {
         let (inputs, targets) = crate::train::model::shifted(r, 1, r.len() - 1)?;

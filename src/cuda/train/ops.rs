@@ -175,11 +175,11 @@ unsafe impl DeviceRepr for EmbedParams {}
 unsafe impl DeviceRepr for CeGradParams {}
 unsafe impl DeviceRepr for AdamWParams {}
 unsafe impl DeviceRepr for TwoPtrParams {}
-unsafe impl DeviceRepr for ToBf16Params {}
+unsafe impl DeviceRepr for ToHalfParams {}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct ToBf16Params {
+struct ToHalfParams {
     src: u64,
     dst: u64,
     rows: i64,
@@ -217,19 +217,20 @@ impl Profile {
     }
 }
 
-/// The products of a step: in f32, or in bf16 ([`Bf16`]) with f32 sums and outputs; and the
-/// step's [`Profile`], when one is kept.
+/// The products of a step: in f32, or in bf16 / f16 ([`Half`]) with f32 sums and outputs; and
+/// the step's [`Profile`], when one is kept.
 #[derive(Clone, Copy)]
 pub struct Gemms<'a> {
     pub g: &'a Gpu,
-    pub bf16: Option<Bf16>,
+    pub half: Option<Half>,
     pub prof: Option<&'a Profile>,
 }
 
-/// Where the bf16 mode's operands come from: a weight (a pointer into the f32 parameters) from
-/// their bf16 copy, anything else converted into one of two scratch buffers on the way in.
+/// Where a 16-bit mode's operands come from: a weight (a pointer into the f32 parameters) from
+/// their 16-bit copy, anything else converted into one of two scratch buffers on the way in.
 #[derive(Clone, Copy)]
-pub struct Bf16 {
+pub struct Half {
+    pub dtype: DType,
     pub params: u64,
     pub params_len: usize,
     pub copy: u64,
@@ -255,8 +256,8 @@ impl Gemms<'_> {
         self.product((rows, out, inp), Operand::n(x.ptr, x.ld), Operand::t(w.ptr, w.ld), y, acc)
     }
 
-    /// Backward of [`Gemms::linear`]: `gx (+= when acc_gx) = gy·W` and `gW += gyᵀ·x` (in bf16,
-    /// `gy` converted once for both products).
+    /// Backward of [`Gemms::linear`]: `gx (+= when acc_gx) = gy·W` and `gW += gyᵀ·x` (in 16
+    /// bits, `gy` converted once for both products).
     pub fn linear_backward(
         &self,
         rows: usize,
@@ -271,12 +272,15 @@ impl Gemms<'_> {
         self.linear_grad_weight(rows, (out, inp), gy, x, gw)
     }
 
-    /// `m` (`rows × cols` f32) as the products take it: itself in f32, its bf16 copy in scratch
-    /// buffer `slot` (which the next operand of that slot replaces) in bf16.
+    /// `m` (`rows × cols` f32) as the products take it: itself in f32, its 16-bit copy in
+    /// scratch buffer `slot` (which the next operand of that slot replaces) in a 16-bit mode.
     pub fn operand(&self, m: Mat, (rows, cols): (usize, usize), slot: usize) -> Result<Mat> {
-        match self.bf16 {
+        match self.half {
             None => Ok(m),
-            Some(h) => self.timed("bf16 conversion", || h.convert(self.g, m, (rows, cols), slot)),
+            Some(h) => {
+                let what = if h.dtype == DType::F16 { "f16 conversion" } else { "bf16 conversion" };
+                self.timed(what, || h.convert(self.g, m, (rows, cols), slot))
+            }
         }
     }
 
@@ -300,12 +304,12 @@ impl Gemms<'_> {
 
     /// The weight at `w` (`· × ld`) as the products take it.
     fn weight(&self, w: u64, ld: usize) -> Mat {
-        self.bf16.map_or(Mat::new(w, ld), |h| h.weight(w, ld))
+        self.half.map_or(Mat::new(w, ld), |h| h.weight(w, ld))
     }
 
     /// Row-major `C (m × n) (+= when acc) = op(A)·op(B)` in the mode's dtype, C in f32.
     fn product(&self, dims: (usize, usize, usize), a: Operand, b: Operand, c: Mat, acc: bool) -> Result<()> {
-        let dtype = if self.bf16.is_some() { DType::BF16 } else { DType::F32 };
+        let dtype = self.half.map_or(DType::F32, |h| h.dtype);
         let (g, s) = (self.g, self.g.stream.cu_stream());
         self.timed("products", || g.gemm.gemm(s, dtype, dims, a, b, c.ptr, c.ld, true, acc))
     }
@@ -324,8 +328,8 @@ impl Mat {
     }
 }
 
-impl Bf16 {
-    /// The bf16 copy of the weight at `w` (a pointer into the f32 parameters).
+impl Half {
+    /// The 16-bit copy of the weight at `w` (a pointer into the f32 parameters).
     fn weight(&self, w: u64, ld: usize) -> Mat {
         debug_assert!((self.params..self.params + 4 * self.params_len as u64).contains(&w));
         Mat::new(self.copy + (w - self.params) / 2, ld)
@@ -333,16 +337,17 @@ impl Bf16 {
 
     /// `m` (`rows × cols` f32) converted into scratch buffer `slot`, packed.
     fn convert(&self, g: &Gpu, m: Mat, (rows, cols): (usize, usize), slot: usize) -> Result<Mat> {
-        to_bf16(g, m.ptr, m.ld, rows, cols, self.scratch[slot])?;
+        to_half(g, self.dtype, m.ptr, m.ld, rows, cols, self.scratch[slot])?;
         Ok(Mat::new(self.scratch[slot], cols))
     }
 }
 
-/// `dst` (bf16, packed) = `src` (`rows` of `cols` f32, `ld` apart).
-pub fn to_bf16(g: &Gpu, src: u64, ld: usize, rows: usize, cols: usize, dst: u64) -> Result<()> {
-    let p = ToBf16Params { src, dst, rows: rows as i64, cols: cols as i64, ld: ld as i64 };
+/// `dst` (`t`: bf16 or f16, packed) = `src` (`rows` of `cols` f32, `ld` apart).
+pub fn to_half(g: &Gpu, t: DType, src: u64, ld: usize, rows: usize, cols: usize, dst: u64) -> Result<()> {
+    let p = ToHalfParams { src, dst, rows: rows as i64, cols: cols as i64, ld: ld as i64 };
     let grid = (rows * cols).div_ceil(4 * 256).min(8192) as u32;
-    g.launch("to_bf16", (grid.max(1), 1, 1), 256, &p, None)
+    let kernel = if t == DType::F16 { "to_f16" } else { "to_bf16" };
+    g.launch(kernel, (grid.max(1), 1, 1), 256, &p, None)
 }
 
 /// `out = x·rstd·w` over `rows` rows of `d`.

@@ -4,7 +4,7 @@
 //! and gather the slices' gradients after.
 
 use super::ops::{self, ScanBwdParams, SCAN_BWD_SUB};
-use super::Acts;
+use super::{Acts, Carve};
 use crate::config::Config;
 use crate::cuda::Gpu;
 use anyhow::Result;
@@ -79,36 +79,30 @@ pub struct Work {
 }
 
 impl Work {
-    /// The pieces from `base`, each on 16 bytes.
-    pub fn new(cfg: &Config, seqs: usize, len: usize, base: u64) -> Work {
+    /// The pieces, from where `c` is.
+    pub fn new(cfg: &Config, seqs: usize, len: usize, mut c: Carve) -> Work {
         let (e, gr) = (cfg.d_ssm, cfg.ngroups);
         let (eg, ns, rows) = (e / gr, slice_states(cfg.d_state), seqs * len);
         let nblk = ops::scan_backward_blocks(eg, ns);
-        let mut at = base;
-        let mut take = |floats: usize| {
-            let p = at;
-            at += 4 * floats.next_multiple_of(4) as u64;
-            p
-        };
         Work {
-            dt_e: take(rows * eg),
-            gy_g: take(if gr > 1 { rows * eg } else { 0 }),
-            gu: take(rows * eg),
-            gdt: take(rows * eg),
-            y: take(rows * eg),
-            gbc: take(rows * 2 * ns),
-            bias_e: take(eg),
-            alog_e: take(eg * ns),
-            zero_e: take(eg),
-            ga_e: take(e * ns),
-            gd_e: take(e),
-            gbias_e: take(e),
-            spare: take(eg),
-            ckpt: take(seqs * len.div_ceil(SCAN_BWD_SUB) * eg * ns),
-            parts_bc: take(seqs * nblk * len * 2 * ns),
-            parts_a: take(seqs * eg * ns),
-            parts_dd: take(seqs * 2 * eg),
-            end: at,
+            dt_e: c.take(rows * eg),
+            gy_g: c.take(if gr > 1 { rows * eg } else { 0 }),
+            gu: c.take(rows * eg),
+            gdt: c.take(rows * eg),
+            y: c.take(rows * eg),
+            gbc: c.take(rows * 2 * ns),
+            bias_e: c.take(eg),
+            alog_e: c.take(eg * ns),
+            zero_e: c.take(eg),
+            ga_e: c.take(e * ns),
+            gd_e: c.take(e),
+            gbias_e: c.take(e),
+            spare: c.take(eg),
+            ckpt: c.take(seqs * len.div_ceil(SCAN_BWD_SUB) * eg * ns),
+            parts_bc: c.take(seqs * nblk * len * 2 * ns),
+            parts_a: c.take(seqs * eg * ns),
+            parts_dd: c.take(seqs * 2 * eg),
+            end: c.0,
         }
     }
 }
