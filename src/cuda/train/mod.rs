@@ -1,11 +1,11 @@
-//! Training on one GPU, f32: `crate::train::model`'s step with the same parameter layout. The
-//! weights, their gradients and AdamW's moments are each one device buffer in the [`Layout`];
-//! the activations one allocation per (batch, length), its buffers at the offsets of [`Acts`].
-//! The forward keeps each layer's input and its mixer's in_proj and x_proj outputs (with
-//! `recompute`, the inputs only); the backward remakes each layer's norm, conv and dt_proj (with
-//! `recompute`, its whole mixer) before running it backwards, and the scan's backward remakes the
-//! gated output out_proj's weight gradient needs. Sums run in a fixed order, with no atomics, so
-//! a step gives the same bits every run.
+//! Training on one GPU (products in f32, bf16 or f16; everything else f32):
+//! `crate::train::model`'s step with the same parameter layout. The weights, their gradients and
+//! AdamW's moments are each one device buffer in the [`Layout`]; the activations one allocation
+//! per (batch, length), its buffers at the offsets of [`Acts`]. The forward keeps each layer's
+//! input and what its mixer needs ([`mamba1`], [`mamba2`]; with `recompute`, the inputs only);
+//! the backward remakes each layer's norm and the rest of its mixer's activations (with
+//! `recompute`, all of them) before running it backwards. Sums run in a fixed order, with no
+//! atomics, so a step gives the same bits every run.
 
 pub mod mamba1;
 pub mod mamba2;
