@@ -3,7 +3,8 @@
 //! random data (never zeros: they can run faster than real data). `decode`'s headline figure
 //! runs through `mamba-lm generate`'s own loop ([`crate::bench::generation_loop`]).
 
-use super::model::{scan_workspace, selective_scan, GpuModel, GpuRun, ScanParams};
+use super::model::{GpuModel, GpuRun};
+use super::ops::{scan_workspace, selective_scan, ScanParams};
 use super::{err, Gpu};
 use crate::bench::{generation_loop, median, Figure};
 use crate::config::Config;

@@ -8,6 +8,7 @@ pub mod consts;
 pub mod gemm;
 pub mod kernels;
 pub mod model;
+pub mod ops;
 pub mod pick;
 pub mod train;
 

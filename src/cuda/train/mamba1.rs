@@ -6,7 +6,7 @@
 use super::ops::{self, ConvBwdParams, Gemms, Mat, ScanBwdParams};
 use super::{at, Acts, Carve};
 use crate::config::Config;
-use crate::cuda::model::{scan_workspace, selective_scan, ScanParams};
+use crate::cuda::ops::{scan_workspace, selective_scan, ScanParams};
 use crate::tensor::DType;
 use crate::train::params::Mamba1Params;
 use anyhow::Result;
@@ -163,7 +163,7 @@ fn conv_and_dt(
     mm.timed("conv", || {
         acts.zero(wk.conv_state, seqs * (w - 1) * e)?;
         let bias = lp.conv_b.as_ref().map(|b| at(p, b));
-        crate::cuda::model::conv_silu(
+        crate::cuda::ops::conv_silu(
             mm.g,
             DType::F32,
             (s.xz, 2 * e),

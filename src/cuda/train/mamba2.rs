@@ -8,7 +8,7 @@ use super::ops::{self, ConvBwdParams, GatedNormTrainParams, Gemms, Mat, NORM_SLI
 use super::ssd_backward::{self, ssd_backward};
 use super::{at, Acts, Carve};
 use crate::config::Config;
-use crate::cuda::model::{gated_norm, m2_scan_params, scan_workspace, selective_scan};
+use crate::cuda::ops::{gated_norm, m2_scan_params, scan_workspace, selective_scan};
 use crate::tensor::DType;
 use crate::train::params::Mamba2Params;
 use anyhow::Result;
@@ -117,7 +117,7 @@ fn remake_conv(
         acts.zero(wk.conv_state, seqs * (w - 1) * conv)?;
         let bias = lp.conv_b.as_ref().map(|b| at(p, b));
         let x = (s.zx + 4 * cfg.d_ssm as u64, cfg.d_in_proj());
-        crate::cuda::model::conv_silu(mm.g, DType::F32, x, wk.taps, bias, wk.conv_state, s.xbc, (seqs, len, conv, w))
+        crate::cuda::ops::conv_silu(mm.g, DType::F32, x, wk.taps, bias, wk.conv_state, s.xbc, (seqs, len, conv, w))
     })
 }
 

@@ -455,7 +455,7 @@ impl GpuTrainer {
             let n = acts.head_rows.min(rows - r0);
             let h = acts.h() + 4 * (r0 * dm) as u64;
             mm.linear(n, (v, dm), Mat::new(h, dm), at(p, &layout.lm_head), Mat::new(logits, v), false)?;
-            crate::cuda::model::argmax(g, logits, g.ptr(&acts.ids) + 4 * r0 as u64, n, v, v)?;
+            crate::cuda::ops::argmax(g, logits, g.ptr(&acts.ids) + 4 * r0 as u64, n, v, v)?;
         }
         let ids = g.download(&acts.ids, rows)?;
         Ok(acts.targets.iter().zip(&ids).filter(|(&t, _)| t != IGNORE).map(|(t, i)| t == i).collect())

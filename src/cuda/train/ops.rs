@@ -377,7 +377,7 @@ pub fn rms_norm_backward(
     sum_parts(g, parts, d, NORM_SLICES, d, gw, true)
 }
 
-/// Backward of Mamba-2's gated norm (`crate::cuda::model::gated_norm`): writes ∂y to `p.gx`
+/// Backward of Mamba-2's gated norm (`crate::cuda::ops::gated_norm`): writes ∂y to `p.gx`
 /// and ∂z to `p.gz`, adds ∂w to `gw` (through `p.parts`, NORM_SLICES·width floats, and
 /// `p.rstd`, rows·groups floats).
 pub fn gated_norm_backward(g: &Gpu, p: &GatedNormTrainParams, gw: u64) -> Result<()> {
