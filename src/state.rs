@@ -97,7 +97,7 @@ fn dims(cfg: &Config) -> (usize, usize, usize, usize) {
 }
 
 /// Floats of a layer's conv and SSM state.
-fn layer_floats(cfg: &Config) -> (usize, usize) {
+pub fn layer_floats(cfg: &Config) -> (usize, usize) {
     let (hist, conv_dim, _, _) = dims(cfg);
     (hist * conv_dim, cfg.state_floats() / cfg.n_layer - hist * conv_dim)
 }

@@ -324,8 +324,7 @@ impl GpuModel {
 
     /// State for `seqs` sequences that the caller overwrites whole.
     fn uninit_states(&self, seqs: usize) -> Result<GpuStates> {
-        let fresh = State::new(&self.cfg);
-        let (conv_len, ssm_len) = (fresh.layers[0].conv.len(), fresh.layers[0].ssm.len());
+        let (conv_len, ssm_len) = crate::state::layer_floats(&self.cfg);
         let n = self.cfg.n_layer * seqs;
         Ok(GpuStates {
             conv: self.gpu.alloc(n * conv_len.max(1))?,
