@@ -346,14 +346,14 @@ impl Checkpoint {
     /// Like [`Checkpoint::matrix`] for a tensor stored with another shape of the same size
     /// (a conv weight `(C, 1, W)`, say).
     /// 8-bit storage: an 8-bit tensor as it is, others quantized; matrices whose rows are not
-    /// whole blocks of [`QBLOCK`] (Mamba-1's dt_proj, say) stay f32.
+    /// whole blocks of [`QBLOCK`] (Mamba-1's dt_proj, say) run in bf16.
     pub fn matrix_shaped(&self, name: &str, shape: &[usize], rows: usize, cols: usize, dtype: DType) -> Result<Matrix> {
         let e = self.entry(name, shape)?;
         if dtype == DType::I8 {
             let store = match (cols % QBLOCK, e.dtype) {
                 (0, SrcDType::I8) => Store::I8(self.q8(name, shape)?),
                 (0, _) => Store::I8(Q8::quantize(&self.f32(name, shape)?)),
-                _ => Store::F32(self.f32(name, shape)?),
+                _ => Store::from_f32(self.f32(name, shape)?, DType::BF16),
             };
             return Ok(Matrix::new(rows, cols, store));
         }

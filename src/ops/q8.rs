@@ -83,20 +83,47 @@ unsafe impl Send for XRow {}
 unsafe impl Sync for XRow {}
 
 /// `x` (whole blocks) quantized into `q`, `r`, the scales `s8` and the offsets' `corr` as
-/// [`XRow`] holds them.
-fn quantize_row(x: &[f32], (q, r): (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
+/// [`XRow`] holds them: by [`quantize_row_slow`]'s arithmetic, with AVX2 where the instruction
+/// set in force has it (the same values, bit for bit).
+fn quantize_row(x: &[f32], qr: (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::isa() >= super::simd::Isa::Avx2 {
+        // Safety: AVX2 is in force; the slices hold x's blocks (checked in the callee).
+        return unsafe { x86::quantize_row_avx2(x, qr, s8, corr) };
+    }
+    quantize_row_slow(x, qr, s8, corr)
+}
+
+/// Block `b`'s two scales: the first term's step `d` (`max|x| / 127`) and the reciprocals of
+/// both terms' steps (zeros for a zero block).
+fn row_scales(amax: f32) -> (f32, f32, f32) {
+    let d = amax / 127.0;
+    if d > 0.0 {
+        (d, 1.0 / d, 256.0 / d)
+    } else {
+        (d, 0.0, 0.0)
+    }
+}
+
+/// The `corr` entry of a lane whose 4 values of `q` and `r` sum to `sq`, `sr`.
+fn lane_corr(sq: i32, sr: i32) -> i32 {
+    -128 * (256 * sq + sr)
+}
+
+fn quantize_row_slow(x: &[f32], (q, r): (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
     for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
         let (qb, rb) = (&mut q[b * QBLOCK..(b + 1) * QBLOCK], &mut r[b * QBLOCK..(b + 1) * QBLOCK]);
-        let d = quantize_block(xb, qb);
-        let inv = if d > 0.0 { 256.0 / d } else { 0.0 };
-        for ((o, &v), &qv) in rb.iter_mut().zip(xb).zip(qb.iter()) {
+        let (d, inv, inv_r) = row_scales(xb.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+        for ((oq, or), &v) in qb.iter_mut().zip(rb.iter_mut()).zip(xb) {
+            let qv = (v * inv).round().clamp(-127.0, 127.0);
+            *oq = qv as i8;
             // |x − d·q| ≤ d/2: at most 128 steps of d/256; the clamp costs at most one step.
-            *o = ((v - d * qv as f32) * inv).round().clamp(-127.0, 127.0) as i8;
+            *or = ((v - d * qv) * inv_r).round().clamp(-127.0, 127.0) as i8;
         }
         s8[8 * b..8 * b + 8].fill(d / 256.0);
         for (lane, c) in corr[8 * b..8 * b + 8].iter_mut().enumerate() {
             let sum = |v: &[i8]| v[4 * lane..4 * lane + 4].iter().map(|&t| t as i32).sum::<i32>();
-            *c = -128 * (256 * sum(qb) + sum(rb));
+            *c = lane_corr(sum(qb), sum(rb));
         }
     }
 }
@@ -221,6 +248,57 @@ mod x86 {
             }
             hsum256(_mm256_add_ps(a0, a1))
         }};
+    }
+
+    /// `round` (half away from zero) then clamp to ±127, as f32's `round().clamp(..)`.
+    #[inline(always)]
+    unsafe fn round_clamp(v: __m256) -> __m256 {
+        let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        let sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+        let half =
+            _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0), _mm256_sub_ps(v, t)), _mm256_set1_ps(0.5), _CMP_GE_OQ);
+        let r = _mm256_add_ps(t, _mm256_and_ps(half, _mm256_or_ps(sign, _mm256_set1_ps(1.0))));
+        _mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.0)), _mm256_set1_ps(127.0))
+    }
+
+    /// Four vectors of 8 whole numbers in ±127 as 32 bytes, in order.
+    #[inline(always)]
+    unsafe fn pack_i8(v: [__m256; 4]) -> __m256i {
+        let i = v.map(|x| _mm256_cvttps_epi32(x));
+        let p = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+    }
+
+    /// `quantize_row_slow` with a block per turn of 4 vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_row_avx2(x: &[f32], (q, r): (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
+        let nb = x.len() / QBLOCK;
+        assert!(q.len() >= nb * QBLOCK && r.len() >= nb * QBLOCK && s8.len() >= 8 * nb && corr.len() >= 8 * nb);
+        let abs = |v| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+        let (ones8, ones16) = (_mm256_set1_epi8(1), _mm256_set1_epi16(1));
+        for b in 0..nb {
+            let xb = x.as_ptr().add(b * QBLOCK);
+            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xb.add(8 * j)));
+            let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let (d, inv, inv_r) = super::row_scales(_mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
+            let (dv, iv, irv) = (_mm256_set1_ps(d), _mm256_set1_ps(inv), _mm256_set1_ps(inv_r));
+            let qv = v.map(|x| round_clamp(_mm256_mul_ps(x, iv)));
+            let rv: [__m256; 4] =
+                std::array::from_fn(|j| round_clamp(_mm256_mul_ps(_mm256_sub_ps(v[j], _mm256_mul_ps(dv, qv[j])), irv)));
+            let (qb, rb) = (pack_i8(qv), pack_i8(rv));
+            _mm256_storeu_si256(q.as_mut_ptr().add(b * QBLOCK) as *mut __m256i, qb);
+            _mm256_storeu_si256(r.as_mut_ptr().add(b * QBLOCK) as *mut __m256i, rb);
+            _mm256_storeu_ps(s8.as_mut_ptr().add(8 * b), _mm256_set1_ps(d / 256.0));
+            // Sums of each lane's 4 bytes; corr = −128·(256·Σq + Σr).
+            let sum4 = |t| _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, t), ones16);
+            let c = _mm256_add_epi32(_mm256_slli_epi32(sum4(qb), 8), sum4(rb));
+            _mm256_storeu_si256(
+                corr.as_mut_ptr().add(8 * b) as *mut __m256i,
+                _mm256_mullo_epi32(c, _mm256_set1_epi32(-128)),
+            );
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -360,6 +438,29 @@ mod tests {
             // Against the unquantized activations: the weights' rounding alone.
             assert!((exact(&x) - want).abs() <= 1e-5 * scale, "row {r}: the activations' two terms lose accuracy");
         }
+    }
+
+    /// The AVX2 row quantizer writes what the plain one does, bit for bit, ties and zero blocks
+    /// included.
+    #[test]
+    fn row_quantizers_agree() {
+        if super::super::simd::isa() < super::super::simd::Isa::Avx2 {
+            return;
+        }
+        let k = 32 * 9;
+        let mut x: Vec<f32> = (0..k).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 37.0).collect();
+        x[32..64].fill(0.0); // a zero block
+                             // A block whose max is 127: its values land on whole steps and on ties of half a step.
+        for (j, v) in x[64..96].iter_mut().enumerate() {
+            *v = if j == 0 { 127.0 } else { j as f32 * 3.5 - 50.0 };
+        }
+        type Quantizer = fn(&[f32], (&mut [i8], &mut [i8]), &mut [f32], &mut [i32]);
+        let run = |f: Quantizer| {
+            let (mut q, mut s8, mut corr) = (vec![0i8; 2 * k], vec![0.0f32; 8 * k / 32], vec![0i32; 8 * k / 32]);
+            f(&x, q.split_at_mut(k), &mut s8, &mut corr);
+            (q, s8.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), corr)
+        };
+        assert_eq!(run(quantize_row), run(quantize_row_slow));
     }
 
     /// Quantization error is at most half a step of each block's scale.
