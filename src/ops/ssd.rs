@@ -462,11 +462,18 @@ impl Product {
     }
 }
 
-/// `p` over rows i < m and columns col < len, in register tiles of 4 rows × up to 4 vectors,
-/// each entry summing over k in order.
+/// `p` over rows i < m and columns col < len, in register tiles of 4 rows × up to 4 vectors
+/// (6 rows × 2 vectors with 8-lane vectors: 12 of AVX2's 16 registers, enough sums in flight to
+/// cover the FMA latency), each entry summing over k in order.
 #[inline(always)]
 unsafe fn acc_tile<S: Simd>(p: Product, m: usize, len: usize) {
     let mut i = 0;
+    if S::LANES == 8 {
+        while i + 6 <= m {
+            tile_cols::<S, 6>(p.at(i, 0), len);
+            i += 6;
+        }
+    }
     while i + 4 <= m {
         tile_cols::<S, 4>(p.at(i, 0), len);
         i += 4;
