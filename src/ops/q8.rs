@@ -25,13 +25,31 @@ pub struct Q8 {
     pub d: Vec<f32>,
 }
 
+fn amax(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// A block's scales from its largest magnitude: the step `d = max|x| / 127`, its reciprocal,
+/// and the reciprocal of the residual's step d/256 (zeros for a zero block).
+fn block_scales(amax: f32) -> (f32, f32, f32) {
+    let d = amax / 127.0;
+    if d > 0.0 {
+        (d, 1.0 / d, 256.0 / d)
+    } else {
+        (d, 0.0, 0.0)
+    }
+}
+
+/// `v` in steps: rounded (half away from zero) into [−127, 127].
+fn to_steps(v: f32) -> f32 {
+    v.round().clamp(-127.0, 127.0)
+}
+
 /// Quantizes one block: its scale, and `q` filled.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, inv, _) = block_scales(amax(x));
     for (o, &v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *o = to_steps(v * inv) as i8;
     }
     d
 }
@@ -94,36 +112,20 @@ fn quantize_row(x: &[f32], qr: (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mu
     quantize_row_slow(x, qr, s8, corr)
 }
 
-/// Block `b`'s two scales: the first term's step `d` (`max|x| / 127`) and the reciprocals of
-/// both terms' steps (zeros for a zero block).
-fn row_scales(amax: f32) -> (f32, f32, f32) {
-    let d = amax / 127.0;
-    if d > 0.0 {
-        (d, 1.0 / d, 256.0 / d)
-    } else {
-        (d, 0.0, 0.0)
-    }
-}
-
-/// The `corr` entry of a lane whose 4 values of `q` and `r` sum to `sq`, `sr`.
-fn lane_corr(sq: i32, sr: i32) -> i32 {
-    -128 * (256 * sq + sr)
-}
-
 fn quantize_row_slow(x: &[f32], (q, r): (&mut [i8], &mut [i8]), s8: &mut [f32], corr: &mut [i32]) {
     for (b, xb) in x.chunks_exact(QBLOCK).enumerate() {
         let (qb, rb) = (&mut q[b * QBLOCK..(b + 1) * QBLOCK], &mut r[b * QBLOCK..(b + 1) * QBLOCK]);
-        let (d, inv, inv_r) = row_scales(xb.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+        let (d, inv, inv_r) = block_scales(amax(xb));
         for ((oq, or), &v) in qb.iter_mut().zip(rb.iter_mut()).zip(xb) {
-            let qv = (v * inv).round().clamp(-127.0, 127.0);
+            let qv = to_steps(v * inv);
             *oq = qv as i8;
             // |x − d·q| ≤ d/2: at most 128 steps of d/256; the clamp costs at most one step.
-            *or = ((v - d * qv) * inv_r).round().clamp(-127.0, 127.0) as i8;
+            *or = to_steps((v - d * qv) * inv_r) as i8;
         }
         s8[8 * b..8 * b + 8].fill(d / 256.0);
         for (lane, c) in corr[8 * b..8 * b + 8].iter_mut().enumerate() {
             let sum = |v: &[i8]| v[4 * lane..4 * lane + 4].iter().map(|&t| t as i32).sum::<i32>();
-            *c = lane_corr(sum(qb), sum(rb));
+            *c = -128 * (256 * sum(qb) + sum(rb));
         }
     }
 }
@@ -250,7 +252,7 @@ mod x86 {
         }};
     }
 
-    /// `round` (half away from zero) then clamp to ±127, as f32's `round().clamp(..)`.
+    /// [`super::to_steps`] on 8 lanes.
     #[inline(always)]
     unsafe fn round_clamp(v: __m256) -> __m256 {
         let t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
@@ -282,7 +284,7 @@ mod x86 {
             let m = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
             let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
             let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let (d, inv, inv_r) = super::row_scales(_mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
+            let (d, inv, inv_r) = super::block_scales(_mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))));
             let (dv, iv, irv) = (_mm256_set1_ps(d), _mm256_set1_ps(inv), _mm256_set1_ps(inv_r));
             let qv = v.map(|x| round_clamp(_mm256_mul_ps(x, iv)));
             let rv: [__m256; 4] =
